@@ -1,0 +1,124 @@
+"""Export a (split) model to TorchScript (``.pt``) or ``torch.export`` (``.pt2``), checked after loading back."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import ExportError
+
+FORMATS = {".pt": "torchscript", ".pt2": "export"}
+
+
+def script(model: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` a copy of ``model`` in eval mode, without the guards ``concrete_args`` leave behind.
+
+    Scripting a fresh copy each time keeps a failed attempt from leaving a half-registered class behind.
+
+    >>> import torch, fxsplit
+    >>> gm = fxsplit.trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
+    >>> fxsplit.script(gm)(torch.ones(1, 3)).shape
+    torch.Size([1, 2])
+    """
+    model = copy.deepcopy(model).eval()
+    if isinstance(model, fx.GraphModule):
+        _drop_guards(model)
+    try:
+        return torch.jit.script(model)
+    except Exception as error:
+        raise ExportError(
+            f"TorchScript cannot compile {type(model).__name__}: {type(error).__name__}: {error}\n"
+            f"torch.export (format='export', a .pt2 file) handles more models."
+        ) from error
+
+
+def export(
+    model: nn.Module, path: str | os.PathLike, example_inputs: tuple | Any, *, format: str | None = None,
+    rtol: float = 1e-5, atol: float = 1e-6,
+) -> Path:
+    """Write ``model`` (in eval mode) to ``path`` and check that the file, loaded back, reproduces it.
+
+    ``format`` is ``"torchscript"`` or ``"export"`` (``torch.export``, with a dynamic batch dimension; it needs
+    example inputs with a batch of at least 2); by default the suffix decides (``.pt`` / ``.pt2``). Nothing is
+    written unless the check passes. Returns the path.
+
+    >>> import tempfile, torch, fxsplit
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU())
+    >>> with tempfile.TemporaryDirectory() as out:
+    ...     path = fxsplit.export(net, f"{out}/net.pt2", torch.ones(2, 3))
+    ...     torch.export.load(path).module()(torch.ones(5, 3)).shape
+    torch.Size([5, 2])
+    """
+    path = Path(path)
+    format = format or FORMATS.get(path.suffix)
+    if format not in FORMATS.values():
+        raise ExportError(f"format must be one of {sorted(FORMATS.values())} (or a path ending in .pt / .pt2), "
+                          f"got format={format!r} for {str(path)!r}.")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    model = copy.deepcopy(model).eval()
+    expected = _run(model, inputs, "the model")
+    partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the suffix
+    try:
+        loaded = _write_torchscript(model, partial) if format == "torchscript" else _write_program(model, inputs, partial)
+        _check_same(expected, _run(loaded, inputs, f"the exported {format} file"), rtol, atol)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _write_torchscript(model: nn.Module, path: Path) -> nn.Module:
+    torch.jit.save(script(model), str(path))
+    return torch.jit.load(str(path))
+
+
+def _write_program(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:
+    small = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] < 2)]
+    if small:
+        raise ExportError(
+            f"example input(s) {small} have a batch of fewer than 2: torch.export would fix the batch size. "
+            f"Give examples with a batch of 2 or more."
+        )
+    batch = torch.export.Dim("batch")
+    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
+    try:
+        program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
+    except Exception as error:
+        raise ExportError(f"torch.export cannot export {type(model).__name__}: {type(error).__name__}: {error}") \
+            from error
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path)).module()
+
+
+def _run(model: nn.Module, inputs: tuple, what: str) -> Any:
+    try:
+        with torch.no_grad():
+            return model(*inputs)
+    except Exception as error:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs]
+        raise ExportError(f"{what} cannot run on the example inputs {shapes}: {type(error).__name__}: {error}") \
+            from error
+
+
+def _check_same(expected: Any, got: Any, rtol: float, atol: float) -> None:
+    flat_expected, spec = torch.utils._pytree.tree_flatten(expected)
+    flat_got, got_spec = torch.utils._pytree.tree_flatten(got)
+    if len(flat_expected) != len(flat_got):
+        raise ExportError(f"the exported file returns {got_spec}, the model returned {spec}.")
+    for a, b in zip(flat_expected, flat_got):
+        if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=rtol, atol=atol):
+            raise ExportError(f"the exported file does not reproduce the model: max |difference| "
+                              f"{(a - b).abs().max().item():.3g} (rtol={rtol}, atol={atol}).")
+
+
+def _drop_guards(gm: fx.GraphModule) -> None:
+    """Remove the ``_assert_is_none`` checks that tracing with ``concrete_args`` inserts (they do not script)."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+            gm.graph.erase_node(node)
+    gm.recompile()

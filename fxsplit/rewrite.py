@@ -1,0 +1,339 @@
+"""The rewrite pass: give chosen layers one copy per task and fan everything downstream out into branches.
+
+A node that depends on a chosen layer is *tainted*: it is emitted once per task whose output needs it (its
+branch), with the task's copy in place of each chosen layer and the one shared set of weights everywhere
+else. Untainted nodes are emitted once and shared by every branch. Nodes no task's output needs are dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+from torch import fx, nn
+
+from .errors import InitError, LayerError, TaskError, unknown_layer
+from .layers import layer_calls
+from .split_module import SplitModule, copy_target
+from .tracing import trace
+
+OutputKey = Union[str, int, tuple]
+Init = Union[str, Callable[[Any, str, str], None]]
+
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+}
+_NORMS = (nn.modules.batchnorm._NormBase,)
+
+
+def rewrite(
+    model: nn.Module,
+    layers: Iterable[str],
+    tasks: Sequence[str] | Mapping[str, Any] | None = None,
+    *,
+    outputs: Mapping[str, OutputKey] | None = None,
+    init: Init = "copy",
+    split_norms: bool = False,
+) -> SplitModule:
+    """A copy of ``model`` in which each of ``layers`` has one copy per task, and all that follows fans out.
+
+    Args:
+        model: any ``nn.Module`` (traced with :func:`fxsplit.trace`; pass a ``GraphModule`` from
+            ``fxsplit.trace(model, leaf_modules=...)`` to control tracing). It is never modified.
+        layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing).
+        tasks: task names; optional when the model returns a mapping (its keys are the tasks) or when
+            ``layers`` is a selection from a conflict report (its tasks travel with it).
+        outputs: which part of the model's output belongs to which task: ``{"seg": 0, "depth": 1}`` for a
+            tuple, ``{"seg": "out"}`` for a mapping, a tuple of keys for nested outputs. By default a mapping
+            output gives each task its own key and any other output goes whole to every task.
+        init: ``"copy"`` (copies start equal to the shared layer: the function is unchanged), ``"reset"``
+            (each copy's ``reset_parameters()``) or a callable ``init(copy, layer, task)`` that edits the copy.
+        split_norms: also split every normalisation layer with running statistics that lies wholly in the
+            fanned-out region, so that each task's statistics see only its own branch.
+
+    Returns:
+        A :class:`SplitModule` whose ``forward`` returns ``{task: output}``.
+
+    >>> import torch, fxsplit
+    >>> class TwoHeads(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    ...         self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 2), "b": torch.nn.Linear(8, 3)})
+    ...     def forward(self, x):
+    ...         return {task: head(self.trunk(x)) for task, head in self.heads.items()}
+    >>> net = TwoHeads()
+    >>> split = fxsplit.rewrite(net, ["trunk.2"])
+    >>> x = torch.randn(5, 4)
+    >>> all(torch.allclose(split(x)[t], net(x)[t]) for t in ("a", "b"))
+    True
+    >>> sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in net.parameters())
+    72
+    """
+    if isinstance(model, SplitModule):
+        raise LayerError("model is already split; rewrite the original model with all the layers at once.")
+    if not (callable(init) or init in ("copy", "reset")):
+        raise InitError(f"init must be 'copy', 'reset' or a callable init(copy, layer, task), got {init!r}.")
+    tasks = getattr(layers, "tasks", None) if tasks is None else tasks
+    layers = _layer_names(layers)
+    gm = trace(model)
+    selected = _task_outputs(_output_node(gm).args[0], tasks, outputs)
+    calls = layer_calls(gm)
+    _check_layers(layers, calls)
+    chosen = {node: layer for layer in layers for node in calls[layer]}
+    tainted, clone_first = _taint(gm, chosen)
+    needed = {task: _ancestors(value) for task, value in selected.items()}
+    if split_norms:
+        chosen.update(_norms_in_branches(gm, calls, tainted, needed, set(layers)))
+    _check_shared(layers, _users(chosen, needed))
+    graph, copies = _emit(gm, selected, chosen, tainted, clone_first, needed)
+    for (task, layer), target in copies.items():
+        _install(gm, target, _new_copy(gm, layer, task, init))
+    split = SplitModule(gm, graph, type(model).__name__)
+    split.train(model.training)
+    return split
+
+
+def _layer_names(layers: Iterable[str]) -> list[str]:
+    if isinstance(layers, str):
+        raise LayerError(f"layers must be a list of layer names, got the string {layers!r}; use [{layers!r}].")
+    try:
+        names = list(layers)
+    except TypeError:
+        raise LayerError(f"layers must be a list of layer names, got {type(layers).__name__}.") from None
+    for name in names:
+        if not isinstance(name, str):
+            raise LayerError(
+                f"layers must be names (str) as in fxsplit.layer_graph(model), got {type(name).__name__} {name!r}."
+            )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise LayerError(f"layer(s) {repeated} given more than once; name each layer once.")
+    return names
+
+
+def _output_node(gm: fx.GraphModule) -> fx.Node:
+    return next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+
+
+def _task_outputs(output: Any, tasks, outputs: Mapping[str, OutputKey] | None) -> dict[str, Any]:
+    """Task name -> the part of the traced output (a structure of nodes) that belongs to the task."""
+    if isinstance(tasks, Mapping):
+        tasks = list(tasks)
+    if outputs is not None:
+        if not isinstance(outputs, Mapping):
+            raise TaskError(f"outputs must map task names to output keys, got {type(outputs).__name__}.")
+        tasks = list(outputs) if tasks is None else tasks
+        _check_tasks(tasks)
+        if set(outputs) != set(tasks):
+            raise TaskError(f"outputs names tasks {sorted(outputs)} but the tasks are {sorted(tasks)}.")
+        return {task: _select(output, outputs[task], task) for task in tasks}
+    if isinstance(output, Mapping):
+        tasks = list(output) if tasks is None else tasks
+        _check_tasks(tasks)
+        missing = [task for task in tasks if task not in output]
+        if missing:
+            raise TaskError(
+                f"task(s) {missing} are not keys of the model's output {list(output)}; name tasks after "
+                f"those keys, or say which output is whose with outputs={{task: key}}."
+            )
+        return {task: output[task] for task in tasks}
+    if tasks is None:
+        raise TaskError(
+            "the model's output is not a mapping, so the tasks cannot be read from it: pass tasks=[...] "
+            "(and outputs={task: index} if each task has its own element of the output)."
+        )
+    _check_tasks(tasks)
+    return {task: output for task in tasks}
+
+
+def _check_tasks(tasks: Collection) -> None:
+    if isinstance(tasks, str) or not isinstance(tasks, Collection):
+        raise TaskError(f"tasks must be a list of names, got {tasks!r}.")
+    bad = [task for task in tasks if not (isinstance(task, str) and task.isidentifier())]
+    if bad:
+        raise TaskError(f"task names must be Python identifiers (they name modules), got {bad}.")
+    repeated = sorted({task for task in tasks if list(tasks).count(task) > 1})
+    if repeated:
+        raise TaskError(f"task name(s) {repeated} given more than once.")
+    if len(tasks) < 2:
+        raise TaskError(f"splitting needs at least two tasks, got {list(tasks)}.")
+
+
+def _select(output: Any, key: OutputKey, task: str) -> Any:
+    for part in key if isinstance(key, tuple) else (key,):
+        try:
+            output = output[part]
+        except (KeyError, IndexError, TypeError):
+            keys = list(output) if isinstance(output, Mapping) else f"indices 0..{len(output) - 1}" if isinstance(
+                output, (tuple, list)) else f"a single {type(output).__name__}"
+            raise TaskError(f"outputs[{task!r}] = {key!r}: the model's output has no {part!r} (it has {keys}).") \
+                from None
+    return output
+
+
+def _check_layers(layers: list[str], calls: Mapping[str, list[fx.Node]]) -> None:
+    for layer in layers:
+        if layer in calls:
+            continue
+        inside = [name for name in calls if name.startswith(layer + ".")] if layer else list(calls)
+        if inside:
+            raise LayerError(
+                f"{layer!r} is a container of {len(inside)} layers ({', '.join(inside[:3])}"
+                f"{', ...' if len(inside) > 3 else ''}), not a layer; name the layers to split."
+            )
+        raise unknown_layer(layer, calls)
+
+
+def _taint(gm: fx.GraphModule, chosen: Mapping[fx.Node, str]) -> tuple[set[fx.Node], set[fx.Node]]:
+    """Nodes that depend on a chosen layer, and the in-place ones that must first clone a shared input.
+
+    An in-place operation makes every later reader of its input read its result instead (they alias), so that
+    the data flow the rewrite follows is the real one.
+    """
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    tainted: set[fx.Node] = set()
+    clone_first: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node in chosen or any(arg in tainted for arg in node.all_input_nodes):
+            tainted.add(node)
+        mutated = _mutated_input(gm, node)
+        if mutated is None:
+            continue
+        for user in list(mutated.users):
+            if position[user] > position[node]:
+                user.replace_input_with(mutated, node)
+        if node in tainted and mutated not in tainted:
+            clone_first.add(node)
+    return tainted, clone_first
+
+
+def _mutated_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input node an in-place operation writes to, or ``None``."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        inplace = node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
+            name.endswith("_") and not name.startswith("_"))
+    elif node.op == "call_method":
+        inplace = node.target.endswith("_") and not node.target.startswith("_")
+    elif node.op == "call_module":
+        inplace = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    else:
+        inplace = False
+    return node.args[0] if inplace else None
+
+
+def _ancestors(value: Any) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    stack: list[fx.Node] = []
+    fx.node.map_arg(value, stack.append)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+    return seen
+
+
+def _users(chosen: Mapping[fx.Node, str], needed: Mapping[str, set[fx.Node]]) -> dict[str, list[str]]:
+    """Chosen layer -> the tasks whose outputs use it."""
+    users: dict[str, list[str]] = {layer: [] for layer in chosen.values()}
+    for task, nodes in needed.items():
+        for layer in dict.fromkeys(chosen[node] for node in nodes if node in chosen):
+            users[layer].append(task)
+    return users
+
+
+def _norms_in_branches(gm, calls, tainted, needed, layers: set[str]) -> dict[fx.Node, str]:
+    """Norm layers with running statistics, used by several tasks, all of whose calls are in the fanned-out region."""
+    norms = {
+        node: layer
+        for layer, nodes in calls.items()
+        if layer not in layers and isinstance(gm.get_submodule(layer), _NORMS) and all(n in tainted for n in nodes)
+        for node in nodes
+    }
+    shared = {layer for layer, tasks in _users(norms, needed).items() if len(tasks) > 1}
+    return {node: layer for node, layer in norms.items() if layer in shared}
+
+
+def _check_shared(layers: list[str], users: Mapping[str, list[str]]) -> None:
+    for layer in layers:
+        if len(users[layer]) < 2:
+            whose = f"only task {users[layer][0]!r} uses it" if users[layer] else "no task's output uses it"
+            raise LayerError(f"layer {layer!r} cannot be split: {whose}, so it is already task-specific.")
+
+
+def _emit(gm, selected, chosen, tainted, clone_first, needed):
+    """The rewritten graph, and the copies it refers to: ``{(task, layer): target}``."""
+    graph = fx.Graph()
+    shared: dict[fx.Node, fx.Node] = {}
+    branch: dict[str, dict[fx.Node, fx.Node]] = {task: {} for task in selected}
+    copies: dict[tuple[str, str], str] = {}
+
+    def lookup(task: str) -> Callable[[fx.Node], fx.Node]:
+        return lambda node: branch[task][node] if node in branch[task] else shared[node]
+
+    for node in gm.graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "placeholder" or node not in tainted:
+            if node.op == "placeholder" or any(node in nodes for nodes in needed.values()):
+                shared[node] = graph.node_copy(node, shared.__getitem__)
+            continue
+        for task in selected:
+            if node not in needed[task]:
+                continue
+            args = fx.node.map_arg(node.args, lookup(task))
+            if node in clone_first:
+                args = (graph.call_method("clone", (args[0],)),) + tuple(args[1:])
+            target = node.target
+            if node in chosen:
+                target = copies.setdefault((task, chosen[node]), copy_target(task, chosen[node]))
+            new = graph.create_node(
+                node.op, target, args, fx.node.map_arg(node.kwargs, lookup(task)), f"{task}_{node.name}", node.type
+            )
+            new.meta = {**node.meta, "task": task}
+            branch[task][node] = new
+    graph.output({task: fx.node.map_arg(value, lookup(task)) for task, value in selected.items()})
+    graph.lint()
+    return graph, copies
+
+
+def _new_copy(gm: fx.GraphModule, layer: str, task: str, init: Init):
+    *path, name = layer.split(".")
+    original = getattr(gm.get_submodule(".".join(path)), name)
+    if isinstance(original, nn.Parameter):
+        new = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+    else:
+        new = copy.deepcopy(original)
+    if callable(init):
+        init(new, layer, task)
+    elif init == "reset":
+        _reset(new, layer)
+    return new
+
+
+def _reset(copy_: nn.Module | nn.Parameter, layer: str) -> None:
+    resettable = [m for m in copy_.modules() if hasattr(m, "reset_parameters")] if isinstance(copy_, nn.Module) else []
+    if not resettable:
+        raise InitError(
+            f"layer {layer!r} ({type(copy_).__name__}) has no reset_parameters() to re-initialise its copies; "
+            f"use init='copy' or a callable init(copy, layer, task)."
+        )
+    for module in resettable:
+        module.reset_parameters()
+
+
+def _install(root: nn.Module, target: str, obj) -> None:
+    """Put ``obj`` at qualified name ``target`` under ``root``, creating empty containers on the way."""
+    *path, name = target.split(".")
+    for part in path:
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    setattr(root, name, obj)

@@ -1,0 +1,114 @@
+"""``SplitModule``: the ``GraphModule`` that :func:`fxsplit.rewrite` returns, with its parameter groups.
+
+Everything it knows is read off its graph: the tasks are the keys of the output mapping, the split layers are
+the targets under ``copies.<task>.``, and a parameter belongs to the tasks whose outputs its module reaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch import fx, nn
+
+from .errors import TaskError, unknown_layer
+
+COPIES = "copies"
+
+
+def copy_target(task: str, layer: str) -> str:
+    """Qualified name of task ``task``'s copy of ``layer``."""
+    return f"{COPIES}.{task}.{layer}"
+
+
+class SplitModule(fx.GraphModule):
+    """A multi-task ``GraphModule``: shared modules under their original names, copies under ``copies.<task>``.
+
+    ``forward`` returns ``{task: output}``. It pickles, deep-copies, saves with ``torch.save`` and scripts with
+    ``torch.jit.script`` like any ``GraphModule``, and keeps its class through all of them.
+    """
+
+    __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "tasks", "split_layers"]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The task names, in output order."""
+        return tuple(self._output_map())
+
+    @property
+    def split_layers(self) -> tuple[str, ...]:
+        """Names of the layers that have one copy per task, in graph order."""
+        prefix = f"{COPIES}."
+        layers = (_node_target(n).split(".", 2)[2] for n in self.graph.nodes if _node_target(n).startswith(prefix))
+        return tuple(dict.fromkeys(layers))
+
+    def copy_of(self, task: str, layer: str) -> nn.Module | nn.Parameter:
+        """Task ``task``'s copy of the split layer ``layer`` (a module, or a parameter)."""
+        self._check_task(task)
+        if layer not in self.split_layers:
+            raise unknown_layer(layer, self.split_layers, what="split layer")
+        *path, name = copy_target(task, layer).split(".")
+        return getattr(self.get_submodule(".".join(path)), name)
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters that two or more tasks' outputs depend on."""
+        owners = self._owners()
+        return (p for p in self.parameters() if len(owners.get(id(p), ())) > 1)
+
+    def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
+        """Parameters that only ``task``'s output depends on: its copies and its own head."""
+        self._check_task(task)
+        owners = self._owners()
+        return (p for p in self.parameters() if owners.get(id(p), ()) == (task,))
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise TaskError(f"{task!r} is not a task of this model; its tasks are {list(self.tasks)}.")
+
+    def _output_map(self) -> dict:
+        (output,) = (n for n in self.graph.nodes if n.op == "output")
+        return output.args[0]
+
+    def _owners(self) -> dict[int, tuple[str, ...]]:
+        """Parameter id -> the tasks whose outputs reach it."""
+        owners: dict[int, tuple[str, ...]] = {}
+        for task, value in self._output_map().items():
+            for param in self._reached_parameters(value):
+                owners[id(param)] = owners.get(id(param), ()) + (task,)
+        return owners
+
+    def _reached_parameters(self, value) -> set[nn.Parameter]:
+        params: set[nn.Parameter] = set()
+        seen: set[fx.Node] = set()
+        stack: list[fx.Node] = []
+        fx.node.map_arg(value, stack.append)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+            if node.op == "call_module":
+                params.update(self.get_submodule(node.target).parameters())
+            elif node.op == "get_attr":
+                *path, name = node.target.split(".")
+                attr = getattr(self.get_submodule(".".join(path)), name)
+                if isinstance(attr, nn.Parameter):
+                    params.add(attr)
+        return params
+
+    def __reduce__(self):
+        rebuild, args = super().__reduce__()
+        return _rebuild_split_module, (rebuild, args)
+
+
+def _rebuild_split_module(rebuild, args) -> SplitModule:
+    """Unpickle: rebuild the plain ``GraphModule``, then give it back its class."""
+    gm = rebuild(*args)
+    split = SplitModule(gm, gm.graph, type(gm).__name__)
+    split.train(gm.training)
+    return split
+
+
+def _node_target(node: fx.Node) -> str:
+    return node.target if node.op in ("call_module", "get_attr") else ""
+
