@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +31,8 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
     if isinstance(model, fx.GraphModule):
         _drop_guards(model)
     try:
-        return torch.jit.script(model)
+        with _torchscript_quietly():
+            return torch.jit.script(model)
     except Exception as error:
         raise ExportError(
             f"TorchScript cannot compile {type(model).__name__}: {type(error).__name__}: {error}\n"
@@ -73,8 +76,19 @@ def export(
 
 
 def _write_torchscript(model: nn.Module, path: Path) -> nn.Module:
-    torch.jit.save(script(model), str(path))
-    return torch.jit.load(str(path))
+    scripted = script(model)
+    with _torchscript_quietly():
+        torch.jit.save(scripted, str(path))
+        return torch.jit.load(str(path))
+
+
+@contextlib.contextmanager
+def _torchscript_quietly():
+    """TorchScript is deprecated upstream; fxsplit supports it on purpose, so its warnings are noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="The TorchScript type system", category=UserWarning)
+        yield
 
 
 def _write_program(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:

@@ -8,12 +8,16 @@ called several times is one layer whose ``calls`` lists every call.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterator
 
 import networkx as nx
 from torch import fx, nn
 
 from .tracing import trace
+
+_METADATA_METHODS = {"size", "dim", "numel", "get_device"}
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
 
 
 def layer_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -22,13 +26,13 @@ def layer_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
         module = gm.get_submodule(node.target)
         return node.target if next(module.parameters(), None) is not None else None
     if node.op == "get_attr":
-        return node.target if isinstance(_attr(gm, node.target), nn.Parameter) else None
+        return node.target if isinstance(attribute(gm, node.target), nn.Parameter) else None
     return None
 
 
 def parameter_names(gm: fx.GraphModule, layer: str) -> list[str]:
     """Qualified names of the parameters that make up ``layer`` (weight and bias of a module, ...)."""
-    if isinstance(_attr(gm, layer), nn.Parameter):
+    if isinstance(attribute(gm, layer), nn.Parameter):
         return [layer]
     return [f"{layer}.{name}" for name, _ in gm.get_submodule(layer).named_parameters()]
 
@@ -49,7 +53,8 @@ def layer_graph(model: nn.Module) -> nx.DiGraph:
     Node attributes: ``kind`` (module class, or ``"Parameter"``), ``params`` (count), ``order`` (graph order of
     the first call), ``calls`` (names of the ``torch.fx`` nodes that apply the layer), ``parameters``
     (qualified parameter names). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through
-    parameter-free operations only.
+    parameter-free operations only (reading a
+    tensor's shape, dtype or device does not count: it passes on no values).
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
@@ -58,16 +63,16 @@ def layer_graph(model: nn.Module) -> nx.DiGraph:
     >>> list(g.edges), g.nodes["0"]["params"]
     ([('0', '1')], 224)
     """
-    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    gm = trace(model)
     calls = layer_calls(gm)
     graph = nx.DiGraph()
     for order, (layer, nodes) in enumerate(calls.items()):
-        target = _attr(gm, layer)
+        target = attribute(gm, layer)
         names = parameter_names(gm, layer)
         graph.add_node(
             layer,
             kind="Parameter" if isinstance(target, nn.Parameter) else type(target).__name__,
-            params=sum(_attr(gm, name).numel() for name in names),
+            params=sum(attribute(gm, name).numel() for name in names),
             order=order,
             calls=[node.name for node in nodes],
             parameters=names,
@@ -80,6 +85,9 @@ def _layer_edges(gm: fx.GraphModule) -> Iterator[tuple[str, str]]:
     """Edges between layers, following values through parameter-free nodes."""
     sources: dict[fx.Node, frozenset[str]] = {}  # layers whose values reach a node without another layer between
     for node in gm.graph.nodes:
+        if reads_metadata(node):
+            sources[node] = frozenset()
+            continue
         reaching = frozenset().union(*(sources[arg] for arg in node.all_input_nodes))
         layer = layer_of(gm, node)
         if layer is None:
@@ -90,7 +98,17 @@ def _layer_edges(gm: fx.GraphModule) -> Iterator[tuple[str, str]]:
             yield source, layer
 
 
-def _attr(gm: fx.GraphModule, target: str):
-    """The object at a qualified name: a module, a parameter or a buffer."""
+def reads_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` reads only a tensor's metadata (shape, dtype, device), not its values."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    if node.op == "call_function":
+        return node.target is builtins.len or (
+            node.target is builtins.getattr and node.args[1] in _METADATA_ATTRIBUTES)
+    return False
+
+
+def attribute(root: nn.Module, target: str):
+    """The object at a qualified name under ``root``: a module, a parameter or a buffer."""
     module_path, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(module_path), name)
+    return getattr(root.get_submodule(module_path), name)

@@ -8,24 +8,19 @@ else. Untainted nodes are emitted once and shared by every branch. Nodes no task
 from __future__ import annotations
 
 import copy
-import operator
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Union
 
 from torch import fx, nn
 
 from .errors import InitError, LayerError, TaskError, unknown_layer
-from .layers import layer_calls
+from .layers import attribute, layer_calls
 from .split_module import SplitModule, copy_target
-from .tracing import trace
+from .tracing import mutated_input, trace
 
 OutputKey = Union[str, int, tuple]
 Init = Union[str, Callable[[Any, str, str], None]]
 
-_INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
-}
 _NORMS = (nn.modules.batchnorm._NormBase,)
 
 
@@ -189,43 +184,17 @@ def _check_layers(layers: list[str], calls: Mapping[str, list[fx.Node]]) -> None
 
 
 def _taint(gm: fx.GraphModule, chosen: Mapping[fx.Node, str]) -> tuple[set[fx.Node], set[fx.Node]]:
-    """Nodes that depend on a chosen layer, and the in-place ones that must first clone a shared input.
-
-    An in-place operation makes every later reader of its input read its result instead (they alias), so that
-    the data flow the rewrite follows is the real one.
-    """
-    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    """Nodes that depend on a chosen layer, and the in-place ones among them that write to a shared tensor
+    (each branch must write to its own clone)."""
     tainted: set[fx.Node] = set()
     clone_first: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node in chosen or any(arg in tainted for arg in node.all_input_nodes):
             tainted.add(node)
-        mutated = _mutated_input(gm, node)
-        if mutated is None:
-            continue
-        for user in list(mutated.users):
-            if position[user] > position[node]:
-                user.replace_input_with(mutated, node)
-        if node in tainted and mutated not in tainted:
-            clone_first.add(node)
+            mutated = mutated_input(gm, node)
+            if mutated is not None and mutated not in tainted:
+                clone_first.add(node)
     return tainted, clone_first
-
-
-def _mutated_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The input node an in-place operation writes to, or ``None``."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        inplace = node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
-            name.endswith("_") and not name.startswith("_"))
-    elif node.op == "call_method":
-        inplace = node.target.endswith("_") and not node.target.startswith("_")
-    elif node.op == "call_module":
-        inplace = getattr(gm.get_submodule(node.target), "inplace", False) is True
-    else:
-        inplace = False
-    return node.args[0] if inplace else None
 
 
 def _ancestors(value: Any) -> set[fx.Node]:
@@ -254,7 +223,7 @@ def _norms_in_branches(gm, calls, tainted, needed, layers: set[str]) -> dict[fx.
     norms = {
         node: layer
         for layer, nodes in calls.items()
-        if layer not in layers and isinstance(gm.get_submodule(layer), _NORMS) and all(n in tainted for n in nodes)
+        if layer not in layers and isinstance(attribute(gm, layer), _NORMS) and all(n in tainted for n in nodes)
         for node in nodes
     }
     shared = {layer for layer, tasks in _users(norms, needed).items() if len(tasks) > 1}
@@ -305,8 +274,7 @@ def _emit(gm, selected, chosen, tainted, clone_first, needed):
 
 
 def _new_copy(gm: fx.GraphModule, layer: str, task: str, init: Init):
-    *path, name = layer.split(".")
-    original = getattr(gm.get_submodule(".".join(path)), name)
+    original = attribute(gm, layer)
     if isinstance(original, nn.Parameter):
         new = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
     else:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from torch import fx, nn
 
 from .errors import TaskError, unknown_layer
+from .layers import attribute
 
 COPIES = "copies"
 
@@ -46,8 +47,7 @@ class SplitModule(fx.GraphModule):
         self._check_task(task)
         if layer not in self.split_layers:
             raise unknown_layer(layer, self.split_layers, what="split layer")
-        *path, name = copy_target(task, layer).split(".")
-        return getattr(self.get_submodule(".".join(path)), name)
+        return attribute(self, copy_target(task, layer))
 
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that two or more tasks' outputs depend on."""
@@ -90,8 +90,7 @@ class SplitModule(fx.GraphModule):
             if node.op == "call_module":
                 params.update(self.get_submodule(node.target).parameters())
             elif node.op == "get_attr":
-                *path, name = node.target.split(".")
-                attr = getattr(self.get_submodule(".".join(path)), name)
+                attr = attribute(self, node.target)
                 if isinstance(attr, nn.Parameter):
                     params.add(attr)
         return params

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import os
 import traceback
 import warnings
@@ -22,6 +23,10 @@ from torch import fx, nn
 from .errors import TraceError
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_INPLACE_OPERATORS = {
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
+}
 
 
 def _registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
@@ -98,7 +103,8 @@ def trace(
 ) -> fx.GraphModule:
     """Trace a deep copy of ``model`` (the model itself is never touched) in its current train/eval mode.
 
-    Python code that reads ``self.training`` is fixed at trace time, so the graph is the one of the model's
+    An in-place operation's result aliases its input, so every later reader of the input is made to read the
+    result: the graph's edges then show the real data flow. Python code that reads ``self.training`` is fixed at trace time, so the graph is the one of the model's
     current mode; a warning says so when the other mode would trace differently (trace again after
     ``model.train()`` / ``model.eval()`` to get that one). Leaf modules (classes or qualified names) are kept
     as single calls, ``autowrap_functions`` as single function calls, ``concrete_args`` fixes inputs.
@@ -110,7 +116,7 @@ def trace(
     ['input', '0', '1', '2', 'output']
     """
     if isinstance(model, fx.GraphModule):
-        return copy.deepcopy(model)
+        return follow_mutations(copy.deepcopy(model))
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxsplit traces an nn.Module, got {type(model).__name__}.")
     kwargs = dict(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
@@ -134,7 +140,38 @@ def _trace_copy(model: nn.Module, training: bool, tracer_kwargs: dict, concrete_
         graph = tracer.trace(root, concrete_args)
     except Exception as error:
         raise _trace_error(root, tracer, error) from error
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+    return follow_mutations(fx.GraphModule(tracer.root, graph, type(model).__name__))
+
+
+def follow_mutations(gm: fx.GraphModule) -> fx.GraphModule:
+    """Make every reader of a tensor that an in-place operation wrote to, after that operation, read its result."""
+    position = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        mutated = mutated_input(gm, node)
+        if mutated is None:
+            continue
+        for user in list(mutated.users):
+            if position[user] > position[node]:
+                user.replace_input_with(mutated, node)
+    gm.recompile()
+    return gm
+
+
+def mutated_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The input node an in-place operation writes to, or ``None``."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        inplace = node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
+            name.endswith("_") and not name.startswith("_"))
+    elif node.op == "call_method":
+        inplace = node.target.endswith("_") and not node.target.startswith("_")
+    elif node.op == "call_module":
+        inplace = getattr(gm.get_submodule(node.target), "inplace", False) is True
+    else:
+        inplace = False
+    return node.args[0] if inplace else None
 
 
 def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception) -> TraceError:

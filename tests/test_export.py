@@ -1,0 +1,85 @@
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fxsplit
+from tests.models import assert_unchanged, small_models, snapshot
+
+MODELS = small_models()
+SPLITS = {"cnn": ["backbone.block1.conv2"], "cnn3": ["backbone.stem.1"], "vit": ["vit.blocks.0.qkv"],
+          "twice": ["backbone.mid"]}
+
+
+def _split(name):
+    model, x, kwargs = MODELS[name]
+    return fxsplit.rewrite(model, SPLITS[name], **kwargs).eval(), x
+
+
+def _assert_same(expected: dict, got: dict):
+    assert set(expected) == set(got)
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torchscript_matches(name):
+    split, x = _split(name)
+    _assert_same(split(x), fxsplit.script(split)(x))
+    assert split.training is False and isinstance(split, fxsplit.SplitModule)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_exported_files_load_back_and_match(name, suffix, tmp_path):
+    split, x = _split(name)
+    before = snapshot(split)
+    path = fxsplit.export(split, tmp_path / f"model{suffix}", x)
+    assert_unchanged(split, before)
+    assert os.listdir(tmp_path) == [f"model{suffix}"]
+    loaded = torch.jit.load(path) if suffix == ".pt" else torch.export.load(path).module()
+    bigger = torch.cat([x, x[:1]])  # the batch dimension of a .pt2 is dynamic
+    _assert_same(split(bigger), loaded(bigger))
+
+
+def test_script_drops_concrete_args_guards():
+    class Scaled(nn.Module):
+        def forward(self, x, scale=None):
+            return x if scale is None else x * scale
+
+    gm = fxsplit.trace(Scaled(), concrete_args={"scale": None})
+    assert any("_assert_is_none" in str(n.target) for n in gm.graph.nodes)
+    assert torch.equal(fxsplit.script(gm)(torch.ones(2)), torch.ones(2))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_inputs_that_do_not_fit_raise_and_write_nothing(suffix, tmp_path):
+    split, x = _split("cnn")
+    with pytest.raises(fxsplit.ExportError, match=r"cannot run on the example inputs \[\(4, 5\)\]"):
+        fxsplit.export(split, tmp_path / f"model{suffix}", torch.randn(4, 5))
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_needs_a_batch_of_two(tmp_path):
+    split, x = _split("cnn")
+    with pytest.raises(fxsplit.ExportError, match="batch of fewer than 2"):
+        fxsplit.export(split, tmp_path / "model.pt2", x[:1])
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_format(tmp_path):
+    split, x = _split("cnn")
+    with pytest.raises(fxsplit.ExportError, match="format must be one of"):
+        fxsplit.export(split, tmp_path / "model.onnx", x)
+
+
+def test_script_failure_is_an_export_error_and_can_be_retried():
+    class Unscriptable(nn.Module):
+        def forward(self, x):
+            return x * len({1: 2}.items().__class__.__name__)  # not TorchScript
+
+    with pytest.raises(fxsplit.ExportError, match="TorchScript cannot compile"):
+        fxsplit.script(Unscriptable())
+    split, x = _split("cnn")
+    _assert_same(split(x), fxsplit.script(split)(x))

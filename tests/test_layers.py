@@ -1,0 +1,75 @@
+import networkx as nx
+import torch
+from torch import nn
+
+import fxsplit
+from tests.models import MultiHead, SmallCNN, Twice, TupleHeads
+
+
+def test_one_node_per_parametrised_module_in_graph_order():
+    model = MultiHead(SmallCNN(), 16)
+    graph = fxsplit.layer_graph(model)
+    with_params = [name for name, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    assert sorted(graph.nodes) == sorted(with_params)
+    assert [graph.nodes[n]["order"] for n in graph.nodes] == list(range(len(with_params)))
+    assert list(graph.nodes)[:3] == ["backbone.stem.0", "backbone.stem.1", "backbone.block1.conv1"]
+    assert sum(graph.nodes[n]["params"] for n in graph) == sum(p.numel() for p in model.parameters())
+    assert graph.nodes["backbone.stem.1"]["kind"] == "BatchNorm2d"
+    assert graph.nodes["backbone.stem.0"]["parameters"] == ["backbone.stem.0.weight", "backbone.stem.0.bias"]
+
+
+def test_edges_follow_data_through_parameter_free_ops():
+    graph = fxsplit.layer_graph(SmallCNN())
+    # relu between stem.1 and block1.conv1 collapses; the residual add carries stem.1 on into block2
+    assert set(graph.successors("stem.1")) == {"block1.conv1", "block2.conv1", "block2.down.0"}
+    assert set(graph.predecessors("block2.conv1")) == {"block1.bn2", "stem.1"}
+    assert set(graph.predecessors("block2.down.0")) == {"block1.bn2", "stem.1"}
+    assert set(graph.predecessors("block2.bn2")) == {"block2.conv2"}
+    assert nx.is_directed_acyclic_graph(graph)
+
+
+def test_parameters_read_directly_are_layers():
+    graph = fxsplit.layer_graph(TupleHeads())
+    assert graph.nodes["vit.pos_embed"]["kind"] == "Parameter"
+    assert graph.nodes["vit.pos_embed"]["params"] == 17 * 16
+    assert graph.nodes["vit.cls_token"]["parameters"] == ["vit.cls_token"]
+    assert {"vit.embed", "vit.cls_token"} <= set(graph.predecessors("vit.blocks.0.norm1"))
+    # the residual stream carries pos_embed to every norm; reading x.shape in attention is no edge to proj
+    assert set(graph.successors("vit.pos_embed")) == {
+        "vit.blocks.0.norm1", "vit.blocks.0.norm2", "vit.blocks.1.norm1", "vit.blocks.1.norm2", "vit.norm"}
+
+
+def test_module_called_twice_is_one_layer_with_two_calls():
+    graph = fxsplit.layer_graph(Twice())
+    assert graph.nodes["shared"]["calls"] == ["shared", "shared_1"]
+    assert set(graph.successors("shared")) == {"mid", "out"}
+    assert set(graph.successors("inp")) == {"shared", "out"}
+    assert set(graph.successors("mid")) == {"out"}  # through the in-place add into g, which relu(g) reads
+
+
+def test_leaf_module_is_one_layer_with_all_its_parameters():
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = nn.Sequential(Opaque(), nn.Linear(3, 1))
+    graph = fxsplit.layer_graph(fxsplit.trace(model, leaf_modules=[Opaque]))
+    assert list(graph.nodes) == ["0", "1"]
+    assert graph.nodes["0"]["params"] == 24 and graph.nodes["0"]["kind"] == "Opaque"
+
+
+def test_buffers_read_directly_are_not_layers():
+    class WithBuffer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 2)
+            self.register_buffer("scale", torch.ones(2))
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    assert list(fxsplit.layer_graph(WithBuffer()).nodes) == ["lin"]

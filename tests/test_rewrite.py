@@ -1,0 +1,250 @@
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxsplit
+from tests.models import (
+    MultiHead, SmallCNN, assert_equivalent, assert_unchanged, count, small_models, snapshot,
+)
+
+MODELS = small_models()
+HEADS = ("heads.", "head_a", "head_b")
+
+
+def shared_layers(model: nn.Module) -> list[str]:
+    return [name for name in fxsplit.layer_graph(model) if not name.startswith(HEADS)]
+
+
+@st.composite
+def split_cases(draw):
+    name = draw(st.sampled_from(sorted(MODELS)))
+    model, x, kwargs = MODELS[name]
+    layers = draw(st.lists(st.sampled_from(shared_layers(model)), unique=True, max_size=4))
+    return name, layers, draw(st.booleans()), draw(st.booleans())
+
+
+@given(split_cases())
+def test_rewrite_is_equivalent_counts_and_isolates(case):
+    name, layers, training, split_norms = case
+    model, x, kwargs = MODELS[name]
+    model = copy.deepcopy(model).train(training)
+    split = fxsplit.rewrite(model, layers, split_norms=split_norms, **kwargs)
+    assert split.training == training
+    assert_equivalent(model, split, x, kwargs)
+
+    graph = fxsplit.layer_graph(model)
+    assert set(layers) <= set(split.split_layers)
+    extra = sum(graph.nodes[layer]["params"] for layer in split.split_layers)
+    assert count(split.parameters()) == count(model.parameters()) + (len(split.tasks) - 1) * extra
+
+    groups = [set(map(id, split.shared_parameters()))] + [set(map(id, split.task_parameters(t))) for t in split.tasks]
+    assert sum(map(len, groups)) == len(set().union(*groups)) == len(list(split.parameters()))
+
+    for task in split.tasks:
+        split.zero_grad(set_to_none=True)
+        split(x)[task].square().sum().backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in split.task_parameters(task))
+        for other in set(split.tasks) - {task}:
+            assert all(p.grad is None or not p.grad.any() for p in split.task_parameters(other)), (task, other)
+
+
+def test_no_layers_gives_the_same_function_and_parameters():
+    model, x, kwargs = MODELS["cnn"]
+    split = fxsplit.rewrite(model, [])
+    assert split.split_layers == () and split.tasks == ("a", "b")
+    assert count(split.parameters()) == count(model.parameters())
+    assert_equivalent(model.eval(), split.eval(), x, kwargs)
+
+
+def _calls(split: fxsplit.SplitModule, target: str) -> int:
+    return sum(node.op == "call_module" and node.target == target for node in split.graph.nodes)
+
+
+def test_prefix_runs_once_branches_once_per_task_and_dead_work_is_dropped():
+    model, x, kwargs = MODELS["cnn3"]
+    split = fxsplit.rewrite(model, ["backbone.block2.conv1"])
+    assert _calls(split, "backbone.stem.0") == 1 and _calls(split, "backbone.block1.conv2") == 1
+    assert _calls(split, "backbone.block2.bn1") == 3 and _calls(split, "backbone.block2.conv1") == 0
+    assert all(_calls(split, f"copies.{t}.backbone.block2.conv1") == 1 for t in "abc")
+    assert all(_calls(split, f"heads.{t}") == 1 for t in "abc")  # head b is never run on branch a
+    assert _calls(split, "backbone.block2.down.0") == 1  # the projection does not depend on the split layer
+
+
+def test_shared_tensor_updated_in_place_by_a_branch_is_cloned_per_branch():
+    model, x, kwargs = MODELS["twice"]
+    split = fxsplit.rewrite(model, ["backbone.mid"])
+    clones = [node for node in split.graph.nodes if node.op == "call_method" and node.target == "clone"]
+    assert len(clones) == 4
+    assert_equivalent(model, split, x, kwargs)
+
+
+def test_tasks_and_outputs():
+    model, x, kwargs = MODELS["vit"]
+    split = fxsplit.rewrite(model, ["vit.blocks.1.qkv"], **kwargs)
+    assert split.tasks == ("a", "b")
+    assert split(x)["a"].shape == (4, 3) and split(x)["b"].shape == (4, 2)
+    whole = fxsplit.rewrite(model, ["vit.blocks.1.qkv"], tasks=["p", "q"])  # no outputs: the whole tuple each
+    assert all(isinstance(out, tuple) and len(out) == 2 for out in whole(x).values())
+    nested = fxsplit.rewrite(model, [], outputs={"a": (0,), "b": (1,)})
+    assert nested.tasks == ("a", "b")
+
+
+def test_tasks_default_to_the_keys_of_a_mapping_output():
+    model, x, _ = MODELS["cnn3"]
+    assert fxsplit.rewrite(model, ["backbone.stem.0"]).tasks == ("a", "b", "c")
+    assert fxsplit.rewrite(model, ["backbone.stem.0"], tasks=["c", "a"]).tasks == ("c", "a")
+
+
+def test_user_model_is_never_modified():
+    model, x, kwargs = MODELS["cnn"]
+    model = copy.deepcopy(model).train()
+    model(x)["a"].sum().backward()
+    model.backbone.stem[0].register_forward_hook(lambda *args: None)
+    before = snapshot(model)
+    split = fxsplit.rewrite(model, ["backbone.stem.0", "backbone.block2.bn1"], init="reset", split_norms=True)
+    split(x)["b"].sum().backward()
+    with torch.no_grad():
+        for p in split.parameters():
+            p.add_(1.0)
+    assert_unchanged(model, before)
+
+
+def test_copies_are_independent_and_reachable_by_task_and_layer():
+    model, x, kwargs = MODELS["cnn"]
+    split = fxsplit.rewrite(model, ["backbone.block1.conv1"])
+    a, b = split.copy_of("a", "backbone.block1.conv1"), split.copy_of("b", "backbone.block1.conv1")
+    assert a is not b and a.weight is not b.weight
+    assert torch.equal(a.weight, model.backbone.block1.conv1.weight)
+    with pytest.raises(fxsplit.UnknownLayerError, match="Did you mean 'backbone.block1.conv1'"):
+        split.copy_of("a", "backbone.block1.conv")
+    with pytest.raises(fxsplit.TaskError, match="'z' is not a task"):
+        split.copy_of("z", "backbone.block1.conv1")
+
+
+def test_original_state_dict_loads_into_the_shared_part():
+    model, x, kwargs = MODELS["cnn"]
+    split = fxsplit.rewrite(model, ["backbone.block1.conv1"])
+    result = split.load_state_dict(model.state_dict(), strict=False)
+    assert result.unexpected_keys == ["backbone.block1.conv1.weight"]
+    assert sorted(result.missing_keys) == ["copies.a.backbone.block1.conv1.weight",
+                                           "copies.b.backbone.block1.conv1.weight"]
+
+
+def test_init_reset_reinitialises_each_copy():
+    model, x, kwargs = MODELS["cnn"]
+    torch.manual_seed(1)
+    split = fxsplit.rewrite(model, ["backbone.block1.conv2", "backbone.block1.bn2"], init="reset")
+    original = model.backbone.block1.conv2.weight
+    a, b = (split.copy_of(t, "backbone.block1.conv2").weight for t in "ab")
+    assert not torch.equal(a, original) and not torch.equal(b, original) and not torch.equal(a, b)
+    assert all(split.copy_of(t, "backbone.block1.bn2").weight.eq(1).all() for t in "ab")
+
+
+def test_init_callable_sees_every_copy():
+    model, x, kwargs = MODELS["vit"]
+    seen = []
+
+    def init(copy_, layer, task):
+        seen.append((layer, task, type(copy_).__name__))
+        with torch.no_grad():
+            copy_.zero_()
+
+    split = fxsplit.rewrite(model, ["vit.pos_embed"], init=init, **kwargs)
+    assert seen == [("vit.pos_embed", "a", "Parameter"), ("vit.pos_embed", "b", "Parameter")]
+    assert not split.copy_of("a", "vit.pos_embed").any()
+
+
+def test_pickle_deepcopy_and_torch_save_keep_the_class():
+    model, x, kwargs = MODELS["cnn"]
+    split = fxsplit.rewrite(model.eval(), ["backbone.block2.conv2"]).eval()
+    buffer = io.BytesIO()
+    torch.save(split, buffer)
+    buffer.seek(0)
+    for restored in (copy.deepcopy(split), pickle.loads(pickle.dumps(split)), torch.load(buffer, weights_only=False)):
+        assert isinstance(restored, fxsplit.SplitModule)
+        assert restored.split_layers == split.split_layers and restored.tasks == split.tasks
+        assert all(torch.equal(restored(x)[t], split(x)[t]) for t in split.tasks)
+        assert count(restored.task_parameters("a")) == count(split.task_parameters("a"))
+
+
+def test_a_traced_graph_module_can_be_rewritten():
+    class Opaque(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 16)
+
+        def forward(self, x):
+            return self.lin(x) if x.shape[0] > 0 else x
+
+    model = MultiHead(nn.Sequential(SmallCNN(), Opaque()), 16)
+    gm = fxsplit.trace(model, leaf_modules=[Opaque])
+    before = snapshot(gm)
+    split = fxsplit.rewrite(gm, ["backbone.1"])
+    assert_unchanged(gm, before)
+    assert_equivalent(model.eval(), split.eval(), torch.randn(2, 3, 8, 8), {})
+
+
+def _rejects(error, match, model=None, layers=(), **kwargs):
+    model = MODELS["cnn"][0] if model is None else model
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        fxsplit.rewrite(model, layers, **kwargs)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("layers, error, match", [
+    (["backbone.stem.O"], fxsplit.UnknownLayerError, r"'backbone.stem.O' is not a layer.*Did you mean .*'backbone.stem.0'"),
+    (["backbone.block1"], fxsplit.LayerError, r"'backbone.block1' is a container of 4 layers"),
+    (["backbone.stem.0", "backbone.stem.0"], fxsplit.LayerError, r"\['backbone.stem.0'\] given more than once"),
+    ("backbone.stem.0", fxsplit.LayerError, r"got the string 'backbone.stem.0'; use \['backbone.stem.0'\]"),
+    ([0], fxsplit.LayerError, r"must be names \(str\).*got int 0"),
+    (None, fxsplit.LayerError, r"must be a list of layer names, got NoneType"),
+    (["heads.a"], fxsplit.LayerError, r"'heads.a' cannot be split: only task 'a' uses it"),
+])
+def test_bad_layers(layers, error, match):
+    _rejects(error, match, layers=layers)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"tasks": ["a"]}, r"at least two tasks"),
+    ({"tasks": ["a", "a"]}, r"\['a'\] given more than once"),
+    ({"tasks": ["a", "z"]}, r"task\(s\) \['z'\] are not keys of the model's output \['a', 'b'\]"),
+    ({"tasks": ["a", "seg-map"]}, r"must be Python identifiers.*seg-map"),
+    ({"tasks": "ab"}, r"tasks must be a list of names"),
+    ({"outputs": {"a": "a", "b": "zz"}}, r"outputs\['b'\] = 'zz'.*has no 'zz' \(it has \['a', 'b'\]\)"),
+    ({"outputs": {"a": "a"}, "tasks": ["a", "b"]}, r"outputs names tasks \['a'\] but the tasks are \['a', 'b'\]"),
+])
+def test_bad_tasks(kwargs, match):
+    _rejects(fxsplit.TaskError, match, **kwargs)
+
+
+def test_a_tensor_output_needs_task_names():
+    _rejects(fxsplit.TaskError, r"not a mapping.*pass tasks=", model=SmallCNN())
+
+
+def test_bad_init():
+    _rejects(fxsplit.InitError, r"init must be 'copy', 'reset' or a callable", layers=["backbone.stem.0"], init="zero")
+    model, x, kwargs = MODELS["vit"]
+    _rejects(fxsplit.InitError, r"'vit.pos_embed' \(Parameter\) has no reset_parameters", model=model,
+             layers=["vit.pos_embed"], init="reset", **kwargs)
+
+
+def test_a_split_model_is_not_split_again():
+    split = fxsplit.rewrite(MODELS["cnn"][0], ["backbone.stem.0"])
+    with pytest.raises(fxsplit.LayerError, match="already split"):
+        fxsplit.rewrite(split, ["backbone.stem.1"])
+
+
+def test_twice_called_layer_split_fans_out_at_its_first_call():
+    model, x, kwargs = MODELS["twice"]
+    split = fxsplit.rewrite(model, ["backbone.shared"])
+    assert _calls(split, "backbone.inp") == 1
+    assert sum(n.op == "call_module" and n.target.startswith("copies.") for n in split.graph.nodes) == 8
+    assert_equivalent(model, split, x, kwargs)
+    assert isinstance(split.copy_of("d", "backbone.shared"), nn.Linear)
