@@ -33,6 +33,10 @@ class InitError(FxsplitError):
     """A split layer's copies cannot be initialised as asked."""
 
 
+class ReportError(FxsplitError):
+    """A conflict report file that cannot be read, or a threshold the report did not score."""
+
+
 class ExportError(FxsplitError):
     """A model could not be exported, or the exported file does not reproduce it."""
 

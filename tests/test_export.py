@@ -30,6 +30,7 @@ def test_torchscript_matches(name):
     assert split.training is False and isinstance(split, fxsplit.SplitModule)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 @pytest.mark.parametrize("name", sorted(MODELS))
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_exported_files_load_back_and_match(name, suffix, tmp_path):

@@ -1,0 +1,213 @@
+"""``analyze``: Recon's conflict scores for any model, from one forward and one gradient pass per task a step."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import islice
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .conflicts import ConflictCounter
+from .errors import FxsplitError, TaskError
+from .layers import layer_graph
+from .report import ConflictReport
+
+Loss = Callable[[Any, Any], torch.Tensor]
+
+
+def analyze(
+    model: nn.Module,
+    tasks: Mapping[str, Loss],
+    data: Iterable,
+    *,
+    steps: int | None = None,
+    threshold: float | Sequence[float] = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    graph: nx.DiGraph | None = None,
+    progress: bool | None = None,
+    bins: int = 20,
+) -> ConflictReport:
+    """Score every shared layer of ``model`` by how often its task gradients conflict (Recon).
+
+    At each step (one batch of ``data``, at most ``steps``): one forward, each task's gradient by
+    ``torch.autograd.grad``, and for every layer that two or more tasks' losses reach, the cosine of every pair of
+    task gradients (weight and bias together); a layer's score counts the (step, pair) with cosine < ``threshold``.
+
+    Args:
+        tasks: task name -> ``loss(output, batch)``, a scalar tensor; ``output`` is what the model returned.
+        data: batches; the model is called as ``model(batch[0])`` for a tuple/list batch, ``model(batch)``
+            otherwise, or ``forward(model, batch)``. Tensors are moved to the model's device.
+        threshold: S, or several (the first is the primary one; one pass scores them all).
+        optimizer: without one, analyze only probes and the model ends exactly as it began (parameters,
+            buffers, ``.grad``, mode). With one, each step also applies ``optimizer.step()`` to the gradient of the
+            summed loss: the scoring run trains the model, as in Recon.
+        graph: the layer graph to score (default ``fxsplit.layer_graph(model)``; pass one built from
+            ``fxsplit.trace(model, leaf_modules=...)`` for models that need custom tracing).
+        progress: show a progress bar (default: when stderr is a terminal).
+
+    >>> import torch, fxsplit
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    >>> tasks = {"a": lambda out, batch: out[:, 0].pow(2).mean(), "b": lambda out, batch: -out[:, 1].mean()}
+    >>> report = fxsplit.analyze(net, tasks, [torch.randn(8, 4) for _ in range(5)], progress=False)
+    >>> list(report.scores) == ["0", "2"] or list(report.scores) == ["2", "0"], report.steps
+    (True, 5)
+    """
+    losses = _check_tasks(tasks)
+    thresholds = _check_thresholds(threshold)
+    graph = layer_graph(model) if graph is None else graph
+    forward = forward or _default_forward
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    weights = [p for _, p in named]
+    device = weights[0].device if weights else torch.device("cpu")
+    buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
+    scoring = None
+    try:
+        for batch in _progress(islice(data, steps), steps if steps is not None else _length(data), progress):
+            batch = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
+            values = _losses(losses, forward(model, batch), batch)
+            grads = [torch.autograd.grad(value, weights, retain_graph=t < len(values) - 1, allow_unused=True)
+                     for t, value in enumerate(values)]
+            if scoring is None:
+                scoring = _Scoring(graph, named, grads, list(losses), thresholds, bins)
+            scoring.update(grads)
+            if optimizer is not None:
+                _step(optimizer, weights, grads)
+    finally:
+        if buffers is not None:
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+    if scoring is None:
+        raise FxsplitError("data gave no batch to analyze (empty data, or steps=0).")
+    return scoring.report()
+
+
+class _Scoring:
+    """Which layers are scored (decided at the first step, from which losses reach which parameters)."""
+
+    def __init__(self, graph, named, grads, tasks, thresholds, bins):
+        index = {name: i for i, (name, _) in enumerate(named)}
+        reached = {name: [t for t, task_grads in zip(tasks, grads) if task_grads[index[name]] is not None]
+                   for name in index}
+        self.graph, self.tasks, self.thresholds = graph, tasks, thresholds
+        self.reach: dict[str, list[str]] = {}
+        self.left_out: dict[str, str] = {}
+        self.layers: list[str] = []
+        for layer, names in graph.nodes(data="parameters"):
+            users = sorted({t for name in names if name in index for t in reached[name]}, key=tasks.index)
+            self.reach[layer] = users
+            if not any(name in index for name in names):
+                self.left_out[layer] = "frozen (no parameter requires grad)"
+            elif len(users) < 2:
+                self.left_out[layer] = f"only task {users[0]!r} reaches it" if users else "no task's loss reaches it"
+            else:
+                self.layers.append(layer)
+        self.slots = [index[name] for layer in self.layers for name in graph.nodes[layer]["parameters"]
+                      if name in index]
+        sizes = [sum(named[index[name]][1].numel() for name in graph.nodes[layer]["parameters"] if name in index)
+                 for layer in self.layers]
+        device = named[0][1].device
+        reach = torch.tensor([[t in self.reach[layer] for t in tasks] for layer in self.layers], device=device,
+                             dtype=torch.bool).reshape(len(self.layers), len(tasks))
+        self.counter = ConflictCounter(sizes, reach, thresholds, bins)
+        self.params = [named[i][1] for i in self.slots]
+
+    def update(self, grads) -> None:
+        flat = torch.stack([
+            torch.cat([(g[i] if g[i] is not None else torch.zeros_like(p)).reshape(-1)
+                       for i, p in zip(self.slots, self.params)])
+            if self.slots else torch.zeros(0, device=self.counter.valid.device)
+            for g in grads
+        ])
+        self.counter.update(flat)
+
+    def report(self) -> ConflictReport:
+        tally = self.counter.tally()
+        steps = tally.steps
+        mean = [[(s / steps if valid else None) for s, valid in zip(row, valid_row)]
+                for row, valid_row in zip(tally.cosine_sum.tolist(), self.counter.valid.cpu().tolist())]
+        return ConflictReport(
+            tasks=list(self.tasks), thresholds=list(self.thresholds), layers=list(self.layers),
+            pairs=[[self.tasks[i], self.tasks[j]] for i, j in zip(self.counter.first.tolist(),
+                                                                   self.counter.second.tolist())],
+            counts=tally.counts.tolist(), mean_cosine=mean, histogram=tally.histogram.tolist(),
+            whole_cosine=tally.whole.tolist(), steps=steps, reach=self.reach, left_out=self.left_out,
+            graph=self.graph.copy(),
+        )
+
+
+def _check_tasks(tasks) -> dict[str, Loss]:
+    if not isinstance(tasks, Mapping):
+        raise TaskError(f"tasks must map task names to loss functions loss(output, batch), got {type(tasks).__name__}.")
+    if len(tasks) < 2:
+        raise TaskError(f"conflicts need at least two tasks, got {list(tasks)}.")
+    for name, loss in tasks.items():
+        if not isinstance(name, str) or not callable(loss):
+            raise TaskError(f"tasks must map names (str) to callables loss(output, batch); got {name!r}: {loss!r}.")
+    return dict(tasks)
+
+
+def _check_thresholds(threshold) -> list[float]:
+    values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+    bad = [v for v in values if not (isinstance(v, (int, float)) and -1.0 <= v <= 1.0)]
+    if not values or bad:
+        raise FxsplitError(f"threshold must be a cosine in [-1, 1] (or a list of them), got {threshold!r}.")
+    return [float(v) for v in dict.fromkeys(values)]
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    return model(batch[0]) if isinstance(batch, (tuple, list)) else model(batch)
+
+
+def _losses(losses: Mapping[str, Loss], output: Any, batch: Any) -> list[torch.Tensor]:
+    values = []
+    for name, loss in losses.items():
+        try:
+            value = loss(output, batch)
+        except Exception as error:
+            raise TaskError(f"the loss of task {name!r} raised {type(error).__name__}: {error}") from error
+        if not isinstance(value, torch.Tensor) or value.numel() != 1:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise TaskError(f"the loss of task {name!r} must return a scalar tensor, got {shape}; reduce it "
+                            f"(e.g. .mean()).")
+        if not value.requires_grad:
+            raise TaskError(f"the loss of task {name!r} does not depend on the model's parameters "
+                            f"(it has no gradient); compute it from the model's output.")
+        values.append(value.reshape(()))
+    finite = torch.stack([v.detach() for v in values]).isfinite()
+    if not bool(finite.all()):
+        bad = [name for name, ok in zip(losses, finite.tolist()) if not ok]
+        raise TaskError(f"the loss of task(s) {bad} is NaN or infinite; check the data and the learning rate.")
+    return values
+
+
+def _step(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], grads) -> None:
+    """One optimizer step on the gradient of the summed loss, as ``sum(losses).backward()`` would give it."""
+    for i, weight in enumerate(weights):
+        parts = [g[i] for g in grads if g[i] is not None]
+        weight.grad = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0].clone() if parts else None
+    optimizer.step()
+
+
+def _length(data: Iterable) -> int | None:
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
+def _progress(batches: Iterable, total: int | None, enabled: bool | None) -> Iterable:
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, total=total, desc="analyze", unit="step", dynamic_ncols=True)
+

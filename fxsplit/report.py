@@ -1,0 +1,185 @@
+"""``ConflictReport``: what :func:`fxsplit.analyze` measured, with rankings, selections, JSON and a plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import networkx as nx
+
+from .errors import FxsplitError, LayerError, ReportError
+
+FORMAT = "fxsplit.ConflictReport/1"
+
+
+class LayerSelection(list):
+    """Layer names chosen from a report; carries the report's tasks, so ``fxsplit.rewrite(model, selection)``
+    needs no other argument."""
+
+    def __init__(self, layers, tasks):
+        super().__init__(layers)
+        self.tasks = list(tasks)
+
+
+@dataclass
+class ConflictReport:
+    """Recon conflict scores of every shared layer, and what the paper plots.
+
+    ``counts[k][l][p]`` is the number of steps at which the gradients of task pair ``pairs[p]`` on layer
+    ``layers[l]`` had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and
+    ``histogram[l]`` (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine
+    at step ``s`` over all scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses
+    reach a layer; ``left_out[layer]`` says why a layer was not scored.
+    """
+
+    tasks: list[str]
+    thresholds: list[float]
+    layers: list[str]
+    pairs: list[list[str]]
+    counts: list[list[list[int]]]
+    mean_cosine: list[list[float | None]]
+    histogram: list[list[int]]
+    whole_cosine: list[list[float]]
+    steps: int
+    reach: dict[str, list[str]]
+    left_out: dict[str, str]
+    graph: nx.DiGraph = field(repr=False)
+
+    def __post_init__(self):
+        for k, threshold in enumerate(self.thresholds):
+            for layer, score in self.scores_at(threshold).items():
+                self.graph.nodes[layer].setdefault("scores", {})[threshold] = score
+            for layer in self.layers:
+                self.graph.nodes[layer]["score"] = self.scores[layer]
+        for layer, reason in self.left_out.items():
+            self.graph.nodes[layer]["left_out"] = reason
+
+    @property
+    def scores(self) -> dict[str, int]:
+        """Layer -> score at the primary threshold, highest first (ties in graph order)."""
+        return self.scores_at(self.thresholds[0])
+
+    def scores_at(self, threshold: float) -> dict[str, int]:
+        """Layer -> score at one of the report's thresholds, highest first (ties in graph order)."""
+        k = self._threshold_index(threshold)
+        totals = {layer: sum(self.counts[k][l]) for l, layer in enumerate(self.layers)}
+        return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+    def pair_counts(self, threshold: float | None = None) -> dict[str, dict[tuple[str, str], int]]:
+        """Layer -> {(task, task): count} at ``threshold`` (default: the primary one), in graph order."""
+        k = self._threshold_index(self.thresholds[0] if threshold is None else threshold)
+        return {layer: {tuple(pair): n for pair, n in zip(self.pairs, self.counts[k][l])}
+                for l, layer in enumerate(self.layers)}
+
+    def cost(self, layer: str) -> int:
+        """Parameters that splitting ``layer`` adds: (tasks that use it - 1) x its parameters."""
+        return (len(self.reach[layer]) - 1) * self.graph.nodes[layer]["params"]
+
+    def top(self, k: int) -> LayerSelection:
+        """The ``k`` highest-scoring layers."""
+        if not isinstance(k, int) or k < 0:
+            raise LayerError(f"top(k) needs a count k >= 0, got {k!r}.")
+        return LayerSelection(list(self.scores)[:k], self.tasks)
+
+    def within(self, budget: float) -> LayerSelection:
+        """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters;
+        a layer that would overshoot is skipped and the next ones are tried."""
+        if not budget >= 0:
+            raise LayerError(f"within(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
+        allowance = budget * sum(params for _, params in self.graph.nodes(data="params"))
+        chosen = []
+        for layer, score in self.scores.items():
+            if score > 0 and self.cost(layer) <= allowance:
+                chosen.append(layer)
+                allowance -= self.cost(layer)
+        return LayerSelection(chosen, self.tasks)
+
+    def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float]:
+        """Per task pair, the fraction of steps whose whole-shared-vector cosine is below ``threshold``."""
+        return {tuple(pair): sum(step[p] < threshold for step in self.whole_cosine) / max(self.steps, 1)
+                for p, pair in enumerate(self.pairs)}
+
+    def __str__(self) -> str:
+        header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}  mean cos"
+        lines = [f"Conflict scores over {self.steps} steps, tasks {self.tasks}, cosine < {self.thresholds[0]}",
+                 header, "-" * len(header)]
+        for rank, (layer, score) in enumerate(self.scores.items(), 1):
+            node, l = self.graph.nodes[layer], self.layers.index(layer)
+            cosines = [c for c in self.mean_cosine[l] if c is not None]
+            mean = f"{sum(cosines) / len(cosines):+.3f}" if cosines else "-"
+            lines.append(f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {score:>6}  {mean}")
+        if self.left_out:
+            lines.append(f"not scored: {len(self.left_out)} layers (e.g. {next(iter(self.left_out.items()))})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph"}
+        data["graph"] = nx.node_link_data(_bare(self.graph), edges="edges")
+        return {"format": FORMAT, **data}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON (written whole, or not at all)."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(partial, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> ConflictReport:
+        """Read a report saved with :meth:`save`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as error:
+            raise ReportError(f"cannot read a conflict report from {str(path)!r}: {error}") from error
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+            raise ReportError(f"{str(path)!r} is not an fxsplit conflict report (no format {FORMAT!r}).")
+        try:
+            data["graph"] = nx.node_link_graph(data["graph"], edges="edges")
+            return cls(**data)
+        except (KeyError, TypeError, ValueError, nx.NetworkXError) as error:
+            raise ReportError(f"{str(path)!r} is a damaged conflict report: {type(error).__name__}: {error}") \
+                from error
+
+    def plot(self, path: str | os.PathLike | None = None, threshold: float | None = None):
+        """Bar chart of scores per layer in network order (needs matplotlib); saved to ``path`` if given."""
+        try:
+            import matplotlib
+            if path is not None:
+                matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as error:
+            raise FxsplitError("plotting needs matplotlib: pip install matplotlib") from error
+        threshold = self.thresholds[0] if threshold is None else threshold
+        scores = self.scores_at(threshold)
+        figure, axes = plt.subplots(figsize=(max(6.0, 0.12 * len(self.layers)), 3.5))
+        axes.bar(range(len(self.layers)), [scores[layer] for layer in self.layers], width=0.8)
+        axes.set_xlabel("layer (network order)")
+        axes.set_ylabel(f"conflict score (cos < {threshold})")
+        axes.set_title(f"{self.steps} steps, tasks {', '.join(self.tasks)}")
+        step = max(1, math.ceil(len(self.layers) / 40))
+        axes.set_xticks(range(0, len(self.layers), step), self.layers[::step], rotation=90, fontsize=6)
+        figure.tight_layout()
+        if path is not None:
+            figure.savefig(path, dpi=120)
+            plt.close(figure)
+        return figure
+
+    def _threshold_index(self, threshold: float) -> int:
+        try:
+            return self.thresholds.index(threshold)
+        except ValueError:
+            raise ReportError(f"threshold {threshold} was not scored; the report has {self.thresholds}.") from None
+
+
+def _bare(graph: nx.DiGraph) -> nx.DiGraph:
+    """The layer graph without the attributes the report adds (they are rebuilt on load)."""
+    bare = graph.copy()
+    for _, data in bare.nodes(data=True):
+        for key in ("score", "scores", "left_out"):
+            data.pop(key, None)
+    return bare
+

@@ -1,0 +1,213 @@
+import copy
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxsplit
+from tests.models import MultiHead, SmallCNN, TupleHeads, Twice, assert_unchanged, snapshot
+
+THRESHOLDS = [0.0, -0.05, 0.1]
+
+
+def _cross_entropy(key):
+    return lambda out, batch: F.cross_entropy(out[key], batch[1][:, 0 if key in ("a", 0) else 1])
+
+
+def _regress(key, column):
+    return lambda out, batch: (out[key].sum(1) - batch[1][:, column].double()).pow(2).mean()
+
+
+def cases():
+    """name -> (model, tasks, batches), all in float64."""
+    torch.manual_seed(0)
+    image = [(torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 2, (6, 2))) for _ in range(4)]
+    vectors = [(torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6, 4))) for _ in range(4)]
+    return {
+        "cnn-bn": (MultiHead(SmallCNN(), 16).double(), {t: _cross_entropy(t) for t in "ab"}, image),
+        "cnn-3-tasks": (MultiHead(SmallCNN(), 16, tasks="abc").double(),
+                        {t: _regress(t, i % 2) for i, t in enumerate("abc")}, image),
+        "vit": (TupleHeads().double(), {"a": _cross_entropy(0), "b": _cross_entropy(1)},
+                [(torch.randn(6, 3, 16, 16, dtype=torch.float64), y) for _, y in image]),
+        "called-twice-4-tasks": (MultiHead(Twice(), 8, tasks="abcd").double(),
+                                 {t: _regress(t, i) for i, t in enumerate("abcd")}, vectors),
+    }
+
+
+def reference(model, tasks, batches, graph, thresholds, optimizer=None):
+    """The plain loop: per-task autograd.grad, per-layer weight+bias vector, cosine, count < S."""
+    named = dict(model.named_parameters())
+    names = list(named)
+    scores = {S: {} for S in thresholds}
+    for batch in batches:
+        out = model(batch[0])
+        losses = {t: loss(out, batch) for t, loss in tasks.items()}
+        grads = {t: dict(zip(names, torch.autograd.grad(v, list(named.values()), retain_graph=True,
+                                                        allow_unused=True))) for t, v in losses.items()}
+        for layer, params in graph.nodes(data="parameters"):
+            users = [t for t in tasks if any(grads[t][p] is not None for p in params)]
+            if len(users) < 2:
+                continue
+            vectors = {t: torch.cat([grads[t][p].reshape(-1) for p in params]) for t in users}
+            for a, b in itertools.combinations(users, 2):
+                cosine = F.cosine_similarity(vectors[a], vectors[b], dim=0)
+                for S in thresholds:
+                    scores[S][layer] = scores[S].get(layer, 0) + int(cosine < S)
+        if optimizer is not None:
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
+    return scores
+
+
+@pytest.mark.parametrize("name", sorted(cases()))
+def test_scores_equal_the_reference_loop_when_probing(name):
+    model, tasks, batches = cases()[name]
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.5)  # grads a user left behind must stay as they are
+    before = snapshot(model)
+    report = fxsplit.analyze(model, tasks, batches, threshold=THRESHOLDS, progress=False)
+    assert_unchanged(model, before)
+    expected = reference(copy.deepcopy(model), tasks, batches, fxsplit.layer_graph(model), THRESHOLDS)
+    for S in THRESHOLDS:
+        assert report.scores_at(S) == {layer: expected[S].get(layer, 0) for layer in report.scores_at(S)}
+        assert set(report.scores_at(S)) == set(expected[S])
+    assert report.steps == len(batches)
+    assert not [layer for layer in report.layers if layer.startswith(("heads.", "head_"))]
+
+
+@pytest.mark.parametrize("name", ["cnn-bn", "vit", "called-twice-4-tasks"])
+def test_training_run_scores_and_updates_like_plain_sgd(name):
+    model, tasks, batches = cases()[name]
+    twin = copy.deepcopy(model)
+    report = fxsplit.analyze(model, tasks, batches, threshold=THRESHOLDS, progress=False,
+                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    expected = reference(twin, tasks, batches, fxsplit.layer_graph(model), THRESHOLDS,
+                         optimizer=torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9))
+    for S in THRESHOLDS:
+        assert report.scores_at(S) == {layer: expected[S].get(layer, 0) for layer in report.scores_at(S)}
+    for (key, value), twin_value in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(value, twin_value, rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_scores_are_ranked_with_ties_in_graph_order_and_detail_is_consistent():
+    model, tasks, batches = cases()["cnn-3-tasks"]
+    report = fxsplit.analyze(model, tasks, batches, threshold=[0.0, 0.5], progress=False)
+    ranked = list(report.scores.items())
+    order = {layer: i for i, layer in enumerate(report.layers)}
+    assert all((s1 > s2) or (s1 == s2 and order[l1] < order[l2]) for (l1, s1), (l2, s2) in zip(ranked, ranked[1:]))
+    assert report.pairs == [["a", "b"], ["a", "c"], ["b", "c"]]
+    pair_counts = report.pair_counts(0.5)
+    assert all(sum(pair_counts[layer].values()) == score for layer, score in report.scores_at(0.5).items())
+    assert all(sum(row) == report.steps * 3 for row in report.histogram)
+    assert all(report.scores_at(0.5)[layer] >= score for layer, score in report.scores.items())
+    assert all(len(step) == 3 and all(-1 <= c <= 1 for c in step) for step in report.whole_cosine)
+    assert report.graph.nodes[ranked[0][0]]["score"] == ranked[0][1]
+    assert report.cost("backbone.stem.0") == 2 * (3 * 8 * 9 + 8)
+    assert set(report.left_out) == {"heads.a", "heads.b", "heads.c"}
+    assert report.left_out["heads.b"] == "only task 'b' reaches it"
+
+
+def test_only_still_shared_layers_of_a_rewritten_model_are_scored():
+    model, tasks, batches = cases()["cnn-bn"]
+    split = fxsplit.rewrite(model, ["backbone.block1.conv2", "backbone.block2.conv1"])
+    split_tasks = {t: (lambda t: lambda out, batch: F.cross_entropy(out[t], batch[1][:, "ab".index(t)]))(t)
+                   for t in "ab"}
+    report = fxsplit.analyze(split, split_tasks, batches, progress=False)
+    assert not [layer for layer in report.layers if layer.startswith("copies.")]
+    assert "backbone.block2.bn1" in report.layers and "backbone.stem.0" in report.layers
+    assert report.left_out["copies.a.backbone.block1.conv2"] == "only task 'a' reaches it"
+    expected = reference(copy.deepcopy(split), split_tasks, batches, fxsplit.layer_graph(split), [0.0])
+    assert report.scores == {layer: expected[0.0].get(layer, 0) for layer in report.scores}
+
+
+def test_json_round_trip_and_selection_feed_rewrite(tmp_path):
+    model, tasks, batches = cases()["cnn-bn"]
+    report = fxsplit.analyze(model, tasks, batches, threshold=THRESHOLDS, progress=False)
+    loaded = fxsplit.ConflictReport.load(report.save(tmp_path / "report.json"))
+    assert loaded.to_dict() == report.to_dict()
+    assert loaded.scores == report.scores and str(loaded) == str(report)
+    top = loaded.top(3)
+    assert top == list(report.scores)[:3] and top.tasks == ["a", "b"]
+    split = fxsplit.rewrite(model, top)
+    assert split.split_layers == tuple(sorted(top, key=report.layers.index))
+    budget = report.within(0.05)
+    total = sum(p.numel() for p in model.parameters())
+    assert sum(report.cost(layer) for layer in budget) <= 0.05 * total
+    assert len(budget) >= 1 and all(report.scores[layer] > 0 for layer in budget)
+
+
+def test_plot_and_table(tmp_path):
+    pytest.importorskip("matplotlib")
+    model, tasks, batches = cases()["vit"]
+    report = fxsplit.analyze(model, tasks, batches, progress=False)
+    report.plot(tmp_path / "scores.png")
+    assert (tmp_path / "scores.png").stat().st_size > 1000
+    table = str(report)
+    assert table.splitlines()[0].startswith("Conflict scores over 4 steps")
+    assert all(layer in table for layer in report.layers)
+
+
+def test_conflict_rate_counts_whole_vector_cosines():
+    model, tasks, batches = cases()["cnn-bn"]
+    report = fxsplit.analyze(model, tasks, batches, progress=False)
+    rate = report.conflict_rate(0.0)[("a", "b")]
+    assert rate == sum(step[0] < 0 for step in report.whole_cosine) / 4
+    assert report.conflict_rate(1.01)[("a", "b")] == 1.0
+
+
+def _model_tasks_batches():
+    model, tasks, batches = cases()["cnn-bn"]
+    return model, tasks, batches
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (lambda m, t, b: (m, list(t), b), fxsplit.TaskError, "tasks must map task names to loss functions"),
+    (lambda m, t, b: (m, {"a": t["a"]}, b), fxsplit.TaskError, "at least two tasks"),
+    (lambda m, t, b: (m, t, []), fxsplit.FxsplitError, "data gave no batch"),
+    (lambda m, t, b: (m, {**t, "b": lambda out, batch: 1 / 0}, b), fxsplit.TaskError,
+     "loss of task 'b' raised ZeroDivisionError"),
+    (lambda m, t, b: (m, {**t, "b": lambda out, batch: out["b"].sum(1)}, b), fxsplit.TaskError,
+     r"task 'b' must return a scalar tensor, got \(6,\)"),
+    (lambda m, t, b: (m, {**t, "b": lambda out, batch: out["b"].sum() * math.nan}, b), fxsplit.TaskError,
+     r"task\(s\) \['b'\] is NaN or infinite"),
+    (lambda m, t, b: (m, {**t, "b": lambda out, batch: torch.tensor(1.0)}, b), fxsplit.TaskError,
+     "task 'b' does not depend on the model"),
+])
+def test_bad_input(change, error, match):
+    model, tasks, batches = change(*_model_tasks_batches())
+    model.train()
+    before = snapshot(model)
+    with pytest.raises(error, match=match):
+        fxsplit.analyze(model, tasks, batches, progress=False)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("threshold", [1.5, -2, [0.0, 3.0], []])
+def test_threshold_outside_cosine_range(threshold):
+    model, tasks, batches = _model_tasks_batches()
+    with pytest.raises(fxsplit.FxsplitError, match=r"threshold must be a cosine in \[-1, 1\]"):
+        fxsplit.analyze(model, tasks, batches, threshold=threshold, progress=False)
+
+
+def test_custom_forward_and_steps():
+    model, tasks, batches = _model_tasks_batches()
+    seen = []
+
+    def forward(net, batch):
+        seen.append(batch)
+        return net(batch[0])
+
+    report = fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False)
+    assert report.steps == 2 and len(seen) == 2
+
+
+def test_frozen_layers_are_left_out():
+    model, tasks, batches = _model_tasks_batches()
+    model.backbone.stem[0].requires_grad_(False)
+    report = fxsplit.analyze(model, tasks, batches, progress=False)
+    assert report.left_out["backbone.stem.0"] == "frozen (no parameter requires grad)"
+    assert "backbone.stem.0" not in report.scores
