@@ -8,9 +8,11 @@ else. Untainted nodes are emitted once and shared by every branch. Nodes no task
 from __future__ import annotations
 
 import copy
+import operator
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Union
 
+import torch
 from torch import fx, nn
 
 from .errors import InitError, LayerError, TaskError, unknown_layer
@@ -22,6 +24,12 @@ OutputKey = Union[str, int, tuple]
 Init = Union[str, Callable[[Any, str, str], None]]
 
 _NORMS = (nn.modules.batchnorm._NormBase,)
+_HEAVY = (nn.modules.conv._ConvNd, nn.Linear)  # worth concatenating the branches for
+_ELEMENTWISE = (  # cheap per-sample modules: run on a concatenated stream only when one is at hand
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+    nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.LayerNorm, nn.GroupNorm,
+)
 
 
 def rewrite(
@@ -32,6 +40,7 @@ def rewrite(
     outputs: Mapping[str, OutputKey] | None = None,
     init: Init = "copy",
     split_norms: bool = False,
+    batch_branches: bool = True,
 ) -> SplitModule:
     """A copy of ``model`` in which each of ``layers`` has one copy per task, and all that follows fans out.
 
@@ -48,6 +57,10 @@ def rewrite(
             (each copy's ``reset_parameters()``) or a callable ``init(copy, layer, task)`` that edits the copy.
         split_norms: also split every normalisation layer with running statistics that lies wholly in the
             fanned-out region, so that each task's statistics see only its own branch.
+        batch_branches: in the fanned-out region, run a shared convolution or linear layer (and the per-sample
+            modules that follow it: activations, pooling, LayerNorm, ...) once on the branches' batches
+            concatenated, instead of once per branch. Exact (each sample is computed alone); BatchNorm always
+            runs per branch, so that it sees each branch's batch alone.
 
     Returns:
         A :class:`SplitModule` whose ``forward`` returns ``{task: output}``.
@@ -84,10 +97,10 @@ def rewrite(
     if split_norms:
         chosen.update(_norms_in_branches(gm, calls, tainted, needed, set(layers)))
     _check_shared(layers, _users(chosen, needed))
-    graph, copies = _emit(gm, selected, chosen, tainted, clone_first, needed)
-    for (task, layer), target in copies.items():
+    emitted = _Emitter(gm, selected, chosen, tainted, clone_first, needed, batch_branches)
+    for (task, layer), target in emitted.copies.items():
         _install(gm, target, _new_copy(gm, layer, task, init))
-    split = SplitModule(gm, graph, type(model).__name__)
+    split = SplitModule(gm, emitted.graph, type(model).__name__)
     split.train(model.training)
     return split
 
@@ -237,40 +250,85 @@ def _check_shared(layers: list[str], users: Mapping[str, list[str]]) -> None:
             raise LayerError(f"layer {layer!r} cannot be split: {whose}, so it is already task-specific.")
 
 
-def _emit(gm, selected, chosen, tainted, clone_first, needed):
-    """The rewritten graph, and the copies it refers to: ``{(task, layer): target}``."""
-    graph = fx.Graph()
-    shared: dict[fx.Node, fx.Node] = {}
-    branch: dict[str, dict[fx.Node, fx.Node]] = {task: {} for task in selected}
-    copies: dict[tuple[str, str], str] = {}
+class _Emitter:
+    """Builds the rewritten graph: shared nodes once, tainted nodes once per task that needs them.
 
-    def lookup(task: str) -> Callable[[fx.Node], fx.Node]:
-        return lambda node: branch[task][node] if node in branch[task] else shared[node]
+    With ``batch``, a shared module in the fanned-out region that treats every index of its input's first
+    dimension independently runs once on the branches' inputs concatenated along that dimension; its output
+    stays concatenated (a *stream*) for the next such module and is chunked back into branches on demand.
+    """
 
-    for node in gm.graph.nodes:
-        if node.op == "output":
-            continue
-        if node.op == "placeholder" or node not in tainted:
-            if node.op == "placeholder" or any(node in nodes for nodes in needed.values()):
-                shared[node] = graph.node_copy(node, shared.__getitem__)
-            continue
-        for task in selected:
-            if node not in needed[task]:
-                continue
-            args = fx.node.map_arg(node.args, lookup(task))
-            if node in clone_first:
-                args = (graph.call_method("clone", (args[0],)),) + tuple(args[1:])
-            target = node.target
-            if node in chosen:
-                target = copies.setdefault((task, chosen[node]), copy_target(task, chosen[node]))
-            new = graph.create_node(
-                node.op, target, args, fx.node.map_arg(node.kwargs, lookup(task)), f"{task}_{node.name}", node.type
-            )
-            new.meta = {**node.meta, "task": task}
-            branch[task][node] = new
-    graph.output({task: fx.node.map_arg(value, lookup(task)) for task, value in selected.items()})
-    graph.lint()
-    return graph, copies
+    def __init__(self, gm, selected, chosen, tainted, clone_first, needed, batch: bool):
+        self.gm, self.chosen, self.tainted, self.clone_first, self.needed = gm, chosen, tainted, clone_first, needed
+        self.tasks, self.batch = list(selected), batch
+        self.graph = fx.Graph()
+        self.shared: dict[fx.Node, fx.Node] = {}
+        self.branch: dict[str, dict[fx.Node, fx.Node]] = {task: {} for task in selected}
+        self.stream: dict[fx.Node, tuple[fx.Node, list[str]]] = {}
+        self.copies: dict[tuple[str, str], str] = {}
+        for node in gm.graph.nodes:
+            if node.op != "output":
+                self._emit(node)
+        self.graph.output({task: fx.node.map_arg(value, self._lookup(task)) for task, value in selected.items()})
+        self.graph.lint()
+
+    def _emit(self, node: fx.Node) -> None:
+        users = [task for task in self.tasks if node in self.needed[task]]
+        if node.op == "placeholder" or (node not in self.tainted and users):
+            self.shared[node] = self.graph.node_copy(node, self.shared.__getitem__)
+        elif node in self.tainted and not self._emit_batched(node, users):
+            for task in users:
+                self._emit_branch(node, task)
+
+    def _emit_branch(self, node: fx.Node, task: str) -> None:
+        args = fx.node.map_arg(node.args, self._lookup(task))
+        if node in self.clone_first:
+            args = (self.graph.call_method("clone", (args[0],)),) + tuple(args[1:])
+        target = node.target
+        if node in self.chosen:
+            target = self.copies.setdefault((task, self.chosen[node]), copy_target(task, self.chosen[node]))
+        kwargs = fx.node.map_arg(node.kwargs, self._lookup(task))
+        new = self.graph.create_node(node.op, target, args, kwargs, f"{task}_{node.name}", node.type)
+        new.meta = {**node.meta, "task": task}
+        self.branch[task][node] = new
+
+    def _emit_batched(self, node: fx.Node, users: list[str]) -> bool:
+        """Run ``node`` once on the concatenated branches if that is exact (and worth it); say whether it did."""
+        if not self.batch or len(users) < 2 or node in self.chosen or node.op != "call_module":
+            return False
+        if node.all_input_nodes != [node.args[0]]:
+            return False
+        module, source = self.gm.get_submodule(node.target), node.args[0]
+        streaming = source in self.stream and self.stream[source][1] == users and _per_sample(module)
+        if not streaming and not (isinstance(module, _HEAVY) and source in self.tainted):
+            return False
+        if not streaming:  # concatenate once; later consumers of the same branches reuse it
+            joined = self.graph.call_function(torch.cat, ([self._value(task, source) for task in users],))
+            self.stream[source] = (joined, users)
+        args = (self.stream[source][0], *node.args[1:])
+        new = self.graph.create_node("call_module", node.target, args, dict(node.kwargs), f"batched_{node.name}")
+        new.meta = {**node.meta, "tasks": users}
+        self.stream[node] = (new, users)
+        return True
+
+    def _value(self, task: str, node: fx.Node) -> fx.Node:
+        if node not in self.branch[task] and node in self.stream:
+            joined, users = self.stream[node]
+            # unflatten + unbind, rather than chunk, keeps the batch size symbolic for torch.export
+            parts = self.graph.call_method("unbind", (self.graph.call_method("unflatten", (joined, 0, (len(users), -1))),))
+            for i, user in enumerate(users):
+                self.branch[user][node] = self.graph.call_function(operator.getitem, (parts, i))
+        return self.branch[task][node] if node in self.branch[task] else self.shared[node]
+
+    def _lookup(self, task: str) -> Callable[[fx.Node], fx.Node]:
+        return lambda node: self._value(task, node)
+
+
+def _per_sample(module: nn.Module) -> bool:
+    """Whether ``module`` treats each index of its input's first dimension independently (exact to batch)."""
+    if isinstance(module, nn.Flatten):
+        return module.start_dim >= 1
+    return isinstance(module, _HEAVY + _ELEMENTWISE)
 
 
 def _new_copy(gm: fx.GraphModule, layer: str, task: str, init: Init):

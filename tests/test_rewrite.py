@@ -26,15 +26,15 @@ def split_cases(draw):
     name = draw(st.sampled_from(sorted(MODELS)))
     model, x, kwargs = MODELS[name]
     layers = draw(st.lists(st.sampled_from(shared_layers(model)), unique=True, max_size=4))
-    return name, layers, draw(st.booleans()), draw(st.booleans())
+    return name, layers, draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
 
 
 @given(split_cases())
 def test_rewrite_is_equivalent_counts_and_isolates(case):
-    name, layers, training, split_norms = case
+    name, layers, training, split_norms, batch_branches = case
     model, x, kwargs = MODELS[name]
     model = copy.deepcopy(model).train(training)
-    split = fxsplit.rewrite(model, layers, split_norms=split_norms, **kwargs)
+    split = fxsplit.rewrite(model, layers, split_norms=split_norms, batch_branches=batch_branches, **kwargs)
     assert split.training == training
     assert_equivalent(model, split, x, kwargs)
 
@@ -74,6 +74,26 @@ def test_prefix_runs_once_branches_once_per_task_and_dead_work_is_dropped():
     assert all(_calls(split, f"copies.{t}.backbone.block2.conv1") == 1 for t in "abc")
     assert all(_calls(split, f"heads.{t}") == 1 for t in "abc")  # head b is never run on branch a
     assert _calls(split, "backbone.block2.down.0") == 1  # the projection does not depend on the split layer
+
+
+def test_batched_branches_run_shared_layers_once_and_norms_per_branch():
+    model, x, kwargs = MODELS["cnn3"]
+    split = fxsplit.rewrite(model.train(), ["backbone.block1.conv2"])
+    for conv in ("backbone.block2.conv1", "backbone.block2.conv2", "backbone.block2.down.0"):
+        assert _calls(split, conv) == 1
+    assert _calls(split, "backbone.block2.bn1") == 3  # BatchNorm sees each branch's batch alone
+    assert sum(n.target is torch.cat for n in split.graph.nodes) == 2  # block2.conv1 and down.0 share one
+    assert_equivalent(model, split, x, kwargs)
+    unbatched = fxsplit.rewrite(model, ["backbone.block1.conv2"], batch_branches=False)
+    assert _calls(unbatched, "backbone.block2.conv1") == 3
+    assert not any(n.target is torch.cat for n in unbatched.graph.nodes)
+
+
+def test_per_sample_modules_stay_on_the_concatenated_stream():
+    model, x, kwargs = MODELS["vit"]
+    split = fxsplit.rewrite(model, ["vit.blocks.0.qkv"], **kwargs)
+    assert [_calls(split, f"vit.blocks.1.mlp.{i}") for i in range(4)] == [1, 1, 1, 1]  # Linear, GELU, Dropout, Linear
+    assert_equivalent(model.eval(), split.eval(), x, kwargs)
 
 
 def test_shared_tensor_updated_in_place_by_a_branch_is_cloned_per_branch():
