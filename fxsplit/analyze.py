@@ -16,6 +16,7 @@ from .conflicts import ConflictCounter
 from .errors import FxsplitError, TaskError
 from .layers import layer_graph
 from .report import ConflictReport
+from .split_module import SplitModule
 
 Loss = Callable[[Any, Any], torch.Tensor]
 
@@ -74,7 +75,8 @@ def analyze(
             grads = [torch.autograd.grad(value, weights, retain_graph=t < len(values) - 1, allow_unused=True)
                      for t, value in enumerate(values)]
             if scoring is None:
-                scoring = _Scoring(graph, named, grads, list(losses), thresholds, bins)
+                owners = model.parameter_tasks() if isinstance(model, SplitModule) else None
+                scoring = _Scoring(graph, named, grads, list(losses), thresholds, bins, owners)
             scoring.update(grads)
             if optimizer is not None:
                 _step(optimizer, weights, grads)
@@ -89,11 +91,16 @@ def analyze(
 
 
 class _Scoring:
-    """Which layers are scored (decided at the first step, from which losses reach which parameters)."""
+    """Which layers are scored (decided at the first step, from which losses reach which parameters).
 
-    def __init__(self, graph, named, grads, tasks, thresholds, bins):
+    On a split model the graph says which tasks' outputs each parameter serves (``owners``); a batched
+    stream links the branches in autograd's graph, with zero gradients, which must not count as reaching.
+    """
+
+    def __init__(self, graph, named, grads, tasks, thresholds, bins, owners=None):
         index = {name: i for i, (name, _) in enumerate(named)}
-        reached = {name: [t for t, task_grads in zip(tasks, grads) if task_grads[index[name]] is not None]
+        reached = {name: [t for t, task_grads in zip(tasks, grads) if task_grads[index[name]] is not None
+                          and (owners is None or t in owners[name])]
                    for name in index}
         self.graph, self.tasks, self.thresholds = graph, tasks, thresholds
         self.reach: dict[str, list[str]] = {}

@@ -6,8 +6,10 @@ the targets under ``copies.<task>.``, and a parameter belongs to the tasks whose
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 
+import torch
 from torch import fx, nn
 
 from .errors import TaskError, unknown_layer
@@ -49,16 +51,24 @@ class SplitModule(fx.GraphModule):
             raise unknown_layer(layer, self.split_layers, what="split layer")
         return attribute(self, copy_target(task, layer))
 
+    def parameter_tasks(self) -> dict[str, tuple[str, ...]]:
+        """Parameter name -> the tasks whose outputs depend on it, in task order."""
+        owners: dict[int, tuple[str, ...]] = {}
+        for task, value in self._output_map().items():
+            for param in self._reached_parameters(value):
+                owners[id(param)] = owners.get(id(param), ()) + (task,)
+        return {name: owners.get(id(p), ()) for name, p in self.named_parameters()}
+
     def shared_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters that two or more tasks' outputs depend on."""
-        owners = self._owners()
-        return (p for p in self.parameters() if len(owners.get(id(p), ())) > 1)
+        tasks = self.parameter_tasks()
+        return (p for name, p in self.named_parameters() if len(tasks[name]) > 1)
 
     def task_parameters(self, task: str) -> Iterator[nn.Parameter]:
         """Parameters that only ``task``'s output depends on: its copies and its own head."""
         self._check_task(task)
-        owners = self._owners()
-        return (p for p in self.parameters() if owners.get(id(p), ()) == (task,))
+        tasks = self.parameter_tasks()
+        return (p for name, p in self.named_parameters() if tasks[name] == (task,))
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
@@ -68,25 +78,22 @@ class SplitModule(fx.GraphModule):
         (output,) = (n for n in self.graph.nodes if n.op == "output")
         return output.args[0]
 
-    def _owners(self) -> dict[int, tuple[str, ...]]:
-        """Parameter id -> the tasks whose outputs reach it."""
-        owners: dict[int, tuple[str, ...]] = {}
-        for task, value in self._output_map().items():
-            for param in self._reached_parameters(value):
-                owners[id(param)] = owners.get(id(param), ()) + (task,)
-        return owners
-
     def _reached_parameters(self, value) -> set[nn.Parameter]:
+        """Parameters of the modules (and parameters read directly) that ``value`` depends on.
+
+        The walk follows each branch through the batched streams (``cat`` -> per-sample modules -> ``unflatten``
+        -> ``unbind`` -> item ``i``), so that branch ``i`` depends only on the ``i``-th part of a stream.
+        """
         params: set[nn.Parameter] = set()
-        seen: set[fx.Node] = set()
-        stack: list[fx.Node] = []
-        fx.node.map_arg(value, stack.append)
+        seen: set[tuple[fx.Node, int | None]] = set()
+        stack: list[tuple[fx.Node, int | None]] = []
+        fx.node.map_arg(value, lambda node: stack.append((node, None)))
         while stack:
-            node = stack.pop()
-            if node in seen:
+            node, part = stack.pop()
+            if (node, part) in seen:
                 continue
-            seen.add(node)
-            stack.extend(node.all_input_nodes)
+            seen.add((node, part))
+            stack.extend(_inputs(node, part))
             if node.op == "call_module":
                 params.update(self.get_submodule(node.target).parameters())
             elif node.op == "get_attr":
@@ -106,6 +113,30 @@ def _rebuild_split_module(rebuild, args) -> SplitModule:
     split = SplitModule(gm, gm.graph, type(gm).__name__)
     split.train(gm.training)
     return split
+
+
+def _inputs(node: fx.Node, part: int | None) -> list[tuple[fx.Node, int | None]]:
+    """What ``node`` (or only its ``part``-th branch, on a batched stream) reads."""
+    if part is None and _unstacked(node):
+        return [(node.args[0].args[0].args[0], node.args[1])]
+    if part is not None and node.op == "call_function" and node.target is torch.cat:
+        return [(node.args[0][part], None)]
+    if part is not None and node.op == "call_module" and len(node.all_input_nodes) == 1:
+        return [(node.args[0], part)]
+    return [(arg, None) for arg in node.all_input_nodes]
+
+
+def _unstacked(node: fx.Node) -> bool:
+    """Whether ``node`` is ``x.unflatten(0, (n, -1)).unbind()[i]``: branch ``i`` of a batched stream ``x``."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
+        return False
+    unbind = node.args[0]
+    if not (isinstance(unbind, fx.Node) and unbind.op == "call_method" and unbind.target == "unbind"
+            and len(unbind.args) == 1 and not unbind.kwargs):
+        return False
+    unflatten = unbind.args[0]
+    return (isinstance(unflatten, fx.Node) and unflatten.op == "call_method" and unflatten.target == "unflatten"
+            and unflatten.args[1] == 0)
 
 
 def _node_target(node: fx.Node) -> str:

@@ -45,6 +45,9 @@ def test_rewrite_is_equivalent_counts_and_isolates(case):
 
     groups = [set(map(id, split.shared_parameters()))] + [set(map(id, split.task_parameters(t))) for t in split.tasks]
     assert sum(map(len, groups)) == len(set().union(*groups)) == len(list(split.parameters()))
+    for task, own in zip(split.tasks, groups[1:]):
+        copies = [split.copy_of(task, layer) for layer in split.split_layers]
+        assert {id(p) for c in copies for p in ([c] if isinstance(c, nn.Parameter) else c.parameters())} <= own
 
     for task in split.tasks:
         split.zero_grad(set_to_none=True)

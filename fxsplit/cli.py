@@ -1,0 +1,248 @@
+"""The ``fxsplit`` command line: demo, analyze, rewrite, export, graph.
+
+A SPEC names Python code that builds what fxsplit works on: ``path/to/file.py`` (its function ``spec``),
+``path/to/file.py:function`` or ``package.module:function``. The function returns a mapping (or a tuple in this
+order) with ``model``, ``tasks`` (task name -> ``loss(output, batch)``) and ``data`` (an iterable of batches).
+A SPEC is executed code: run only SPECs you trust.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+import traceback
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import analyze, demo, export, layer_graph, rewrite
+from .errors import FxsplitError
+from .report import ConflictReport
+
+SPEC_HELP = ("Python file (its function `spec`), file.py:function or module:function returning model, tasks and "
+             "data. It is executed: run only SPECs you trust.")
+
+
+class SpecError(FxsplitError):
+    """A SPEC that cannot be loaded, or that does not return model, tasks and data."""
+
+
+def load_spec(spec: str) -> dict[str, Any]:
+    """Run a SPEC and return its ``{"model", "tasks", "data"}``."""
+    location, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "spec")
+    try:
+        if location.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(location).stem, location)
+            if module_spec is None or not Path(location).is_file():
+                raise SpecError(f"no such SPEC file: {location}")
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(location)
+        built = getattr(module, name)()
+    except FxsplitError:
+        raise
+    except (ImportError, AttributeError, OSError) as error:
+        raise SpecError(f"cannot load SPEC {spec!r}: {type(error).__name__}: {error}") from error
+    if isinstance(built, (tuple, list)) and len(built) == 3:
+        built = dict(zip(("model", "tasks", "data"), built))
+    if not isinstance(built, Mapping) or not {"model", "tasks", "data"} <= set(built):
+        raise SpecError(f"SPEC {spec!r} must return a mapping with model, tasks and data (or that tuple).")
+    return dict(built)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (FxsplitError, OSError) as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"fxsplit: error: {error}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxsplit", description="Multi-task model surgery on torch.fx (Recon: split the layers whose task "
+        "gradients conflict most).", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  fxsplit demo --quick --out demo-out\n  fxsplit graph examples/digits_spec.py\n"
+               "  fxsplit analyze examples/digits_spec.py --steps 20 --out report.json\n"
+               "  fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pt\n"
+               "  fxsplit export examples/digits_spec.py --report report.json --top 4 --out split.pt2")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    def command(name: str, run, help: str, example: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help, epilog=f"example:\n  {example}",
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.set_defaults(run=run)
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+        return sub
+
+    sub = command("demo", _demo, "train joint, Recon and random-split networks on MultiDigits and compare them",
+                  "fxsplit demo --quick --out demo-out")
+    sub.add_argument("--out", type=Path, default=Path("fxsplit-demo"), help="folder for results (default %(default)s)")
+    sub.add_argument("--quick", action="store_true", help="a smoke run of well under a minute")
+    sub.add_argument("--top", type=int, help=f"K, layers to split (default {demo.DemoConfig.top_k})")
+    sub.add_argument("--epochs", type=int, help="training epochs per network")
+    sub.add_argument("--seed", type=int, help="seed of data, initialisation and order")
+    _output_flags(sub)
+
+    sub = command("analyze", _analyze, "score every shared layer by how often its task gradients conflict",
+                  "fxsplit analyze examples/digits_spec.py --steps 50 --threshold 0 -0.05 --out report.json")
+    sub.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    sub.add_argument("--steps", type=int, help="batches to analyze (default: all the data)")
+    sub.add_argument("--threshold", type=float, nargs="+", default=[0.0], help="S: count cosines below it")
+    sub.add_argument("--train", type=float, metavar="LR", help="also train (SGD with this learning rate)")
+    sub.add_argument("--out", type=Path, help="save the report as JSON")
+    sub.add_argument("--plot", type=Path, help="save a plot of scores per layer (PNG)")
+    _output_flags(sub)
+
+    sub = command("rewrite", _rewrite, "split layers into per-task copies",
+                  "fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pt")
+    _selection_flags(sub)
+    sub.add_argument("--init", choices=("copy", "reset"), default="copy", help="how copies start")
+    sub.add_argument("--split-norms", action="store_true", help="also split norm layers in the branches")
+    sub.add_argument("--out", type=Path, help="save the split model (a pickle: load with weights_only=False)")
+    _output_flags(sub)
+
+    sub = command("export", _export, "write the (split) model as TorchScript (.pt) or torch.export (.pt2)",
+                  "fxsplit export examples/digits_spec.py --report report.json --top 4 --out split.pt2")
+    _selection_flags(sub, required=False)
+    sub.add_argument("--out", type=Path, required=True, help="file to write: .pt or .pt2")
+    _output_flags(sub)
+
+    sub = command("graph", _graph, "list the layer graph, or write it as DOT or PNG",
+                  "fxsplit graph examples/digits_spec.py --dot layers.dot")
+    sub.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    sub.add_argument("--dot", type=Path, help="write the graph in Graphviz DOT")
+    sub.add_argument("--png", type=Path, help="draw the graph into a PNG (needs matplotlib)")
+    _output_flags(sub)
+    return parser
+
+
+def _output_flags(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _selection_flags(sub: argparse.ArgumentParser, required: bool = True) -> None:
+    sub.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
+    choice = sub.add_mutually_exclusive_group(required=required)
+    choice.add_argument("--layers", nargs="+", metavar="LAYER", help="layer names to split")
+    choice.add_argument("--top", type=int, metavar="K", help="the K top-scored layers of --report")
+    choice.add_argument("--budget", type=float, metavar="F", help="top layers of --report adding at most F x params")
+    sub.add_argument("--report", type=Path, help="a report saved by `fxsplit analyze --out`")
+
+
+def _print(args, data: Any, text: str) -> None:
+    print(json.dumps(data, indent=1, default=str) if args.json else text)
+
+
+def _demo(args) -> None:
+    overrides = {k: v for k, v in (("top_k", args.top), ("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+    config = demo.DemoConfig.quick(**overrides) if args.quick else demo.DemoConfig(**overrides)
+    results = demo.run(args.out, config, progress=None if not args.json else False).results
+    _print(args, results, demo.markdown(results) + f"\nfiles in {args.out}/")
+
+
+def _analyze(args) -> None:
+    spec = load_spec(args.spec)
+    model = spec["model"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.train) if args.train else None
+    report = analyze(model, spec["tasks"], spec["data"], steps=args.steps, threshold=args.threshold,
+                     optimizer=optimizer, forward=spec.get("forward"), progress=None if not args.json else False)
+    if args.out:
+        report.save(args.out)
+    if args.plot:
+        report.plot(args.plot)
+    _print(args, report.to_dict(), str(report))
+
+
+def _selected(args, spec: dict) -> list[str] | None:
+    if args.layers is not None:
+        return args.layers
+    if args.top is None and args.budget is None:
+        return None
+    if args.report is None:
+        raise FxsplitError("--top and --budget choose from a report: give --report REPORT.json")
+    report = ConflictReport.load(args.report)
+    return report.top(args.top) if args.top is not None else report.within(args.budget)
+
+
+def _split(args, spec: dict, **options):
+    layers = _selected(args, spec)
+    if layers is None:
+        return spec["model"], []
+    tasks = list(spec["tasks"])
+    return rewrite(spec["model"], layers, tasks, outputs=spec.get("outputs"), **options), list(layers)
+
+
+def _rewrite(args) -> None:
+    spec = load_spec(args.spec)
+    split, layers = _split(args, spec, init=args.init, split_norms=args.split_norms)
+    before = sum(p.numel() for p in spec["model"].parameters())
+    after = sum(p.numel() for p in split.parameters())
+    if args.out:
+        torch.save(split, args.out)
+    summary = {"layers": layers, "tasks": list(split.tasks), "params": after, "increase": after / before - 1,
+               "saved": str(args.out) if args.out else None}
+    _print(args, summary, f"split {len(layers)} layers for tasks {list(split.tasks)}: {before:,} -> {after:,} "
+           f"parameters ({after / before - 1:+.1%})" + (f"; saved {args.out}" if args.out else ""))
+
+
+def _export(args) -> None:
+    spec = load_spec(args.spec)
+    model, layers = _split(args, spec)
+    batch = next(iter(spec["data"]))
+    example = batch[0] if isinstance(batch, (tuple, list)) else batch
+    path = export(model, args.out, example)
+    _print(args, {"path": str(path), "layers": layers}, f"exported and checked {path}")
+
+
+def _graph(args) -> None:
+    spec = load_spec(args.spec)
+    graph = layer_graph(spec["model"])
+    if args.dot:
+        args.dot.write_text(_dot(graph))
+    if args.png:
+        _draw(graph, args.png)
+    rows = [f"{data['order']:>4}  {name:<48} {data['kind']:<18} {data['params']:>10,}"
+            for name, data in graph.nodes(data=True)]
+    text = "\n".join([f"{graph.number_of_nodes()} layers, {graph.number_of_edges()} edges", *rows])
+    _print(args, {"nodes": dict(graph.nodes(data=True)), "edges": list(graph.edges)}, text)
+
+
+def _dot(graph) -> str:
+    lines = ["digraph layers {", "  rankdir=TB; node [shape=box, fontsize=10];"]
+    lines += [f'  "{name}" [label="{name}\\n{data["kind"]} ({data["params"]:,})"];'
+              for name, data in graph.nodes(data=True)]
+    lines += [f'  "{a}" -> "{b}";' for a, b in graph.edges]
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def _draw(graph, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    for depth, layer in enumerate(nx.topological_generations(graph) if nx.is_directed_acyclic_graph(graph)
+                                  else [[n] for n in graph]):
+        for name in layer:
+            graph.nodes[name]["depth"] = depth
+    positions = nx.multipartite_layout(graph, subset_key="depth", align="horizontal")
+    positions = {name: (x, -y) for name, (x, y) in positions.items()}
+    figure, axes = plt.subplots(figsize=(8, max(4, 0.25 * graph.number_of_nodes())))
+    nx.draw_networkx(graph, positions, ax=axes, node_size=60, font_size=6, arrowsize=6)
+    axes.set_axis_off()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
