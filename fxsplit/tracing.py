@@ -103,11 +103,12 @@ def trace(
 ) -> fx.GraphModule:
     """Trace a deep copy of ``model`` (the model itself is never touched) in its current train/eval mode.
 
-    An in-place operation's result aliases its input, so every later reader of the input is made to read the
-    result: the graph's edges then show the real data flow. Python code that reads ``self.training`` is fixed at trace time, so the graph is the one of the model's
+    Python code that reads ``self.training`` is fixed at trace time, so the graph is the one of the model's
     current mode; a warning says so when the other mode would trace differently (trace again after
     ``model.train()`` / ``model.eval()`` to get that one). Leaf modules (classes or qualified names) are kept
-    as single calls, ``autowrap_functions`` as single function calls, ``concrete_args`` fixes inputs.
+    as single calls, ``autowrap_functions`` as single function calls, ``concrete_args`` fixes inputs. An
+    in-place operation's result aliases its input, so later readers of the input are made to read the result:
+    the graph then shows the real data flow. A ``GraphModule`` is copied, not traced again.
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
