@@ -15,8 +15,9 @@ from typing import Any, Union
 import torch
 from torch import fx, nn
 
-from .errors import InitError, LayerError, TaskError, unknown_layer
+from .errors import InitError, LayerError, ReportError, TaskError, unknown_layer
 from .layers import attribute, layer_calls
+from .report import LayerSelection
 from .split_module import SplitModule, copy_target
 from .tracing import mutated_input, trace
 
@@ -85,12 +86,13 @@ def rewrite(
         raise LayerError("model is already split; rewrite the original model with all the layers at once.")
     if not (callable(init) or init in ("copy", "reset")):
         raise InitError(f"init must be 'copy', 'reset' or a callable init(copy, layer, task), got {init!r}.")
-    tasks = getattr(layers, "tasks", None) if tasks is None else tasks
+    from_report = isinstance(layers, LayerSelection)
+    tasks = layers.tasks if from_report and tasks is None else tasks
     layers = _layer_names(layers)
     gm = trace(model)
     selected = _task_outputs(_output_node(gm).args[0], tasks, outputs)
     calls = layer_calls(gm)
-    _check_layers(layers, calls)
+    _check_layers(layers, calls, from_report)
     chosen = {node: layer for layer in layers for node in calls[layer]}
     tainted, clone_first = _taint(gm, chosen)
     needed = {task: _ancestors(value) for task, value in selected.items()}
@@ -183,7 +185,13 @@ def _select(output: Any, key: OutputKey, task: str) -> Any:
     return output
 
 
-def _check_layers(layers: list[str], calls: Mapping[str, list[fx.Node]]) -> None:
+def _check_layers(layers: list[str], calls: Mapping[str, list[fx.Node]], from_report: bool) -> None:
+    foreign = [layer for layer in layers if layer not in calls]
+    if from_report and foreign:
+        raise ReportError(
+            f"these layers of the conflict report are not layers of this model: {foreign[:3]}"
+            f"{' ...' if len(foreign) > 3 else ''}; the report was made for another model. Analyze this one."
+        )
     for layer in layers:
         if layer in calls:
             continue

@@ -211,3 +211,37 @@ def test_frozen_layers_are_left_out():
     report = fxsplit.analyze(model, tasks, batches, progress=False)
     assert report.left_out["backbone.stem.0"] == "frozen (no parameter requires grad)"
     assert "backbone.stem.0" not in report.scores
+
+
+@pytest.mark.parametrize("content, match", [
+    ("{not json", "cannot read a conflict report"),
+    ('{"format": "something else"}', "is not an fxsplit conflict report"),
+    ('{"format": "fxsplit.ConflictReport/1", "tasks": ["a"]}', "is a damaged conflict report"),
+])
+def test_corrupt_report_files(tmp_path, content, match):
+    path = tmp_path / "report.json"
+    path.write_text(content)
+    with pytest.raises(fxsplit.ReportError, match=match):
+        fxsplit.ConflictReport.load(path)
+
+
+def test_missing_report_file(tmp_path):
+    with pytest.raises(fxsplit.ReportError, match="cannot read a conflict report"):
+        fxsplit.ConflictReport.load(tmp_path / "nothing.json")
+
+
+def test_a_report_for_another_model_is_refused():
+    model, tasks, batches = _model_tasks_batches()
+    report = fxsplit.analyze(model, tasks, batches, progress=False)
+    other = MultiHead(Twice(), 8)
+    before = snapshot(other)
+    with pytest.raises(fxsplit.ReportError, match="the report was made for another model"):
+        fxsplit.rewrite(other, report.top(2))
+    assert_unchanged(other, before)
+
+
+def test_unscored_threshold_is_a_report_error():
+    model, tasks, batches = _model_tasks_batches()
+    report = fxsplit.analyze(model, tasks, batches, threshold=[0.0, -0.1], progress=False)
+    with pytest.raises(fxsplit.ReportError, match=r"threshold 0.5 was not scored; the report has \[0.0, -0.1\]"):
+        report.scores_at(0.5)
