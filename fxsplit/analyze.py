@@ -65,21 +65,31 @@ def analyze(
     forward = forward or _default_forward
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     weights = [p for _, p in named]
-    device = weights[0].device if weights else torch.device("cpu")
+    if not weights:
+        raise FxsplitError(f"{type(model).__name__} has no parameter that requires grad: nothing to score.")
+    device = weights[0].device
     buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
     scoring = None
     try:
         for batch in _progress(islice(data, steps), steps if steps is not None else _length(data), progress):
             batch = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
             values = _losses(losses, forward(model, batch), batch)
-            grads = [torch.autograd.grad(value, weights, retain_graph=t < len(values) - 1, allow_unused=True)
-                     for t, value in enumerate(values)]
+            first_step = []  # the first step's gradients decide which layers are scored
+            for t, value in enumerate(values):
+                grads = torch.autograd.grad(value, weights, retain_graph=t < len(values) - 1, allow_unused=True)
+                if scoring is None:
+                    first_step.append(grads)
+                else:
+                    scoring.store(t, grads)
             if scoring is None:
                 owners = model.parameter_tasks() if isinstance(model, SplitModule) else None
-                scoring = _Scoring(graph, named, grads, list(losses), thresholds, bins, owners)
-            scoring.update(grads)
+                scoring = _Scoring(graph, named, first_step, list(losses), thresholds, bins, owners)
+                for t, grads in enumerate(first_step):
+                    scoring.store(t, grads)
+                del first_step
+            scoring.count()
             if optimizer is not None:
-                _step(optimizer, weights, grads)
+                scoring.step(optimizer)
     finally:
         if buffers is not None:
             with torch.no_grad():
@@ -91,7 +101,9 @@ def analyze(
 
 
 class _Scoring:
-    """Which layers are scored (decided at the first step, from which losses reach which parameters).
+    """Which layers are scored (decided at the first step, from which losses reach which parameters), and
+    the tasks' gradients of the current step: one row per task of one flat buffer, the scored layers'
+    parameters first (contiguous, layer by layer), then every other trainable parameter.
 
     On a split model the graph says which tasks' outputs each parameter serves (``owners``); a batched
     stream links the branches in autograd's graph, with zero gradients, which must not count as reaching.
@@ -115,24 +127,51 @@ class _Scoring:
                 self.left_out[layer] = f"only task {users[0]!r} reaches it" if users else "no task's loss reaches it"
             else:
                 self.layers.append(layer)
-        self.slots = [index[name] for layer in self.layers for name in graph.nodes[layer]["parameters"]
-                      if name in index]
-        sizes = [sum(named[index[name]][1].numel() for name in graph.nodes[layer]["parameters"] if name in index)
+        scored = [index[name] for layer in self.layers for name in graph.nodes[layer]["parameters"] if name in index]
+        self.order = scored + sorted(set(range(len(named))) - set(scored))
+        self.weights = [p for _, p in named]
+        first = self.weights[0]
+        self.flat = torch.zeros(len(tasks), sum(p.numel() for p in self.weights), dtype=first.dtype,
+                                device=first.device)
+        self.scored_size = sum(self.weights[i].numel() for i in scored)
+        self.views = [self._views(row) for row in self.flat]
+        self.reached_now = [False] * len(self.weights)
+        sizes = [sum(self.weights[index[name]].numel() for name in graph.nodes[layer]["parameters"] if name in index)
                  for layer in self.layers]
-        device = named[0][1].device
-        reach = torch.tensor([[t in self.reach[layer] for t in tasks] for layer in self.layers], device=device,
-                             dtype=torch.bool).reshape(len(self.layers), len(tasks))
+        reach = torch.tensor([[t in self.reach[layer] for t in tasks] for layer in self.layers],
+                             device=first.device, dtype=torch.bool).reshape(len(self.layers), len(tasks))
         self.counter = ConflictCounter(sizes, reach, thresholds, bins)
-        self.params = [named[i][1] for i in self.slots]
 
-    def update(self, grads) -> None:
-        flat = torch.stack([
-            torch.cat([(g[i] if g[i] is not None else torch.zeros_like(p)).reshape(-1)
-                       for i, p in zip(self.slots, self.params)])
-            if self.slots else torch.zeros(0, device=self.counter.valid.device)
-            for g in grads
-        ])
-        self.counter.update(flat)
+    def _views(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat row shaped like each weight, in weight order."""
+        views, offset = [None] * len(self.weights), 0
+        for i in self.order:
+            size = self.weights[i].numel()
+            views[i] = row[offset:offset + size].view_as(self.weights[i])
+            offset += size
+        return views
+
+    def store(self, task: int, grads) -> None:
+        """Copy one task's gradients into its row (zeros where its loss does not reach)."""
+        if task == 0:
+            self.reached_now = [False] * len(self.weights)
+        with torch.no_grad():
+            for i, (view, grad) in enumerate(zip(self.views[task], grads)):
+                if grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(grad)
+                    self.reached_now[i] = True
+
+    def count(self) -> None:
+        self.counter.update(self.flat[:, :self.scored_size])
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One optimizer step on the gradient of the summed loss, as ``sum(losses).backward()`` gives it."""
+        summed = self._views(self.flat.sum(0))
+        for weight, grad, reached in zip(self.weights, summed, self.reached_now):
+            weight.grad = grad if reached else None
+        optimizer.step()
 
     def report(self) -> ConflictReport:
         tally = self.counter.tally()
@@ -192,14 +231,6 @@ def _losses(losses: Mapping[str, Loss], output: Any, batch: Any) -> list[torch.T
         bad = [name for name, ok in zip(losses, finite.tolist()) if not ok]
         raise TaskError(f"the loss of task(s) {bad} is NaN or infinite; check the data and the learning rate.")
     return values
-
-
-def _step(optimizer: torch.optim.Optimizer, weights: list[torch.Tensor], grads) -> None:
-    """One optimizer step on the gradient of the summed loss, as ``sum(losses).backward()`` would give it."""
-    for i, weight in enumerate(weights):
-        parts = [g[i] for g in grads if g[i] is not None]
-        weight.grad = torch.stack(parts).sum(0) if len(parts) > 1 else parts[0].clone() if parts else None
-    optimizer.step()
 
 
 def _length(data: Iterable) -> int | None:

@@ -205,6 +205,12 @@ def test_custom_forward_and_steps():
     assert report.steps == 2 and len(seen) == 2
 
 
+def test_a_frozen_model_has_nothing_to_score():
+    model, tasks, batches = _model_tasks_batches()
+    with pytest.raises(fxsplit.FxsplitError, match="no parameter that requires grad"):
+        fxsplit.analyze(model.requires_grad_(False), tasks, batches, progress=False)
+
+
 def test_frozen_layers_are_left_out():
     model, tasks, batches = _model_tasks_batches()
     model.backbone.stem[0].requires_grad_(False)
