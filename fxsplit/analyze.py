@@ -32,6 +32,7 @@ def analyze(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     graph: nx.DiGraph | None = None,
     progress: bool | None = None,
+    every: int = 1,
     bins: int = 20,
 ) -> ConflictReport:
     """Score every shared layer of ``model`` by how often its task gradients conflict (Recon).
@@ -51,6 +52,8 @@ def analyze(
         graph: the layer graph to score (default ``fxsplit.layer_graph(model)``; pass one built from
             ``fxsplit.trace(model, leaf_modules=...)`` for models that need custom tracing).
         progress: show a progress bar (default: when stderr is a terminal).
+        every: score only every ``every``-th step; with an optimizer the others are plain training steps
+            (``sum(losses).backward()``), without one they are skipped. Scoring costs then shrink by ``every``.
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -61,6 +64,8 @@ def analyze(
     """
     losses = _check_tasks(tasks)
     thresholds = _check_thresholds(threshold)
+    if not (isinstance(every, int) and every >= 1):
+        raise FxsplitError(f"every must be a whole number of steps >= 1, got {every!r}.")
     graph = layer_graph(model) if graph is None else graph
     forward = forward or _default_forward
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -71,9 +76,17 @@ def analyze(
     buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
     scoring = None
     try:
-        for batch in _progress(islice(data, steps), steps if steps is not None else _length(data), progress):
+        batches = _progress(islice(data, steps), steps if steps is not None else _length(data), progress)
+        for step, batch in enumerate(batches):
+            if step % every and optimizer is None:
+                continue
             batch = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
             values = _losses(losses, forward(model, batch), batch)
+            if step % every:
+                optimizer.zero_grad(set_to_none=True)
+                sum(values).backward()
+                optimizer.step()
+                continue
             first_step = []  # the first step's gradients decide which layers are scored
             for t, value in enumerate(values):
                 grads = torch.autograd.grad(value, weights, retain_graph=t < len(values) - 1, allow_unused=True)

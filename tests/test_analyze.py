@@ -193,6 +193,24 @@ def test_threshold_outside_cosine_range(threshold):
         fxsplit.analyze(model, tasks, batches, threshold=threshold, progress=False)
 
 
+def test_scoring_every_kth_step_trains_on_every_step():
+    model, tasks, batches = cases()["cnn-bn"]
+    batches = batches * 2
+    twin, sparse = copy.deepcopy(model), copy.deepcopy(model)
+    full = fxsplit.analyze(twin, tasks, batches, optimizer=torch.optim.SGD(twin.parameters(), lr=0.1),
+                           progress=False)
+    report = fxsplit.analyze(sparse, tasks, batches, every=3, optimizer=torch.optim.SGD(sparse.parameters(), lr=0.1),
+                             progress=False)
+    assert report.steps == 3 and full.steps == 8
+    assert report.whole_cosine == pytest.approx([full.whole_cosine[i] for i in (0, 3, 6)], rel=1e-9)
+    for value, expected in zip(sparse.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(value, expected, rtol=1e-10, atol=1e-12)
+    probe = fxsplit.analyze(model, tasks, batches, every=4, progress=False)
+    assert probe.steps == 2
+    with pytest.raises(fxsplit.FxsplitError, match="every must be a whole number"):
+        fxsplit.analyze(model, tasks, batches, every=0, progress=False)
+
+
 def test_custom_forward_and_steps():
     model, tasks, batches = _model_tasks_batches()
     seen = []
