@@ -49,7 +49,9 @@ class ConflictCounter:
 
     def update(self, flat: torch.Tensor) -> None:
         """Add one step: ``flat`` is ``(tasks, parameters)``, each row a task's gradient (zeros where unreached)."""
-        gram = torch.stack([flat[:, start:end] @ flat[:, start:end].T for start, end in self.bounds]).double()
+        tasks = flat.shape[0]
+        gram = torch.stack([flat[:, start:end] @ flat[:, start:end].T for start, end in self.bounds]).double() \
+            if self.bounds else flat.new_zeros(0, tasks, tasks, dtype=torch.float64)  # no shared layer at all
         cosine = _cosines(gram, self.first, self.second)
         self.counts += (cosine < self.thresholds[:, None, None]) & self.valid
         self.cosine_sum += cosine * self.valid

@@ -1,5 +1,4 @@
 import copy
-import itertools
 import math
 
 import pytest
@@ -7,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fxsplit
-from tests.models import MultiHead, SmallCNN, TupleHeads, Twice, assert_unchanged, snapshot
+from tests.models import MultiHead, SmallCNN, TupleHeads, Twice, assert_unchanged, reference, snapshot
 
 THRESHOLDS = [0.0, -0.05, 0.1]
 
@@ -34,32 +33,6 @@ def cases():
         "called-twice-4-tasks": (MultiHead(Twice(), 8, tasks="abcd").double(),
                                  {t: _regress(t, i) for i, t in enumerate("abcd")}, vectors),
     }
-
-
-def reference(model, tasks, batches, graph, thresholds, optimizer=None):
-    """The plain loop: per-task autograd.grad, per-layer weight+bias vector, cosine, count < S."""
-    named = dict(model.named_parameters())
-    names = list(named)
-    scores = {S: {} for S in thresholds}
-    for batch in batches:
-        out = model(batch[0])
-        losses = {t: loss(out, batch) for t, loss in tasks.items()}
-        grads = {t: dict(zip(names, torch.autograd.grad(v, list(named.values()), retain_graph=True,
-                                                        allow_unused=True))) for t, v in losses.items()}
-        for layer, params in graph.nodes(data="parameters"):
-            users = [t for t in tasks if any(grads[t][p] is not None for p in params)]
-            if len(users) < 2:
-                continue
-            vectors = {t: torch.cat([grads[t][p].reshape(-1) for p in params]) for t in users}
-            for a, b in itertools.combinations(users, 2):
-                cosine = F.cosine_similarity(vectors[a], vectors[b], dim=0)
-                for S in thresholds:
-                    scores[S][layer] = scores[S].get(layer, 0) + int(cosine < S)
-        if optimizer is not None:
-            optimizer.zero_grad()
-            sum(losses.values()).backward()
-            optimizer.step()
-    return scores
 
 
 @pytest.mark.parametrize("name", sorted(cases()))

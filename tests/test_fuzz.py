@@ -1,0 +1,74 @@
+"""Properties of rewrite and analyze on random multi-task architectures (see tests/strategies.py).
+
+CI runs the "ci" hypothesis profile; ``HYPOTHESIS_PROFILE=slow python -m pytest tests/test_fuzz.py`` runs
+500 examples per property.
+"""
+
+import copy
+
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fxsplit
+from tests.models import assert_equivalent, count, reference, task_outputs
+from tests.strategies import programs
+
+
+def layer_users(model, x, kwargs) -> dict[str, list[str]]:
+    """Layer -> the tasks whose outputs reach it (from which gradients autograd leaves None)."""
+    clone = copy.deepcopy(model)
+    named = dict(clone.named_parameters())
+    outputs = task_outputs(clone, x, kwargs)
+    graph = fxsplit.layer_graph(model)
+    users = {}
+    for task, out in outputs.items():
+        grads = dict(zip(named, torch.autograd.grad(out.sum(), list(named.values()), retain_graph=True,
+                                                    allow_unused=True)))
+        for layer, params in graph.nodes(data="parameters"):
+            if any(grads[p] is not None for p in params):
+                users.setdefault(layer, []).append(task)
+    return users
+
+
+@given(programs(), st.data())
+def test_random_architectures_rewrite_exactly(program, data):
+    model, x, kwargs = program
+    users = layer_users(model, x, kwargs)
+    shared = sorted(layer for layer, tasks in users.items() if len(tasks) > 1)
+    layers = data.draw(st.lists(st.sampled_from(shared), unique=True, max_size=4)) if shared else []
+    training = data.draw(st.booleans())
+    split_norms, batch_branches = data.draw(st.booleans()), data.draw(st.booleans())
+    model.train(training)
+    split = fxsplit.rewrite(model, layers, split_norms=split_norms, batch_branches=batch_branches, **kwargs)
+    assert_equivalent(model, split, x, kwargs)
+
+    graph = fxsplit.layer_graph(model)
+    used = sum(graph.nodes[layer]["params"] for layer in users)  # layers no task reaches are dropped
+    extra = sum((len(users[layer]) - 1) * graph.nodes[layer]["params"] for layer in split.split_layers)
+    assert count(split.parameters()) == used + extra
+
+    groups = [set(map(id, split.shared_parameters()))] + [set(map(id, split.task_parameters(t))) for t in split.tasks]
+    assert sum(map(len, groups)) == len(set().union(*groups)) == len(list(split.parameters()))
+    for task in split.tasks:
+        split.zero_grad(set_to_none=True)
+        split(x)[task].square().sum().backward()
+        for other in set(split.tasks) - {task}:
+            assert all(p.grad is None or not p.grad.any() for p in split.task_parameters(other)), (task, other)
+
+
+@given(programs())
+def test_random_architectures_score_like_the_reference_loop(program):
+    model, x, kwargs = program
+    names = kwargs.get("tasks") or list(model(x))
+    keys = kwargs.get("outputs") or {name: name for name in names}
+    targets = torch.randn(3, 5, 3, dtype=torch.float64)
+    tasks = {name: (lambda key, i: lambda out, batch: (out[key][:, i % 3] - batch[1][:, i % 3]).pow(2).mean())(keys[name], i)
+             for i, name in enumerate(names)}
+    batches = [(x + 0.1 * k, targets[k]) for k in range(3)]
+    model.train()
+    report = fxsplit.analyze(model, tasks, batches, threshold=[0.0, -0.1], progress=False)
+    expected = reference(copy.deepcopy(model), tasks, batches, fxsplit.layer_graph(model), [0.0, -0.1])
+    for S in (0.0, -0.1):
+        assert report.scores_at(S) == {layer: expected[S].get(layer, 0) for layer in report.scores_at(S)}
+        assert set(report.scores_at(S)) == set(expected[S])
