@@ -2,7 +2,9 @@
 
 1. Train the joint network (one shared trunk, a head per task) while ``analyze`` scores every shared layer;
    this run is both the scoring run and the joint baseline (same seeds and budget, so one run serves both).
-2. Split the top-K layers (``rewrite``), and, as the paper's control, K random shared layers.
+2. Split the top-K layers (``rewrite``), and, as the paper's control, K random shared layers; in both, every
+   BatchNorm in the branches gets a copy per task (``split_norms``), so that eval-mode statistics fit each
+   branch (shared ones would average branches that have drifted apart).
 3. Train both from scratch with the same seeds and budget, again under ``analyze`` so that the conflicts left
    in the still-shared parameters are measured.
 4. Report accuracy per task, parameters, and the occurrence of conflicting gradients; write JSON, a Markdown
@@ -144,7 +146,7 @@ def run(out: Path, config: DemoConfig = DemoConfig(), progress: bool | None = No
     random_layers = random.Random(config.seed).sample(scoring.layers, min(config.top_k, len(scoring.layers)))
     models, reports = {"joint": joint}, {"joint": scoring}
     for name, layers in (("recon", recon_layers), ("random", random_layers)):
-        models[name] = rewrite(fresh(), layers, tasks)
+        models[name] = rewrite(fresh(), layers, tasks, split_norms=True)
         reports[name] = train(models[name], f"{name} network (top-{config.top_k} layers)")
 
     base_params = sum(p.numel() for p in joint.parameters())
