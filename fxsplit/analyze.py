@@ -74,6 +74,7 @@ def analyze(
         raise FxsplitError(f"{type(model).__name__} has no parameter that requires grad: nothing to score.")
     device = weights[0].device
     buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
+    gradients = _Gradients(graph, named, len(losses))
     scoring = None
     try:
         batches = _progress(islice(data, steps), steps if steps is not None else _length(data), progress)
@@ -87,22 +88,15 @@ def analyze(
                 sum(values).backward()
                 optimizer.step()
                 continue
-            first_step = []  # the first step's gradients decide which layers are scored
-            for t, value in enumerate(values):
-                grads = torch.autograd.grad(value, weights, retain_graph=t < len(values) - 1, allow_unused=True)
-                if scoring is None:
-                    first_step.append(grads)
-                else:
-                    scoring.store(t, grads)
-            if scoring is None:
+            for t, value in enumerate(values):  # each task's gradients go straight into its row, then are freed
+                gradients.store(t, torch.autograd.grad(value, weights, retain_graph=t < len(values) - 1,
+                                                       allow_unused=True))
+            if scoring is None:  # the first step's gradients decide which layers are scored
                 owners = model.parameter_tasks() if isinstance(model, SplitModule) else None
-                scoring = _Scoring(graph, named, first_step, list(losses), thresholds, bins, owners)
-                for t, grads in enumerate(first_step):
-                    scoring.store(t, grads)
-                del first_step
-            scoring.count()
+                scoring = _Scoring(graph, gradients, list(losses), thresholds, bins, owners)
+            scoring.counter.update(gradients.flat)
             if optimizer is not None:
-                scoring.step(optimizer)
+                gradients.step(optimizer)
     finally:
         if buffers is not None:
             with torch.no_grad():
@@ -113,20 +107,66 @@ def analyze(
     return scoring.report()
 
 
+class _Gradients:
+    """The tasks' gradients of the current step: one row per task of one flat buffer, laid out layer by layer
+    in graph order (so each layer is one contiguous segment), then every other trainable parameter."""
+
+    def __init__(self, graph, named, tasks: int):
+        self.index = {name: i for i, (name, _) in enumerate(named)}
+        self.weights = [p for _, p in named]
+        in_layers = [self.index[name] for _, names in graph.nodes(data="parameters") for name in names
+                     if name in self.index]
+        order = list(dict.fromkeys(in_layers)) + sorted(set(range(len(named))) - set(in_layers))
+        self.offsets, offset = [0] * len(self.weights), 0
+        for i in order:
+            self.offsets[i] = offset
+            offset += self.weights[i].numel()
+        first = self.weights[0]
+        self.flat = torch.zeros(tasks, offset, dtype=first.dtype, device=first.device)
+        self.views = [self._views(row) for row in self.flat]
+        self.reached = [[False] * len(self.weights) for _ in range(tasks)]  # at the current step
+
+    def _views(self, row: torch.Tensor) -> list[torch.Tensor]:
+        """Views of a flat row shaped like each weight, in weight order."""
+        return [row[start:start + w.numel()].view_as(w) for start, w in zip(self.offsets, self.weights)]
+
+    def segment(self, names: list[str]) -> tuple[int, int]:
+        """Where the parameters ``names`` (one layer's) lie in a row."""
+        slots = [self.index[name] for name in names if name in self.index]
+        return (min(self.offsets[i] for i in slots),
+                max(self.offsets[i] + self.weights[i].numel() for i in slots))
+
+    def store(self, task: int, grads) -> None:
+        """Copy one task's gradients into its row (zeros where its loss does not reach)."""
+        with torch.no_grad():
+            for i, (view, grad) in enumerate(zip(self.views[task], grads)):
+                self.reached[task][i] = grad is not None
+                if grad is None:
+                    view.zero_()
+                else:
+                    view.copy_(grad)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """One optimizer step on the gradient of the summed loss, as ``sum(losses).backward()`` gives it."""
+        summed = self._views(self.flat.sum(0))
+        for i, (weight, grad) in enumerate(zip(self.weights, summed)):
+            weight.grad = grad if any(reached[i] for reached in self.reached) else None
+        optimizer.step()
+
+
 class _Scoring:
     """Which layers are scored (decided at the first step, from which losses reach which parameters), and
-    the tasks' gradients of the current step: one row per task of one flat buffer, the scored layers'
-    parameters first (contiguous, layer by layer), then every other trainable parameter.
+    their conflict counts.
 
     On a split model the graph says which tasks' outputs each parameter serves (``owners``); a batched
     stream links the branches in autograd's graph, with zero gradients, which must not count as reaching.
     """
 
-    def __init__(self, graph, named, grads, tasks, thresholds, bins, owners=None):
-        index = {name: i for i, (name, _) in enumerate(named)}
-        reached = {name: [t for t, task_grads in zip(tasks, grads) if task_grads[index[name]] is not None
+    def __init__(self, graph, gradients: _Gradients, tasks, thresholds, bins, owners=None):
+        index = gradients.index
+        reached = {name: [t for k, t in enumerate(tasks) if gradients.reached[k][i]
                           and (owners is None or t in owners[name])]
-                   for name in index}
+                   for name, i in index.items()}
         self.graph, self.tasks, self.thresholds = graph, tasks, thresholds
         self.reach: dict[str, list[str]] = {}
         self.left_out: dict[str, str] = {}
@@ -140,51 +180,10 @@ class _Scoring:
                 self.left_out[layer] = f"only task {users[0]!r} reaches it" if users else "no task's loss reaches it"
             else:
                 self.layers.append(layer)
-        scored = [index[name] for layer in self.layers for name in graph.nodes[layer]["parameters"] if name in index]
-        self.order = scored + sorted(set(range(len(named))) - set(scored))
-        self.weights = [p for _, p in named]
-        first = self.weights[0]
-        self.flat = torch.zeros(len(tasks), sum(p.numel() for p in self.weights), dtype=first.dtype,
-                                device=first.device)
-        self.scored_size = sum(self.weights[i].numel() for i in scored)
-        self.views = [self._views(row) for row in self.flat]
-        self.reached_now = [False] * len(self.weights)
-        sizes = [sum(self.weights[index[name]].numel() for name in graph.nodes[layer]["parameters"] if name in index)
-                 for layer in self.layers]
+        bounds = [gradients.segment(graph.nodes[layer]["parameters"]) for layer in self.layers]
         reach = torch.tensor([[t in self.reach[layer] for t in tasks] for layer in self.layers],
-                             device=first.device, dtype=torch.bool).reshape(len(self.layers), len(tasks))
-        self.counter = ConflictCounter(sizes, reach, thresholds, bins)
-
-    def _views(self, row: torch.Tensor) -> list[torch.Tensor]:
-        """Views of a flat row shaped like each weight, in weight order."""
-        views, offset = [None] * len(self.weights), 0
-        for i in self.order:
-            size = self.weights[i].numel()
-            views[i] = row[offset:offset + size].view_as(self.weights[i])
-            offset += size
-        return views
-
-    def store(self, task: int, grads) -> None:
-        """Copy one task's gradients into its row (zeros where its loss does not reach)."""
-        if task == 0:
-            self.reached_now = [False] * len(self.weights)
-        with torch.no_grad():
-            for i, (view, grad) in enumerate(zip(self.views[task], grads)):
-                if grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(grad)
-                    self.reached_now[i] = True
-
-    def count(self) -> None:
-        self.counter.update(self.flat[:, :self.scored_size])
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        """One optimizer step on the gradient of the summed loss, as ``sum(losses).backward()`` gives it."""
-        summed = self._views(self.flat.sum(0))
-        for weight, grad, reached in zip(self.weights, summed, self.reached_now):
-            weight.grad = grad if reached else None
-        optimizer.step()
+                             device=gradients.flat.device, dtype=torch.bool).reshape(len(self.layers), len(tasks))
+        self.counter = ConflictCounter(bounds, reach, thresholds, bins)
 
     def report(self) -> ConflictReport:
         tally = self.counter.tally()

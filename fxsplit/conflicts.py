@@ -28,15 +28,15 @@ class Tally:
 class ConflictCounter:
     """Counts, per layer and task pair, the steps whose gradient cosine is below each threshold.
 
-    ``sizes`` are the layers' parameter counts, in the order their gradients are laid out in the flat buffer
-    given to :meth:`update`; ``reach[l, t]`` says whether task ``t``'s loss reaches layer ``l`` (a pair is only
+    ``bounds[l]`` is ``(start, end)``: where layer ``l``'s parameters lie in each row of the flat buffer given
+    to :meth:`update`; ``reach[l, t]`` says whether task ``t``'s loss reaches layer ``l`` (a pair is only
     counted where both tasks reach the layer).
     """
 
-    def __init__(self, sizes: list[int], reach: torch.Tensor, thresholds: list[float], bins: int = 20):
+    def __init__(self, bounds: list[tuple[int, int]], reach: torch.Tensor, thresholds: list[float], bins: int = 20):
         device = reach.device
         tasks = reach.shape[1]
-        self.bounds = list(itertools.pairwise(itertools.accumulate(sizes, initial=0)))
+        self.bounds = bounds
         self.first, self.second = (torch.tensor(ix, device=device) for ix in zip(*itertools.combinations(range(tasks), 2)))
         self.valid = reach[:, self.first] & reach[:, self.second]
         self.thresholds = torch.tensor(thresholds, device=device, dtype=torch.float64)
