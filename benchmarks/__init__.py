@@ -1,0 +1,6 @@
+"""fxsplit's benchmarks: ``python -m benchmarks [--quick] [--only NAME]`` runs them and prints one table.
+
+Every ratio compares measurements taken in the same run; nothing asserts on time. Results: docs/performance.md.
+"""
+
+BENCHMARKS = ("analyze_step", "split_network", "surgery", "memory")
