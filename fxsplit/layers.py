@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import networkx as nx
 from torch import fx, nn
 
-from .tracing import trace
+from .tracing import trace_for_reading
 
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
@@ -61,7 +61,7 @@ def layer_graph(model: nn.Module) -> nx.DiGraph:
     >>> list(g.edges), g.nodes["0"]["params"]
     ([('0', '1')], 224)
     """
-    gm = trace(model)
+    gm = trace_for_reading(model)
     calls = layer_calls(gm)
     graph = nx.DiGraph()
     for order, (layer, nodes) in enumerate(calls.items()):

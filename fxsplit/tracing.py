@@ -116,26 +116,42 @@ def trace(
     >>> [n.meta["path"] for n in gm.graph.nodes]
     ['input', '0', '1', '2', 'output']
     """
+    return _trace(model, tuple(leaf_modules), tuple(autowrap_functions), concrete_args, share_tensors=False)
+
+
+def trace_for_reading(model: nn.Module) -> fx.GraphModule:
+    """Like :func:`trace`, but the graph module shares the model's parameters and buffers: only to be read."""
+    return _trace(model, (), (), None, share_tensors=True)
+
+
+def _trace(model, leaf_modules, autowrap_functions, concrete_args, share_tensors: bool) -> fx.GraphModule:
     if isinstance(model, fx.GraphModule):
-        return follow_mutations(copy.deepcopy(model))
+        return follow_mutations(_copy(model, share_tensors))
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxsplit traces an nn.Module, got {type(model).__name__}.")
-    kwargs = dict(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
-    traced = _trace_copy(model, model.training, kwargs, concrete_args)
-    other = _trace_copy(model, not model.training, kwargs, concrete_args)
+    kwargs = dict(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    traced = _trace_copy(model, model.training, kwargs, concrete_args, share_tensors)
+    other = _trace_copy(model, not model.training, kwargs, concrete_args, share_tensors=True)
     if other.code != traced.code:
         mode, other_mode = ("train", "eval") if model.training else ("eval", "train")
         warnings.warn(
             f"{type(model).__name__} traces to a different graph in {other_mode} mode (its Python code reads "
             f"self.training); the graph of {mode} mode was kept. Trace again after model.{other_mode}() "
             f"to get the other one.",
-            stacklevel=2,
+            stacklevel=3,
         )
     return traced
 
 
-def _trace_copy(model: nn.Module, training: bool, tracer_kwargs: dict, concrete_args) -> fx.GraphModule:
-    root = copy.deepcopy(model).train(training)
+def _copy(model: nn.Module, share_tensors: bool) -> nn.Module:
+    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own
+    (tracing writes none of them, and copying the weights of a large model costs more than tracing it)."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_tensors else {}
+    return copy.deepcopy(model, memo)
+
+
+def _trace_copy(model: nn.Module, training: bool, tracer_kwargs: dict, concrete_args, share_tensors: bool):
+    root = _copy(model, share_tensors).train(training)
     tracer = PathTracer(**tracer_kwargs)
     try:
         graph = tracer.trace(root, concrete_args)
