@@ -85,3 +85,6 @@ def test_zoo_spans_the_families():
     assert len([entry for entry in timm if leaves[entry] and entry.sample]) >= 5
     torchvision = [entry for entry in zoo.entries() if entry.library == "torchvision"]
     assert {entry.kind for entry in torchvision if entry.sample} == {"cnn", "vit"}
+    names = {entry.name for entry in zoo.entries()}
+    assert set(zoo.XFAIL) <= names
+    assert {case for cases in zoo.XFAIL.values() for case in cases} <= {(m, c) for m in MODES for c in CHOICES}
