@@ -60,8 +60,9 @@ def rewrite(
             fanned-out region, so that each task's statistics see only its own branch.
         batch_branches: in the fanned-out region, run a shared convolution or linear layer (and the per-sample
             modules that follow it: activations, pooling, LayerNorm, ...) once on the branches' batches
-            concatenated, instead of once per branch. Exact (each sample is computed alone); BatchNorm always
-            runs per branch, so that it sees each branch's batch alone.
+            concatenated, instead of once per branch. Mathematically the same (each sample is computed alone),
+            but kernels round differently at a larger batch: deep networks can drift by ~1e-5 relative
+            (``False`` reproduces the original bit for bit). BatchNorm always runs per branch.
 
     Returns:
         A :class:`SplitModule` whose ``forward`` returns ``{task: output}``.
