@@ -165,7 +165,7 @@ def _analyze(args) -> None:
     _print(args, report.to_dict(), str(report))
 
 
-def _selected(args, spec: dict) -> list[str] | None:
+def _selected(args) -> list[str] | None:
     if args.layers is not None:
         return args.layers
     if args.top is None and args.budget is None:
@@ -177,7 +177,7 @@ def _selected(args, spec: dict) -> list[str] | None:
 
 
 def _split(args, spec: dict, **options):
-    layers = _selected(args, spec)
+    layers = _selected(args)
     if layers is None:
         return spec["model"], []
     tasks = list(spec["tasks"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Union
 
@@ -120,10 +121,15 @@ def _layer_names(layers: Iterable[str]) -> list[str]:
             raise LayerError(
                 f"layers must be names (str) as in fxsplit.layer_graph(model), got {type(name).__name__} {name!r}."
             )
-    repeated = sorted({name for name in names if names.count(name) > 1})
+    repeated = _repeated(names)
     if repeated:
         raise LayerError(f"layer(s) {repeated} given more than once; name each layer once.")
     return names
+
+
+def _repeated(items) -> list:
+    """The items that occur more than once, sorted."""
+    return sorted(item for item, n in Counter(items).items() if n > 1)
 
 
 def _output_node(gm: fx.GraphModule) -> fx.Node:
@@ -167,7 +173,7 @@ def _check_tasks(tasks: Collection) -> None:
     bad = [task for task in tasks if not (isinstance(task, str) and task.isidentifier())]
     if bad:
         raise TaskError(f"task names must be Python identifiers (they name modules), got {bad}.")
-    repeated = sorted({task for task in tasks if list(tasks).count(task) > 1})
+    repeated = _repeated(tasks)
     if repeated:
         raise TaskError(f"task name(s) {repeated} given more than once.")
     if len(tasks) < 2:
