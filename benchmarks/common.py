@@ -85,17 +85,18 @@ def make_model(name: str, tasks: int, settings: Settings) -> MultiHead:
     return MODELS[name](tasks, settings).to(settings.device).train()
 
 
-def make_batch(tasks: int, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` of ``settings.batch`` images; ``labels[:, i]`` is task ``i``'s class."""
+def make_batch(tasks: int, batch: int, pixels: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, labels)`` of ``batch`` random images; ``labels[:, i]`` is task ``i``'s class."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(settings.batch, 3, settings.pixels, settings.pixels, generator=generator)
-    labels = torch.randint(0, CLASSES, (settings.batch, tasks), generator=generator)
-    return images.to(settings.device), labels.to(settings.device)
+    images = torch.randn(batch, 3, pixels, pixels, generator=generator)
+    labels = torch.randint(0, CLASSES, (batch, tasks), generator=generator)
+    return images.to(device), labels.to(device)
 
 
 def setup(name: str, tasks: int, settings: Settings) -> tuple[MultiHead, tuple[torch.Tensor, torch.Tensor], dict]:
     """The model, a batch and the task losses of one benchmark case."""
-    return make_model(name, tasks, settings), make_batch(tasks, settings), task_losses(tasks)
+    batch = make_batch(tasks, settings.batch, settings.pixels, settings.device)
+    return make_model(name, tasks, settings), batch, task_losses(tasks)
 
 
 def task_losses(tasks: int) -> dict[str, Callable]:

@@ -13,10 +13,10 @@ import pytest
 
 import fxsplit
 import zoo
+from benchmarks.zoo.check import CHOICES, choose
 from models import assert_equivalent, count
 
 MODES = ("eval", "train")
-CHOICES = ("first", "middle", "last", "spread")
 SAMPLE_CHOICES = ("first", "spread")  # the sample keeps CI short; --zoo=full runs every choice
 KINDS = {"cnn", "vit", "mlp", "hybrid"}
 
@@ -36,13 +36,6 @@ def pytest_generate_tests(metafunc):
 def _marks(entry: zoo.Entry, mode: str, choice: str) -> list:
     reason = zoo.XFAIL.get(entry.name, {}).get((mode, choice))
     return [pytest.mark.xfail(strict=False, reason=reason)] if reason else []
-
-
-def choose(layers: list[str], choice: str) -> list[str]:
-    """The layers to split: the first, a middle one, the last, or three spread across (quartiles)."""
-    n = len(layers)
-    picks = {"first": [0], "middle": [(n - 1) // 2], "last": [n - 1], "spread": [n // 4, n // 2, 3 * n // 4]}[choice]
-    return list(dict.fromkeys(layers[i] for i in picks))
 
 
 @functools.lru_cache(maxsize=1)

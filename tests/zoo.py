@@ -11,29 +11,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-import timm
 import torch
 import torchvision
 from timm.layers import get_notrace_modules
 from torch import nn
-from torchvision.models import get_model, get_model_weights, list_models
+from torchvision.models import list_models
 
+from benchmarks.zoo.build import (BATCH, FEATURES, SIZE, TORCHVISION_SIZES, backbone, calibrate, no_randomness,
+                                   parameter_count)
 from models import MultiHead
 
-FEATURES = 10
 LIMIT = 100_000_000
-BATCH = 4  # with 64 px, BatchNorm in train mode normalises over >= 16 values: 2 at 1x1 would be ill-conditioned
-SIZE = 64
-
-# torchvision: the input size of models that need more than SIZE, and what constructors need.
-TORCHVISION_SIZES = {"inception_v3": 75, "maxvit_t": 224}
-TORCHVISION_KWARGS = {
-    "googlenet": {"aux_logits": False, "init_weights": False},
-    "inception_v3": {"aux_logits": False, "init_weights": False},
-    "maxvit_t": {"input_size": (224, 224)},  # partition size 7 on a 1/32 grid
-    "vit_b_16": {"image_size": SIZE},
-    "vit_b_32": {"image_size": SIZE},
-}
 TORCHVISION_SAMPLE = {"mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_v2_t"}
 
 # Known failures, {entry name: {(mode, choice): reason}}, marked xfail (not strict: which cases cross 1e-5 depends
@@ -52,10 +40,6 @@ XFAIL: dict[str, dict[tuple[str, str], str]] = {
                                     ("train", "spread"): "batched-convolution rounding, 1.1e-05 relative error"},
 }
 
-# Float attributes that hold a drop probability (timm heads' drop_rate, DropPath, attention dropout, ...).
-DROP_ATTRIBUTES = ("drop_rate", "drop_prob", "dropout", "attention_dropout", "attn_drop", "proj_drop")
-
-
 @dataclasses.dataclass(frozen=True)
 class Entry:
     """One zoo model: how to build its backbone, its input size, and what to expect."""
@@ -72,11 +56,7 @@ class Entry:
         return self.name.split("/")[0]
 
     def backbone(self) -> nn.Module:
-        library, name = self.name.split("/")
-        kwargs = dict(self.kwargs)
-        if library == "torchvision":
-            return get_model(name, weights=None, num_classes=FEATURES, **kwargs)
-        return timm.create_model(name, pretrained=False, num_classes=FEATURES, drop_rate=0.0, **kwargs)
+        return backbone(self.name, **dict(self.kwargs))
 
 
 def _timm(name: str, family: str, kind: str, size: int = SIZE, sample: bool = False, img_size: bool = False,
@@ -136,13 +116,12 @@ def _torchvision() -> list[Entry]:
     """Every torchvision classification model with fewer than ``LIMIT`` parameters (as published with its weights)."""
     entries = []
     for name in list_models(module=torchvision.models):
-        if get_model_weights(name).DEFAULT.meta["num_params"] >= LIMIT:
+        if parameter_count(f"torchvision/{name}") >= LIMIT:
             continue
         family = name.split("_")[0].rstrip("0123456789")
-        kwargs = tuple(sorted(TORCHVISION_KWARGS.get(name, {}).items()))
         kind = "vit" if family in ("vit", "swin") else "hybrid" if family == "maxvit" else "cnn"
-        entries.append(Entry(f"torchvision/{name}", family, kind, TORCHVISION_SIZES.get(name, SIZE), kwargs,
-                             name in TORCHVISION_SAMPLE))
+        entries.append(Entry(f"torchvision/{name}", family, kind, TORCHVISION_SIZES.get(name, SIZE),
+                             sample=name in TORCHVISION_SAMPLE))
     return entries
 
 
@@ -164,37 +143,11 @@ def tasks(entry: Entry) -> tuple[str, ...]:
     return ("a", "b", "c") if [e.name for e in entries()].index(entry.name) % 2 else ("a", "b")
 
 
-def no_randomness(model: nn.Module) -> nn.Module:
-    """Set every drop probability of ``model`` to 0 (dropout, drop-path, stochastic depth, attention dropout)."""
-    for module in model.modules():
-        if isinstance(module, (nn.modules.dropout._DropoutNd, torchvision.ops.StochasticDepth)):
-            module.p = 0.0
-        for attribute in DROP_ATTRIBUTES:
-            if isinstance(getattr(module, attribute, None), float):
-                setattr(module, attribute, 0.0)
-    return model
-
-
-def calibrate(model: nn.Module, x: torch.Tensor) -> None:
-    """Set BatchNorm running statistics to those of batch ``x``, and check that train mode is deterministic."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        first, second = model(x), model(x)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    for task in first:
-        assert torch.equal(first[task], second[task]), f"train mode is not deterministic ({task})"
-
-
 @functools.lru_cache(maxsize=1)
 def build(entry: Entry) -> tuple[nn.Module, torch.Tensor]:
     """``entry``'s backbone with task heads, without randomness and with calibrated BatchNorm, and an input."""
     torch.manual_seed(0)
     model = MultiHead(no_randomness(entry.backbone()), FEATURES, tasks=tasks(entry))
     x = torch.randn(BATCH, 3, entry.size, entry.size)
-    calibrate(model, x)
+    assert calibrate(model, x), f"{entry.name} is not deterministic in train mode"
     return model, x

@@ -1,0 +1,60 @@
+"""Sweep the model zoo through fxsplit: ``python -m benchmarks.zoo [--sample ci|families] [--only NAME ...]``.
+
+Every timm model with at most ``--cap`` parameters and every torchvision classifier under it, each in its own
+process within ``--limit`` seconds: build with two task heads, trace, analyze, rewrite at four layer choices, check
+equivalence per task, export to TorchScript and torch.export. Rows go to ``OUT/results.csv`` as they finish; a
+second run skips the models already there (delete the file to start over). The summary goes to ``OUT/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+
+import timm
+import torch
+import torchvision
+
+from benchmarks.zoo.catalog import CI_SAMPLE, catalog, describe, select
+from benchmarks.zoo.runner import read, sweep
+from benchmarks.zoo.summary import summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("zoo-sweep"), help="results folder (default: zoo-sweep)")
+    parser.add_argument("--cap", type=float, default=100e6, help="most parameters of a model (default: 100e6)")
+    parser.add_argument("--limit", type=float, default=600, help="seconds per model (default: 600)")
+    parser.add_argument("--library", choices=("timm", "torchvision"), action="append",
+                        help="only this library's models (repeatable; default: both)")
+    parser.add_argument("--sample", choices=("ci", "families"),
+                        help="ci: a fixed handful across families; families: the smallest model of each family")
+    parser.add_argument("--only", nargs="+", metavar="NAME", help='these models ("timm/resnet18", ...)')
+    parser.add_argument("--jobs", type=int, default=1, help="models checked at once (default: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per model (default: 1)")
+    args = parser.parse_args(argv)
+
+    if args.only or args.sample == "ci":
+        try:
+            models = describe(args.only or CI_SAMPLE)
+        except KeyError as error:
+            parser.error(f"unknown model {error}: names are 'timm/<model>' or 'torchvision/<model>'")
+    else:
+        models = select(catalog(args.out / "catalog.csv"), args.cap, families=args.sample == "families")
+    if args.library:
+        models = [m for m in models if m.library in args.library]
+    print(f"fxsplit zoo sweep: {len(models)} models, {args.limit:g} s each at most, {args.jobs} at a time; "
+          f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
+          f"{platform.python_implementation()} {platform.python_version()}", flush=True)
+    results = args.out / "results.csv"
+    sweep(models, results, args.limit, args.jobs, args.threads)
+    chosen = {m.name for m in models}
+    text = summary([row for row in read(results) if row["name"] in chosen])
+    (args.out / "summary.md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""One model through fxsplit's whole pipeline, stage by stage: ``python -m benchmarks.zoo.check NAME``.
+
+Stages: build (backbone, two task heads, an input), trace (the layer graph), analyze (two steps of random data),
+rewrite (at the first backbone layer, a middle one, the last, and three spread out), equivalence (every rewrite
+against the original, per task, in eval and train mode), torchscript and export (the spread rewrite written to a
+``.pt`` / ``.pt2`` file, loaded back and compared, by ``fxsplit.export``). The first five are the core: a failure
+there ends the run. Prints one line per stage started, then the result as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import fxsplit
+from benchmarks.common import task_losses
+from benchmarks.zoo.build import build
+
+STAGES = ("build", "trace", "analyze", "rewrite", "equivalence", "torchscript", "export")
+CORE = STAGES[:5]
+CHOICES = ("first", "middle", "last", "spread")
+TOLERANCE = 1e-4  # relative; a wrong graph is off by O(1), rounding by < 1e-5 (docs/coverage.md has the spread)
+
+
+class Mismatch(Exception):
+    """A rewrite's output differs from the original's."""
+
+
+def choose(layers: list[str], choice: str) -> list[str]:
+    """The layers to split: the first, a middle one, the last, or three spread across (quartiles)."""
+    n = len(layers)
+    picks = {"first": [0], "middle": [(n - 1) // 2], "last": [n - 1], "spread": [n // 4, n // 2, 3 * n // 4]}[choice]
+    return list(dict.fromkeys(layers[i] for i in picks))
+
+
+def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    return ((expected - got).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def cause(error: BaseException) -> str:
+    """An error as ``Type: first line of its message``."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+
+
+class Check:
+    """The stages run on one model; the outcome of each, and what went wrong, collected in ``row``."""
+
+    def __init__(self, name: str, announce=print):
+        self.name = name
+        self.announce = announce
+        self.row = {"name": name, **{stage: "" for stage in STAGES}, "causes": ""}
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        try:
+            model, batch, deterministic = self.stage("build", build, self.name)
+            self.row["size"] = batch[0].shape[-1]
+            graph = self.stage("trace", fxsplit.layer_graph, model)
+            layers = [layer for layer in graph if not layer.startswith("heads.")]
+            self.row["layers"] = len(layers)
+            self.stage("analyze", self.analyze, model, batch, graph, layers)
+            splits = self.stage("rewrite", lambda: {c: fxsplit.rewrite(model, choose(layers, c)) for c in CHOICES})
+            modes = ("eval", "train") if deterministic else ("eval",)
+            self.stage("equivalence", self.equivalence, model, splits, batch[0], modes)
+            with tempfile.TemporaryDirectory() as out:
+                for stage, suffix in (("torchscript", ".pt"), ("export", ".pt2")):
+                    self.stage(stage, fxsplit.export, splits["spread"], Path(out, f"split{suffix}"), batch[0],
+                               core=False)
+        except _Stop:
+            pass
+        self.row["seconds"] = round(time.perf_counter() - start, 1)
+        return self.row
+
+    def stage(self, stage: str, fn, *args, core: bool = True):
+        """Run ``fn(*args)`` as ``stage``: record "ok", or "fail" and the cause (and stop, for a core stage)."""
+        self.announce(f"stage {stage}", flush=True)
+        try:
+            result = fn(*args)
+        except Exception as error:  # any failure is a finding: record it with its cause
+            self.row[stage] = "fail"
+            self.row["causes"] += f"{'; ' if self.row['causes'] else ''}{stage}: {cause(error)}"
+            if core:
+                raise _Stop from error
+            return None
+        self.row[stage] = "ok"
+        return result
+
+    def analyze(self, model, batch, graph, layers) -> None:
+        """Two probing steps; every backbone layer that both tasks' gradients reach gets a finite score."""
+        report = fxsplit.analyze(model, task_losses(2), [batch, batch], graph=graph, progress=False)
+        self.row["scored"] = len(report.scores)
+        if not all(math.isfinite(score) for score in report.scores.values()):
+            raise Mismatch("a score is not finite")
+        if not set(report.scores) <= set(layers):
+            raise Mismatch(f"scored layers outside the backbone: {sorted(set(report.scores) - set(layers))[:3]}")
+
+    def equivalence(self, model, splits, x, modes) -> None:
+        """Each rewrite's output per task against the original's, within ``TOLERANCE`` relative error."""
+        worst = 0.0
+        for mode in modes:
+            model.train(mode == "train")
+            expected = copy.deepcopy(model)(x)  # copies: train mode updates BatchNorm statistics
+            for choice, split in splits.items():
+                got = copy.deepcopy(split).train(mode == "train")(x)
+                for task in expected:
+                    error = relative_error(expected[task], got[task])
+                    worst = max(worst, error)
+                    if not error <= TOLERANCE:
+                        raise Mismatch(f"relative error {error:.2g} > {TOLERANCE:g} ({mode} mode, split at "
+                                       f"{choice}, task {task})")
+        self.row["max_error"] = f"{worst:.2g}"
+
+
+class _Stop(Exception):
+    """A core stage failed: the later stages cannot run."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.zoo.check", description=__doc__)
+    parser.add_argument("name", help='"timm/<model>" or "torchvision/<model>"')
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    print(json.dumps(Check(args.name).run()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

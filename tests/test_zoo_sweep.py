@@ -1,0 +1,78 @@
+"""The zoo sweep tool (``python -m benchmarks.zoo``): the CI sample passes every stage, a second run resumes, a
+time limit names the stage it cut, a wrong rewrite is caught, failures group by cause, families pick their smallest."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fxsplit
+from benchmarks.zoo import runner, summary
+from benchmarks.zoo.catalog import CI_SAMPLE, Model, select
+from benchmarks.zoo.check import STAGES, Check, Mismatch
+from tests.models import MultiHead, SmallCNN
+
+
+def sweep(out, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "benchmarks.zoo", "--out", str(out), *args], cwd=runner.ROOT,
+                          capture_output=True, text=True, check=True)
+
+
+def test_ci_sample_passes_every_stage_and_resumes(tmp_path):
+    first = sweep(tmp_path, "--sample", "ci", "--jobs", "2")
+    rows = runner.read(tmp_path / "results.csv")
+    assert sorted(row["name"] for row in rows) == sorted(CI_SAMPLE)
+    for row in rows:
+        assert [row[stage] for stage in STAGES] == ["ok"] * len(STAGES), row
+        assert float(row["max_error"]) <= 1e-5 and int(row["scored"]) == int(row["layers"]) > 0, row
+    assert first.stdout.count("] timm/") + first.stdout.count("] torchvision/") == len(CI_SAMPLE)
+    assert (tmp_path / "summary.md").read_text().startswith("| library |")
+
+    again = sweep(tmp_path, "--sample", "ci")
+    assert "] timm/" not in again.stdout and runner.read(tmp_path / "results.csv") == rows
+
+
+def test_time_limit_fails_the_stage_it_cut():
+    """Killed while it still imports (well over a second), the model fails its first stage, with the limit named."""
+    row = runner.check(Model("timm/resnet10t", "resnet", 1), limit=1, threads=1)
+    assert row["build"] == "fail" and row["causes"] == "build: timeout: over 1 s"
+    assert all(row[stage] == "" for stage in STAGES[1:])
+
+
+def test_equivalence_names_a_wrong_rewrite():
+    torch.manual_seed(0)
+    model = MultiHead(SmallCNN(), 16).eval()
+    split = fxsplit.rewrite(model, ["backbone.block2.conv2"])
+    wrong = copy.deepcopy(split)
+    with torch.no_grad():
+        wrong.copy_of("b", "backbone.block2.conv2").weight.mul_(1.5)
+    check = Check("small")
+    check.equivalence(model, {"good": split}, torch.randn(4, 3, 16, 16), ("eval", "train"))
+    assert check.row["max_error"] == "0"
+    with pytest.raises(Mismatch, match=r"\(eval mode, split at wrong, task b\)"):
+        check.equivalence(model, {"wrong": wrong}, torch.randn(4, 3, 16, 16), ("eval",))
+
+
+def test_failures_group_by_cause_across_models():
+    def row(name, causes):
+        return {"name": name, "causes": causes}
+
+    rows = [row("timm/a", "trace: TraceError: cannot trace 'blocks.0' at line 12"),
+            row("timm/b", "trace: TraceError: cannot trace 'stem.1' at line 40; export: ExportError: no"),
+            row("timm/c", "")]
+    lines = summary.failures(rows).splitlines()[2:]
+    assert lines == ["| trace | TraceError: cannot trace 'blocks.0' at line 12 | timm/a, timm/b |",
+                     "| export | ExportError: no | timm/b |"]
+
+
+def test_select_keeps_models_under_the_cap_and_the_smallest_per_family():
+    models = [Model("timm/big", "f", 200), Model("timm/mid", "f", 50), Model("timm/small", "f", 10),
+              Model("timm/other", "g", 70), Model("torchvision/small", "f", 5)]
+    assert [m.name for m in select(models, cap=100)] == ["timm/mid", "timm/small", "timm/other", "torchvision/small"]
+    assert [m.name for m in select(models, cap=100, families=True)] == ["timm/small", "timm/other",
+                                                                         "torchvision/small"]
+
