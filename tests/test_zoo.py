@@ -12,9 +12,9 @@ import functools
 import pytest
 
 import fxsplit
-import zoo
 from benchmarks.zoo.check import CHOICES, choose
-from models import assert_equivalent, count
+from tests import zoo
+from tests.models import assert_equivalent, count
 
 MODES = ("eval", "train")
 SAMPLE_CHOICES = ("first", "spread")  # the sample keeps CI short; --zoo=full runs every choice

@@ -1,5 +1,5 @@
 """The zoo sweep tool (``python -m benchmarks.zoo``): the CI sample passes every stage, a second run resumes, a
-time limit names the stage it cut, a wrong rewrite is caught, failures group by cause, families pick their smallest."""
+time limit names the stage it cut, a wrong rewrite is caught, failures group by cause, samples stay under the cap."""
 
 from __future__ import annotations
 
@@ -69,10 +69,13 @@ def test_failures_group_by_cause_across_models():
                      "| export | ExportError: no | timm/b |"]
 
 
-def test_select_keeps_models_under_the_cap_and_the_smallest_per_family():
+def test_samples_keep_models_under_the_cap():
     models = [Model("timm/big", "f", 200), Model("timm/mid", "f", 50), Model("timm/small", "f", 10),
               Model("timm/other", "g", 70), Model("torchvision/small", "f", 5)]
     assert [m.name for m in select(models, cap=100)] == ["timm/mid", "timm/small", "timm/other", "torchvision/small"]
-    assert [m.name for m in select(models, cap=100, families=True)] == ["timm/small", "timm/other",
-                                                                         "torchvision/small"]
+    assert [m.name for m in select(models, cap=100, sample="families")] == ["timm/small", "timm/other",
+                                                                             "torchvision/small"]
+    drawn = select(models, cap=100, sample=2)
+    assert len(drawn) == 2 and drawn == select(models, cap=100, sample=2)
+    assert {m.name for m in drawn} < {m.name for m in select(models, cap=100)}
 

@@ -19,7 +19,7 @@ from torchvision.models import list_models
 
 from benchmarks.zoo.build import (BATCH, FEATURES, SIZE, TORCHVISION_SIZES, backbone, calibrate, no_randomness,
                                    parameter_count)
-from models import MultiHead
+from tests.models import MultiHead
 
 LIMIT = 100_000_000
 TORCHVISION_SAMPLE = {"mobilenet_v3_small", "resnet18", "shufflenet_v2_x0_5", "squeezenet1_1", "swin_v2_t"}

@@ -1,4 +1,4 @@
-"""Sweep the model zoo through fxsplit: ``python -m benchmarks.zoo [--sample ci|families] [--only NAME ...]``.
+"""Sweep the model zoo through fxsplit: ``python -m benchmarks.zoo [--sample ci|families|N] [--only NAME ...]``.
 
 Every timm model with at most ``--cap`` parameters and every torchvision classifier under it, each in its own
 process within ``--limit`` seconds: build with two task heads, trace, analyze, rewrite at four layer choices, check
@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=float, default=600, help="seconds per model (default: 600)")
     parser.add_argument("--library", choices=("timm", "torchvision"), action="append",
                         help="only this library's models (repeatable; default: both)")
-    parser.add_argument("--sample", choices=("ci", "families"),
-                        help="ci: a fixed handful across families; families: the smallest model of each family")
+    parser.add_argument("--sample", type=_sample, metavar="ci|families|N",
+                        help="ci: a fixed handful across families; families: the smallest model of each family; "
+                             "N: N models drawn at random (seed 0)")
     parser.add_argument("--only", nargs="+", metavar="NAME", help='these models ("timm/resnet18", ...)')
     parser.add_argument("--jobs", type=int, default=1, help="models checked at once (default: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per model (default: 1)")
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         except KeyError as error:
             parser.error(f"unknown model {error}: names are 'timm/<model>' or 'torchvision/<model>'")
     else:
-        models = select(catalog(args.out / "catalog.csv"), args.cap, families=args.sample == "families")
+        models = select(catalog(args.out / "catalog.csv"), args.cap, args.sample)
     if args.library:
         models = [m for m in models if m.library in args.library]
     print(f"fxsplit zoo sweep: {len(models)} models, {args.limit:g} s each at most, {args.jobs} at a time; "
@@ -54,6 +55,12 @@ def main(argv: list[str] | None = None) -> None:
     text = summary([row for row in read(results) if row["name"] in chosen])
     (args.out / "summary.md").write_text(text + "\n")
     print(text)
+
+
+def _sample(text: str) -> str | int:
+    if text in ("ci", "families") or text.isdigit():
+        return int(text) if text.isdigit() else text
+    raise argparse.ArgumentTypeError(f"expected ci, families or a number of models, got {text!r}")
 
 
 if __name__ == "__main__":

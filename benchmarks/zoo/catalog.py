@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import random
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -69,11 +70,14 @@ def _count(name: str) -> int | None:
         return None
 
 
-def select(models: list[Model], cap: float, families: bool = False) -> list[Model]:
-    """The models with at most ``cap`` parameters (and those that could not be counted); with ``families``, only
-    the smallest of each family."""
+def select(models: list[Model], cap: float, sample: str | int | None = None) -> list[Model]:
+    """The models with at most ``cap`` parameters (and those that could not be counted); with ``sample="families"``
+    only the smallest of each family, with an integer ``sample`` that many drawn at random (seed 0)."""
     under = [m for m in models if m.params is None or m.params <= cap]
-    if not families:
+    if isinstance(sample, int):
+        drawn = set(random.Random(0).sample(range(len(under)), min(sample, len(under))))
+        return [m for i, m in enumerate(under) if i in drawn]
+    if sample != "families":
         return under
     smallest: dict[tuple[str, str], Model] = {}
     for m in sorted(under, key=lambda m: (m.params is None, m.params or 0)):
