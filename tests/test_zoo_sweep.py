@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 
 import fxsplit
 from benchmarks.zoo import runner, summary
 from benchmarks.zoo.catalog import CI_SAMPLE, Model, select
-from benchmarks.zoo.check import STAGES, Check, Mismatch
+from benchmarks.zoo.check import STAGES, Check, Mismatch, ModelLimit, cause
 from tests.models import MultiHead, SmallCNN
 
 
@@ -55,6 +56,28 @@ def test_equivalence_names_a_wrong_rewrite():
     assert check.row["max_error"] == "0"
     with pytest.raises(Mismatch, match=r"\(eval mode, split at wrong, task b\)"):
         check.equivalence(model, {"wrong": wrong}, torch.randn(4, 3, 16, 16), ("eval",))
+
+
+class Unscriptable(nn.Module):
+    def forward(self, x):
+        double = lambda t: 2 * t  # noqa: E731 - TorchScript rejects lambdas
+        return double(x)
+
+
+def test_export_failures_say_whether_the_unsplit_model_fails_too(tmp_path):
+    """A model TorchScript cannot compile is a limit of the model; a graph that fails where the model works is not."""
+    model = nn.Sequential(nn.Linear(3, 3), Unscriptable())
+    graph = fxsplit.trace(model, leaf_modules=[Unscriptable])
+    x = torch.randn(2, 3)
+    with pytest.raises(ModelLimit, match=r"^the unsplit model fails too: ExportError: TorchScript cannot compile"):
+        Check("m").export(model, graph, tmp_path / "m.pt", x)
+    with pytest.raises(fxsplit.ExportError, match="TorchScript cannot compile"):
+        Check("m").export(nn.Linear(3, 3), graph, tmp_path / "m.pt", x)
+
+
+def test_causes_name_the_source_line():
+    error = RuntimeError('Cannot compile:\n  lambdas are not supported\n  File "/lib/timm/models/vit.py", line 12\n')
+    assert cause(error) == "RuntimeError: Cannot compile: lambdas are not supported (vit.py:12)"
 
 
 def test_failures_group_by_cause_across_models():

@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import math
+import re
 import tempfile
 import time
 import warnings
@@ -34,6 +35,10 @@ class Mismatch(Exception):
     """A rewrite's output differs from the original's."""
 
 
+class ModelLimit(Exception):
+    """The unsplit model fails the same stage: a limit of the model (or of torch), not of the rewrite."""
+
+
 def choose(layers: list[str], choice: str) -> list[str]:
     """The layers to split: the first, a middle one, the last, or three spread across (quartiles)."""
     n = len(layers)
@@ -46,9 +51,13 @@ def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
 
 
 def cause(error: BaseException) -> str:
-    """An error as ``Type: first line of its message``."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+    """An error as ``Type: first line of its message`` (and the next, where the first only introduces it), with
+    the source file and line it names, if any."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
+    if where := re.search(r'File "([^"]+)", line (\d+)', str(error)):
+        text += f" ({Path(where[1]).name}:{where[2]})"
+    return f"{type(error).__name__}: {text}"[:300]
 
 
 class Check:
@@ -73,7 +82,7 @@ class Check:
             self.stage("equivalence", self.equivalence, model, splits, batch[0], modes)
             with tempfile.TemporaryDirectory() as out:
                 for stage, suffix in (("torchscript", ".pt"), ("export", ".pt2")):
-                    self.stage(stage, fxsplit.export, splits["spread"], Path(out, f"split{suffix}"), batch[0],
+                    self.stage(stage, self.export, model, splits["spread"], Path(out, f"split{suffix}"), batch[0],
                                core=False)
         except _Stop:
             pass
@@ -118,6 +127,18 @@ class Check:
                         raise Mismatch(f"relative error {error:.2g} > {TOLERANCE:g} ({mode} mode, split at "
                                        f"{choice}, task {task})")
         self.row["max_error"] = f"{worst:.2g}"
+
+
+    def export(self, model, split, path: Path, x) -> None:
+        """``fxsplit.export(split, path, x)``; if that fails, say whether exporting the unsplit model fails too."""
+        try:
+            fxsplit.export(split, path, x)
+        except Exception as error:
+            try:
+                fxsplit.export(model, path.with_stem("original"), x)
+            except Exception:
+                raise ModelLimit(f"the unsplit model fails too: {cause(error)}") from error
+            raise
 
 
 class _Stop(Exception):
