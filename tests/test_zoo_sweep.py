@@ -78,6 +78,8 @@ def test_export_failures_say_whether_the_unsplit_model_fails_too(tmp_path):
 def test_causes_name_the_source_line():
     error = RuntimeError('Cannot compile:\n  lambdas are not supported\n  File "/lib/timm/models/vit.py", line 12\n')
     assert cause(error) == "RuntimeError: Cannot compile: lambdas are not supported (vit.py:12)"
+    error = RuntimeError("x" * 300 + ':\n  File "/lib/timm/layers/mlp.py", line 3\n  more')
+    assert cause(error) == f"RuntimeError: {'x' * 199}… (mlp.py:3)"
 
 
 def test_failures_group_by_cause_across_models():

@@ -53,11 +53,15 @@ def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
 def cause(error: BaseException) -> str:
     """An error as ``Type: first line of its message`` (and the next, where the first only introduces it), with
     the source file and line it names, if any."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [""]
+    message = str(error)
+    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("File ")]
+    lines = lines or [""]
     text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
-    if where := re.search(r'File "([^"]+)", line (\d+)', str(error)):
+    if len(text) > 200:
+        text = text[:199] + "…"
+    if where := re.search(r'File "([^"]+)", line (\d+)', message):
         text += f" ({Path(where[1]).name}:{where[2]})"
-    return f"{type(error).__name__}: {text}"[:300]
+    return f"{type(error).__name__}: {text}"
 
 
 class Check:
