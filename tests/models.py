@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import copy
-import itertools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fxsplit
@@ -197,29 +195,3 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 
 def count(parameters) -> int:
     return sum(p.numel() for p in parameters)
-
-
-def reference(model, tasks, batches, graph, thresholds, optimizer=None):
-    """The plain loop: per-task autograd.grad, per-layer weight+bias vector, cosine, count < S."""
-    named = dict(model.named_parameters())
-    names = list(named)
-    scores = {S: {} for S in thresholds}
-    for batch in batches:
-        out = model(batch[0])
-        losses = {t: loss(out, batch) for t, loss in tasks.items()}
-        grads = {t: dict(zip(names, torch.autograd.grad(v, list(named.values()), retain_graph=True,
-                                                        allow_unused=True))) for t, v in losses.items()}
-        for layer, params in graph.nodes(data="parameters"):
-            users = [t for t in tasks if any(grads[t][p] is not None for p in params)]
-            if len(users) < 2:
-                continue
-            vectors = {t: torch.cat([grads[t][p].reshape(-1) for p in params]) for t in users}
-            for a, b in itertools.combinations(users, 2):
-                cosine = F.cosine_similarity(vectors[a], vectors[b], dim=0)
-                for S in thresholds:
-                    scores[S][layer] = scores[S].get(layer, 0) + int(cosine < S)
-        if optimizer is not None:
-            optimizer.zero_grad()
-            sum(losses.values()).backward()
-            optimizer.step()
-    return scores

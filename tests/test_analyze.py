@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fxsplit
-from tests.models import MultiHead, SmallCNN, TupleHeads, Twice, assert_unchanged, reference, snapshot
+from benchmarks.reference import reference
+from tests.models import MultiHead, SmallCNN, TupleHeads, Twice, assert_unchanged, snapshot
 
 THRESHOLDS = [0.0, -0.05, 0.1]
 

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxsplit
-from tests.models import assert_equivalent, count, reference, task_outputs
+from benchmarks.reference import reference
+from tests.models import assert_equivalent, count, task_outputs
 from tests.strategies import programs
 
 

@@ -30,8 +30,10 @@ def test_ci_sample_passes_every_stage_and_resumes(tmp_path):
     for row in rows:
         assert [row[stage] for stage in STAGES] == ["ok"] * len(STAGES), row
         assert float(row["max_error"]) <= 1e-5 and int(row["scored"]) == int(row["layers"]) > 0, row
+        assert row["plain_loop"] == "equal", row
     assert first.stdout.count("] timm/") + first.stdout.count("] torchvision/") == len(CI_SAMPLE)
-    assert (tmp_path / "summary.md").read_text().startswith("| library |")
+    text = (tmp_path / "summary.md").read_text()
+    assert text.startswith("| library |") and f"on {len(CI_SAMPLE)} of the {len(CI_SAMPLE)} models compared." in text
 
     again = sweep(tmp_path, "--sample", "ci")
     assert "] timm/" not in again.stdout and runner.read(tmp_path / "results.csv") == rows

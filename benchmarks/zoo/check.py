@@ -1,9 +1,9 @@
 """One model through fxsplit's whole pipeline, stage by stage: ``python -m benchmarks.zoo.check NAME``.
 
-Stages: build (backbone, two task heads, an input), trace (the layer graph), analyze (two steps of random data),
-rewrite (at the first backbone layer, a middle one, the last, and three spread out), equivalence (every rewrite
-against the original, per task, in eval and train mode), torchscript and export (the spread rewrite written to a
-``.pt`` / ``.pt2`` file, loaded back and compared, by ``fxsplit.export``). The first five are the core: a failure
+Stages: build (backbone, two task heads, an input), trace (the layer graph), analyze (two steps of random data,
+scores against the plain per-task loop), rewrite (at the first backbone layer, a middle one, the last, and three
+spread out), equivalence (every rewrite against the original, per task, in eval and train mode), torchscript and
+export (the spread rewrite written to a ``.pt`` / ``.pt2`` file, loaded back and compared, by ``fxsplit.export``). The first five are the core: a failure
 there ends the run. Prints one line per stage started, then the result as one JSON line.
 """
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import re
 import tempfile
 import time
@@ -23,12 +22,14 @@ import torch
 
 import fxsplit
 from benchmarks.common import task_losses
+from benchmarks.reference import reference_cosines
 from benchmarks.zoo.build import build
 
 STAGES = ("build", "trace", "analyze", "rewrite", "equivalence", "torchscript", "export")
 CORE = STAGES[:5]
 CHOICES = ("first", "middle", "last", "spread")
 TOLERANCE = 1e-4  # relative; a wrong graph is off by O(1), rounding by < 1e-5 (docs/coverage.md has the spread)
+NEAR = 1e-4  # cosines this close to the threshold S = 0 may fall either side by rounding
 
 
 class Mismatch(Exception):
@@ -80,7 +81,7 @@ class Check:
             graph = self.stage("trace", fxsplit.layer_graph, model)
             layers = [layer for layer in graph if not layer.startswith("heads.")]
             self.row["layers"] = len(layers)
-            self.stage("analyze", self.analyze, model, batch, graph, layers)
+            self.stage("analyze", self.analyze, model, batch, graph)
             splits = self.stage("rewrite", lambda: {c: fxsplit.rewrite(model, choose(layers, c)) for c in CHOICES})
             modes = ("eval", "train") if deterministic else ("eval",)
             self.stage("equivalence", self.equivalence, model, splits, batch[0], modes)
@@ -107,14 +108,24 @@ class Check:
         self.row[stage] = "ok"
         return result
 
-    def analyze(self, model, batch, graph, layers) -> None:
-        """Two probing steps; every backbone layer that both tasks' gradients reach gets a finite score."""
-        report = fxsplit.analyze(model, task_losses(2), [batch, batch], graph=graph, progress=False)
+    def analyze(self, model, batch, graph) -> None:
+        """Two probing steps; the scores must equal those of the plain per-task loop, layer by layer, except where a
+        cosine lies within ``NEAR`` of the threshold (there float rounding decides either way)."""
+        losses, batches = task_losses(2), [batch, batch]
+        report = fxsplit.analyze(model, losses, batches, graph=graph, progress=False)
+        cosines = reference_cosines(copy.deepcopy(model), losses, batches, graph)
         self.row["scored"] = len(report.scores)
-        if not all(math.isfinite(score) for score in report.scores.values()):
-            raise Mismatch("a score is not finite")
-        if not set(report.scores) <= set(layers):
-            raise Mismatch(f"scored layers outside the backbone: {sorted(set(report.scores) - set(layers))[:3]}")
+        if set(report.scores) != set(cosines):
+            raise Mismatch(f"scored layers {sorted(set(report.scores) ^ set(cosines))[:3]} differ from the plain "
+                           f"loop's")
+        near = 0
+        for layer, values in cosines.items():
+            expected = sum(c < 0 for c in values)
+            if report.scores[layer] != expected:
+                if not any(abs(c) < NEAR for c in values):
+                    raise Mismatch(f"layer {layer!r} scores {report.scores[layer]}, the plain loop {expected}")
+                near += 1
+        self.row["plain_loop"] = f"equal except {near} near S" if near else "equal"
 
     def equivalence(self, model, splits, x, modes) -> None:
         """Each rewrite's output per task against the original's, within ``TOLERANCE`` relative error."""
@@ -131,7 +142,6 @@ class Check:
                         raise Mismatch(f"relative error {error:.2g} > {TOLERANCE:g} ({mode} mode, split at "
                                        f"{choice}, task {task})")
         self.row["max_error"] = f"{worst:.2g}"
-
 
     def export(self, model, split, path: Path, x) -> None:
         """``fxsplit.export(split, path, x)``; if that fails, say whether exporting the unsplit model fails too."""

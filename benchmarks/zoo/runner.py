@@ -16,7 +16,8 @@ from benchmarks.zoo.catalog import Model
 from benchmarks.zoo.check import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
-FIELDS = ("name", "family", "params", "size", *STAGES, "max_error", "layers", "scored", "seconds", "causes")
+FIELDS = ("name", "family", "params", "size", *STAGES, "max_error", "layers", "scored", "plain_loop", "seconds",
+          "causes")
 
 
 def read(path: Path) -> list[dict]:
@@ -30,14 +31,14 @@ def read(path: Path) -> list[dict]:
 def sweep(models: Iterable[Model], path: Path, limit: float, jobs: int = 1, threads: int = 1,
           log: Callable[[str], None] = print) -> list[dict]:
     """Check every model not yet in ``path``, ``jobs`` at a time, each within ``limit`` seconds; all rows."""
-    done = {row["name"] for row in read(path)}
+    rows = read(path)
+    done = {row["name"] for row in rows}
     todo = [model for model in models if model.name not in done]
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
+    if not rows or list(rows[0]) != list(FIELDS):  # new, or written with other columns: (re)write the header
+        _write(path, rows)
     with path.open("a", newline="") as file, ThreadPoolExecutor(jobs) as pool:
         writer = csv.DictWriter(file, FIELDS, extrasaction="ignore")
-        if new:
-            writer.writeheader()
         futures = {pool.submit(check, model, limit, threads): model for model in todo}
         for i, future in enumerate(as_completed(futures), 1):
             row = future.result()
@@ -45,6 +46,13 @@ def sweep(models: Iterable[Model], path: Path, limit: float, jobs: int = 1, thre
             file.flush()
             log(f"[{i}/{len(todo)}] {row['name']}: {verdict(row)} ({row['seconds']} s)")
     return read(path)
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def verdict(row: dict) -> str:

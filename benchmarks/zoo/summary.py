@@ -1,5 +1,5 @@
 """The sweep's results as Markdown: pass rates per library, every failure grouped by cause, the rewrites' rounding
-error, and pass rates per family."""
+error and the scores' agreement with the plain loop, and pass rates per family."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import statistics
 from collections import defaultdict
 
-from benchmarks.zoo.check import CORE, TOLERANCE
+from benchmarks.zoo.check import CORE, NEAR, TOLERANCE
 
 SHOWN = 6  # model names listed per failure cause
 
@@ -58,6 +58,11 @@ def rounding(rows: list[dict]) -> str:
             ("(1e-6, 1e-5]", lambda e: 1e-6 < e <= 1e-5), (f"(1e-5, {TOLERANCE:g}]", lambda e: 1e-5 < e)]
     lines = ["| worst relative error of a model's rewrites | models |", "|---|---|"]
     lines += [f"| {label} | {sum(map(test, errors))} |" for label, test in bins]
+    compared = [row["plain_loop"] for row in rows if row.get("plain_loop")]
+    near = len([verdict for verdict in compared if verdict != "equal"])
+    lines += ["", f"analyze's scores equal the plain per-task loop's, layer by layer, on {len(compared) - near} of the "
+                  f"{len(compared)} models compared"
+                  + (f"; on {near} more they differ only where a cosine lies within {NEAR:g} of S." if near else ".")]
     return "\n".join(lines)
 
 
