@@ -77,9 +77,21 @@ def export(
 
 def _write_torchscript(model: nn.Module, path: Path) -> nn.Module:
     scripted = script(model)
-    with _torchscript_quietly():
+    with _torchscript_quietly(), _failing_as(f"TorchScript cannot save {type(model).__name__} (torch.export, "
+                                             f"a .pt2 file, handles more models)"):
         torch.jit.save(scripted, str(path))
         return torch.jit.load(str(path))
+
+
+@contextlib.contextmanager
+def _failing_as(what: str):
+    """Any error inside becomes an ExportError that starts with ``what`` (and chains the original)."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as error:
+        raise ExportError(f"{what}: {type(error).__name__}: {error}") from error
 
 
 @contextlib.contextmanager
@@ -100,13 +112,9 @@ def _write_program(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:
         )
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
-    try:
-        program = torch.export.export(model, inputs, dynamic_shapes=dynamic)
-    except Exception as error:
-        raise ExportError(f"torch.export cannot export {type(model).__name__}: {type(error).__name__}: {error}") \
-            from error
-    torch.export.save(program, str(path))
-    return torch.export.load(str(path)).module()
+    with _failing_as(f"torch.export cannot export {type(model).__name__}"):
+        torch.export.save(torch.export.export(model, inputs, dynamic_shapes=dynamic), str(path))
+        return torch.export.load(str(path)).module()
 
 
 def _run(model: nn.Module, inputs: tuple, what: str) -> Any:

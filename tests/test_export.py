@@ -84,3 +84,18 @@ def test_script_failure_is_an_export_error_and_can_be_retried():
         fxsplit.script(Unscriptable())
     split, x = _split("cnn")
     _assert_same(split(x), fxsplit.script(split)(x))
+
+
+def test_a_file_torchscript_cannot_save_is_an_export_error(tmp_path):
+    """A method TorchScript is told to ignore compiles, but cannot be saved: ExportError, nothing written."""
+    class Ignored(nn.Module):
+        @torch.jit.ignore
+        def double(self, x):
+            return 2 * x
+
+        def forward(self, x):
+            return self.double(x)
+
+    with pytest.raises(fxsplit.ExportError, match=r"(?s)^TorchScript cannot save Ignored .*Could not export Python function call .double."):
+        fxsplit.export(Ignored(), tmp_path / "model.pt", torch.ones(2, 3))
+    assert os.listdir(tmp_path) == []

@@ -54,9 +54,10 @@ def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
 def cause(error: BaseException) -> str:
     """An error as ``Type: first line of its message`` (and the next, where the first only introduces it), with
     the source file and line it names, if any."""
+    if isinstance(error, ModelLimit):  # its message already is a cause
+        return f"ModelLimit: {error}"
     message = str(error)
-    lines = [line.strip() for line in message.splitlines() if line.strip() and not line.strip().startswith("File ")]
-    lines = lines or [""]
+    lines = [line.strip() for line in message.split('File "')[0].splitlines() if line.strip()] or [""]
     text = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
     if len(text) > 200:
         text = text[:199] + "…"
