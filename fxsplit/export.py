@@ -67,7 +67,10 @@ def export(
     expected = _run(model, inputs, "the model")
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the suffix
     try:
-        loaded = _write_torchscript(model, partial) if format == "torchscript" else _write_program(model, inputs, partial)
+        if format == "torchscript":
+            loaded = _write_torchscript(model, partial)
+        else:
+            loaded = _write_program(model, inputs, partial)
         _check_same(expected, _run(loaded, inputs, f"the exported {format} file"), rtol, atol)
         os.replace(partial, path)
     finally:

@@ -89,11 +89,11 @@ def test_failures_group_by_cause_across_models():
         return {"name": name, "causes": causes}
 
     rows = [row("timm/a", "trace: TraceError: cannot trace 'blocks.0' at line 12"),
-            row("timm/b", "trace: TraceError: cannot trace 'stem.1' at line 40; export: ExportError: no"),
+            row("timm/b", "trace: TraceError: cannot trace 'stem.1' at line 40; export: ExportError: no; not this"),
             row("timm/c", "")]
     lines = summary.failures(rows).splitlines()[2:]
     assert lines == ["| trace | TraceError: cannot trace 'blocks.0' at line 12 | timm/a, timm/b |",
-                     "| export | ExportError: no | timm/b |"]
+                     "| export | ExportError: no; not this | timm/b |"]
 
 
 def test_samples_keep_models_under_the_cap():

@@ -3,8 +3,9 @@
 Stages: build (backbone, two task heads, an input), trace (the layer graph), analyze (two steps of random data,
 scores against the plain per-task loop), rewrite (at the first backbone layer, a middle one, the last, and three
 spread out), equivalence (every rewrite against the original, per task, in eval and train mode), torchscript and
-export (the spread rewrite written to a ``.pt`` / ``.pt2`` file, loaded back and compared, by ``fxsplit.export``). The first five are the core: a failure
-there ends the run. Prints one line per stage started, then the result as one JSON line.
+export (the spread rewrite written to a ``.pt`` / ``.pt2`` file, loaded back and compared, by ``fxsplit.export``).
+The first five are the core: a failure there ends the run. Prints one line per stage started, then the result as
+one JSON line.
 """
 
 from __future__ import annotations

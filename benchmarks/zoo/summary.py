@@ -7,7 +7,7 @@ import re
 import statistics
 from collections import defaultdict
 
-from benchmarks.zoo.check import CORE, NEAR, TOLERANCE
+from benchmarks.zoo.check import CORE, NEAR, STAGES, TOLERANCE
 
 SHOWN = 6  # model names listed per failure cause
 
@@ -36,7 +36,7 @@ def failures(rows: list[dict]) -> str:
     """Every failure, grouped by stage and cause (quoted names and numbers set aside), with the models it hit."""
     groups = defaultdict(list)
     for row in rows:
-        for failure in filter(None, row["causes"].split("; ")):
+        for failure in filter(None, re.split(f"; (?=(?:{'|'.join(STAGES)}): )", row["causes"])):
             stage, _, text = failure.partition(": ")
             groups[stage, _pattern(text)].append((row["name"], text))
     if not groups:
