@@ -1,10 +1,12 @@
 import json
 
+import pytest
 import torch
 
 from fxsplit import cli, demo
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # TorchScript files on purpose
 def test_quick_demo_writes_every_file_and_exports_match(tmp_path, monkeypatch, capsys):
     runs = []
     original = demo.run
