@@ -1,5 +1,6 @@
-"""The plain loop that ``fxsplit.analyze`` must agree with: per step, each task's gradient by its own
-``autograd.grad``, each layer's weight and bias as one vector, the cosine of every task pair."""
+"""What fxsplit's results are checked against: the plain loop that ``fxsplit.analyze`` must agree with (per step,
+each task's gradient by its own ``autograd.grad``, each layer's weight and bias as one vector, the cosine of every
+task pair), and the relative error by which a rewrite's output may differ from the original's."""
 
 from __future__ import annotations
 
@@ -38,3 +39,8 @@ def reference(model, tasks, batches, graph, thresholds, optimizer=None) -> dict[
     """Recon's scores by the plain loop: for each threshold S, each layer's count of cosines < S."""
     cosines = reference_cosines(model, tasks, batches, graph, optimizer)
     return {S: {layer: sum(c < S for c in values) for layer, values in cosines.items()} for S in thresholds}
+
+
+def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
+    """``|expected - got| / |expected|`` (Frobenius norms)."""
+    return ((expected - got).norm() / expected.norm().clamp_min(1e-30)).item()

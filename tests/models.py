@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import fxsplit
+from benchmarks.reference import relative_error
 
 
 class MultiHead(nn.Module):
@@ -148,10 +149,6 @@ def task_outputs(model: nn.Module, x: torch.Tensor, rewrite_kwargs: dict) -> dic
     if isinstance(out, dict):
         return out
     return {task: out for task in rewrite_kwargs["tasks"]}
-
-
-def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
-    return ((expected - got).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def assert_equivalent(model: nn.Module, split: fxsplit.SplitModule, x: torch.Tensor, rewrite_kwargs: dict,

@@ -17,7 +17,7 @@ import torch
 import torchvision
 
 from benchmarks.zoo.catalog import CI_SAMPLE, catalog, describe, select
-from benchmarks.zoo.runner import read, sweep
+from benchmarks.zoo.runner import sweep
 from benchmarks.zoo.summary import summary
 
 
@@ -49,10 +49,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"fxsplit zoo sweep: {len(models)} models, {args.limit:g} s each at most, {args.jobs} at a time; "
           f"torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}, "
           f"{platform.python_implementation()} {platform.python_version()}", flush=True)
-    results = args.out / "results.csv"
-    sweep(models, results, args.limit, args.jobs, args.threads)
+    rows = sweep(models, args.out / "results.csv", args.limit, args.jobs, args.threads)
     chosen = {m.name for m in models}
-    text = summary([row for row in read(results) if row["name"] in chosen])
+    text = summary([row for row in rows if row["name"] in chosen])
     (args.out / "summary.md").write_text(text + "\n")
     print(text)
 

@@ -23,7 +23,7 @@ import torch
 
 import fxsplit
 from benchmarks.common import task_losses
-from benchmarks.reference import reference_cosines
+from benchmarks.reference import reference_cosines, relative_error
 from benchmarks.zoo.build import build
 
 STAGES = ("build", "trace", "analyze", "rewrite", "equivalence", "torchscript", "export")
@@ -46,10 +46,6 @@ def choose(layers: list[str], choice: str) -> list[str]:
     n = len(layers)
     picks = {"first": [0], "middle": [(n - 1) // 2], "last": [n - 1], "spread": [n // 4, n // 2, 3 * n // 4]}[choice]
     return list(dict.fromkeys(layers[i] for i in picks))
-
-
-def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
-    return ((expected - got).norm() / expected.norm().clamp_min(1e-30)).item()
 
 
 def cause(error: BaseException) -> str:
