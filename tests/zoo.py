@@ -19,6 +19,7 @@ from torchvision.models import list_models
 
 from benchmarks.zoo.build import (BATCH, FEATURES, SIZE, TORCHVISION_SIZES, backbone, calibrate, no_randomness,
                                    parameter_count)
+from benchmarks.zoo.catalog import torchvision_family
 from tests.models import MultiHead
 
 LIMIT = 100_000_000
@@ -118,7 +119,7 @@ def _torchvision() -> list[Entry]:
     for name in list_models(module=torchvision.models):
         if parameter_count(f"torchvision/{name}") >= LIMIT:
             continue
-        family = name.split("_")[0].rstrip("0123456789")
+        family = torchvision_family(name)
         kind = "vit" if family in ("vit", "swin") else "hybrid" if family == "maxvit" else "cnn"
         entries.append(Entry(f"torchvision/{name}", family, kind, TORCHVISION_SIZES.get(name, SIZE),
                              sample=name in TORCHVISION_SAMPLE))

@@ -38,8 +38,13 @@ def names() -> dict[str, str]:
     families = {f"timm/{name}": module for module in timm.list_modules()
                 for name in timm.list_models(module=module)}
     for name in list_models(module=torchvision.models):
-        families[f"torchvision/{name}"] = name.split("_")[0].rstrip("0123456789")
+        families[f"torchvision/{name}"] = torchvision_family(name)
     return families
+
+
+def torchvision_family(name: str) -> str:
+    """A torchvision model's family: its name up to the first underscore, without a size ("resnet50" -> "resnet")."""
+    return name.split("_")[0].rstrip("0123456789")
 
 
 def describe(models: Iterable[str]) -> list[Model]:
