@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import operator
 import os
 import traceback
 import warnings
@@ -20,13 +19,10 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from ..errors import TraceError
+from .mutations import follow_mutations
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
-_INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
-}
 
 
 def _registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
@@ -158,37 +154,6 @@ def _trace_copy(model: nn.Module, training: bool, tracer_kwargs: dict, concrete_
     except Exception as error:
         raise _trace_error(root, tracer, error) from error
     return follow_mutations(fx.GraphModule(tracer.root, graph, type(model).__name__))
-
-
-def follow_mutations(gm: fx.GraphModule) -> fx.GraphModule:
-    """Make every reader of a tensor that an in-place operation wrote to, after that operation, read its result."""
-    position = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
-        mutated = mutated_input(gm, node)
-        if mutated is None:
-            continue
-        for user in list(mutated.users):
-            if position[user] > position[node]:
-                user.replace_input_with(mutated, node)
-    gm.recompile()
-    return gm
-
-
-def mutated_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The input node an in-place operation writes to, or ``None``."""
-    if not node.args or not isinstance(node.args[0], fx.Node):
-        return None
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        inplace = node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
-            name.endswith("_") and not name.startswith("_"))
-    elif node.op == "call_method":
-        inplace = node.target.endswith("_") and not node.target.startswith("_")
-    elif node.op == "call_module":
-        inplace = getattr(gm.get_submodule(node.target), "inplace", False) is True
-    else:
-        inplace = False
-    return node.args[0] if inplace else None
 
 
 def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception) -> TraceError:
