@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import fxsplit
-from benchmarks.reference import relative_error
+from tests.reference import relative_error
 
 
 class MultiHead(nn.Module):

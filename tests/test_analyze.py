@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import fxsplit
-from benchmarks.reference import reference
+from tests.reference import reference
 from tests.models import MultiHead, SmallCNN, TupleHeads, Twice, assert_unchanged, snapshot
 
 THRESHOLDS = [0.0, -0.05, 0.1]

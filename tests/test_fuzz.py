@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxsplit
-from benchmarks.reference import reference
+from tests.reference import reference
 from tests.models import assert_equivalent, count, task_outputs
 from tests.strategies import programs
 

@@ -23,7 +23,7 @@ import torch
 
 import fxsplit
 from benchmarks.common import task_losses
-from benchmarks.reference import reference_cosines, relative_error
+from tests.reference import reference_cosines, relative_error
 from benchmarks.zoo.build import build
 
 STAGES = ("build", "trace", "analyze", "rewrite", "equivalence", "torchscript", "export")
