@@ -11,9 +11,9 @@ import fxsplit
 from fxsplit import datasets
 
 SECTIONS = {
-    "Surgery": ["trace", "layer_graph", "rewrite", "SplitModule", "export", "script"],
+    "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
     "Conflict scores": ["analyze", "ConflictReport", "LayerSelection"],
-    "Errors": ["FxsplitError", "TraceError", "LayerError", "UnknownLayerError", "TaskError", "InitError",
+    "Errors": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError", "UnknownLayerError", "TaskError", "InitError",
                "ReportError", "ExportError"],
 }
 

@@ -2,10 +2,11 @@
 
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, ReportError, TaskError, TraceError, UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, ReportError, SplitMismatchError, TaskError, TraceError,
+    TraceMismatchError, UnknownLayerError,
 )
 from .export import export, script
-from .layers import layer_graph
+from .layers import LayerGraph, layer_graph
 from .report import ConflictReport, LayerSelection
 from .rewrite import rewrite
 from .split_module import SplitModule
@@ -17,11 +18,14 @@ __all__ = [
     "FxsplitError",
     "InitError",
     "LayerError",
+    "LayerGraph",
     "LayerSelection",
     "ReportError",
+    "SplitMismatchError",
     "SplitModule",
     "TaskError",
     "TraceError",
+    "TraceMismatchError",
     "UnknownLayerError",
     "analyze",
     "export",

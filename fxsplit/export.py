@@ -6,11 +6,13 @@ import contextlib
 import copy
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
 
@@ -29,7 +31,7 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
     """
     model = copy.deepcopy(model).eval()
     if isinstance(model, fx.GraphModule):
-        _drop_guards(model)
+        _drop_bound_arguments(model)
     try:
         with _torchscript_quietly():
             return torch.jit.script(model)
@@ -107,17 +109,24 @@ def _torchscript_quietly():
 
 
 def _write_program(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:
-    small = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] < 2)]
-    if small:
-        raise ExportError(
-            f"example input(s) {small} have a batch of fewer than 2: torch.export would fix the batch size. "
-            f"Give examples with a batch of 2 or more."
-        )
-    batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
     with _failing_as(f"torch.export cannot export {type(model).__name__}"):
-        torch.export.save(torch.export.export(model, inputs, dynamic_shapes=dynamic), str(path))
+        torch.export.save(torch.export.export(model, inputs, dynamic_shapes=dynamic_batch(inputs)), str(path))
         return torch.export.load(str(path)).module()
+
+
+def dynamic_batch(inputs: tuple) -> tuple:
+    """torch.export's ``dynamic_shapes`` for ``inputs`` of any structure: dimension 0 of every tensor whose first
+    dimension is the batch (the size most tensors share) is one dynamic ``batch``; other tensors stay static."""
+    leaves = [x for x in tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not leaves:
+        raise ExportError("the example inputs hold no tensor with a batch dimension to export with.")
+    size = Counter(x.shape[0] for x in leaves).most_common(1)[0][0]
+    if size < 2:
+        raise ExportError(f"the example inputs have a batch of {size}: torch.export would fix the batch size. "
+                          f"Give examples with a batch of 2 or more.")
+    batch = torch.export.Dim("batch")
+    return tree_map(lambda x: {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == size
+                    else None, inputs)
 
 
 def _run(model: nn.Module, inputs: tuple, what: str) -> Any:
@@ -141,9 +150,12 @@ def _check_same(expected: Any, got: Any, rtol: float, atol: float) -> None:
                               f"{(a - b).abs().max().item():.3g} (rtol={rtol}, atol={atol}).")
 
 
-def _drop_guards(gm: fx.GraphModule) -> None:
-    """Remove the ``_assert_is_none`` checks that tracing with ``concrete_args`` inserts (they do not script)."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+def _drop_bound_arguments(gm: fx.GraphModule) -> None:
+    """Remove the arguments fixed while tracing (``task_name=None``) and the guards that check them: TorchScript
+    types an unannotated argument as a tensor, which ``None`` is not. The scripted module takes the others."""
+    bound = [node for node in gm.graph.nodes if node.meta.get("bound") or (
+        node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none")]
+    for node in reversed(bound):
+        if not node.users:
             gm.graph.erase_node(node)
     gm.recompile()
