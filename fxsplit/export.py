@@ -8,7 +8,7 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import fx, nn
@@ -19,10 +19,13 @@ from .errors import ExportError
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
 
 
-def script(model: nn.Module) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` a copy of ``model`` in eval mode, without the guards ``concrete_args`` leave behind.
+def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` a copy of ``model`` in eval mode.
 
-    Scripting a fresh copy each time keeps a failed attempt from leaving a half-registered class behind.
+    For a traced or split model, the arguments fixed while tracing (``task_name=None``) and their guards are left
+    out, and ``example_inputs`` (a tuple of positional inputs) give the other arguments their types: TorchScript
+    takes an argument it knows nothing of for a tensor, so a dict or a list input needs an example. Scripting a
+    fresh copy each time keeps a failed attempt from leaving a half-registered class behind.
 
     >>> import torch, fxsplit
     >>> gm = fxsplit.trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
@@ -32,6 +35,8 @@ def script(model: nn.Module) -> torch.jit.ScriptModule:
     model = copy.deepcopy(model).eval()
     if isinstance(model, fx.GraphModule):
         _drop_bound_arguments(model)
+        if example_inputs is not None:
+            _annotate(model, example_inputs)
     try:
         with _torchscript_quietly():
             return torch.jit.script(model)
@@ -70,7 +75,7 @@ def export(
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the suffix
     try:
         if format == "torchscript":
-            loaded = _write_torchscript(model, partial)
+            loaded = _write_torchscript(model, inputs, partial)
         else:
             loaded = _write_program(model, inputs, partial)
         _check_same(expected, _run(loaded, inputs, f"the exported {format} file"), rtol, atol)
@@ -80,8 +85,8 @@ def export(
     return path
 
 
-def _write_torchscript(model: nn.Module, path: Path) -> nn.Module:
-    scripted = script(model)
+def _write_torchscript(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:
+    scripted = script(model, inputs)
     with _torchscript_quietly(), _failing_as(f"TorchScript cannot save {type(model).__name__} (torch.export, "
                                              f"a .pt2 file, handles more models)"):
         torch.jit.save(scripted, str(path))
@@ -148,6 +153,29 @@ def _check_same(expected: Any, got: Any, rtol: float, atol: float) -> None:
         if isinstance(a, torch.Tensor) and not torch.allclose(a, b, rtol=rtol, atol=atol):
             raise ExportError(f"the exported file does not reproduce the model: max |difference| "
                               f"{(a - b).abs().max().item():.3g} (rtol={rtol}, atol={atol}).")
+
+
+def _annotate(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Type the graph's arguments after the example inputs, for TorchScript."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    for node, value in zip(placeholders, inputs):
+        if node.type is None:
+            node.type = _type_of(value)
+    gm.recompile()
+
+
+def _type_of(value: Any) -> Any:
+    """The Python type annotation TorchScript reads for an example value (``Dict[str, Tensor]`` for a dict...)."""
+    if isinstance(value, torch.Tensor):
+        return torch.Tensor
+    if isinstance(value, dict) and value:
+        key, item = next(iter(value.items()))
+        return Dict[type(key), _type_of(item)]
+    if isinstance(value, list) and value:
+        return List[_type_of(value[0])]
+    if isinstance(value, tuple):
+        return Tuple[tuple(_type_of(item) for item in value)]
+    return type(value) if isinstance(value, (bool, int, float, str)) else None
 
 
 def _drop_bound_arguments(gm: fx.GraphModule) -> None:
