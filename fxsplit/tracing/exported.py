@@ -190,6 +190,7 @@ def _contract_module(exported: fx.GraphModule, root: nn.Module, example: tuple[t
     _read_ties_by_owner(graph, root, modules)
     targets = {node.target for node in graph.nodes if node.op in ("get_attr", "call_module")}
     gm = ExportedGraphModule({t: _attribute((root, exported), t) for t in targets}, graph, type(root).__name__)
+    _keep_state(gm, root)
     nn.Module.train(gm, training)
     gm.meta["fxsplit_route"] = "export"
     gm.graph.lint()
@@ -272,6 +273,21 @@ def _read_ties_by_owner(graph: fx.Graph, root: nn.Module, modules: set[str]) -> 
                 user.replace_input_with(node, read)
         if not node.users:
             graph.erase_node(node)
+
+
+def _keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
+    """Every parameter and buffer of the model at its qualified name, read by the graph or not (an eval graph
+    reads no ``num_batches_tracked``), buffers as persistent as in the model: ``state_dict()`` has the model's keys."""
+    for path, module in root.named_modules(remove_duplicate=False):
+        holder = gm
+        for part in path.split(".") if path else ():
+            if part not in holder._modules:
+                holder.add_module(part, nn.Module())
+            holder = holder._modules[part]
+        for name, parameter in module.named_parameters(recurse=False):
+            holder.register_parameter(name, parameter)
+        for name, buffer in module.named_buffers(recurse=False):
+            holder.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
 
 
 def _attribute(roots: tuple[nn.Module, ...], target: str) -> Any:
