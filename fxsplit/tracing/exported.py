@@ -2,52 +2,65 @@
 
 ``torch.fx`` symbolic tracing stops at Python that reads tensor shapes or values (HuggingFace transformers,
 ``if x.size()[-2:] != y.size()[-2:]`` in MTAN's attention blocks); ``torch.export`` runs the real Python on an
-example input and records the ATen operations it did. :func:`trace_exported` turns the exported program into a
-graph that meets the same contract as the ``torch.fx`` route (:mod:`fxsplit.tracing.symbolic`):
+example input and records the ATen operations it ran. :func:`trace_exported` calls
+``torch.export.export(model, args, kwargs, strict=False)`` and ``.module()`` (``strict=True`` gives the same graph
+and paths on the test models, two to four times slower), then rebuilds the graph to meet the contract of the
+``torch.fx`` route (:mod:`fxsplit.tracing.symbolic`):
 
-- it computes what the model computes on the example's shapes, with a dynamic batch dimension (dimension 0 of
-  every tensor in the example, dict and nested inputs too) where the model allows it, in the train/eval mode it
-  was traced in; that mode is fixed in the graph (dropout's ``train`` flag, BatchNorm's batch statistics), so
-  switching it raises :class:`~fxsplit.errors.TraceError`: trace once per mode;
-- one placeholder per ``forward`` parameter the example gives (in ``forward``'s order; the others keep their
-  defaults); a non-tensor argument (a task name, a flag, ``None``) is fixed at its example value, and a call
-  with another value fails an assertion; the output has the model's structure (dict keys, tuple positions);
+- it computes what the model computes at the example's sizes, with a dynamic batch (dimension 0 of every tensor
+  of the example, in dicts and nested structures too) where the model allows it, in the train/eval mode it was
+  traced in. The mode is part of the graph (dropout's ``train`` flag, BatchNorm's batch statistics): switching it
+  raises :class:`~fxsplit.errors.TraceError`, so a model needs one graph per mode;
+- one placeholder per ``forward`` parameter the example gives, in ``forward``'s order (the others keep their
+  defaults); a non-tensor argument (a task name, a flag, ``None``) is fixed at its example value and asserted on
+  each call; the output has the model's structure (dict keys, tuple positions; a HuggingFace ``ModelOutput``
+  becomes a plain dict with the same keys);
 - parameters and buffers are read by ``get_attr`` nodes named by their qualified names in the model; a tensor
   with several names (tied weights) is read under the name its reading module gives it (an embedding reads
-  ``embed.weight``, the tied head ``head.weight``), under its first name when no module owns it;
-- every node has ``node.meta["path"]``: the dotted path of the module whose ``forward`` created it, then the
-  operation, numbered when repeated (``"encoder.layer.0.attention.self.query.linear"``, ``"...add_1"``);
-  node names are the paths with underscores; ``gm.meta["fxsplit_route"] == "export"``.
+  ``embed.weight``, the tied head ``head.weight``; ``torch.export`` itself reads one name everywhere), under its
+  first name when the model's own ``forward`` reads it. Every parameter and buffer of the model stays on the graph
+  module at its name, read or not (an eval graph reads no ``num_batches_tracked``): ``state_dict()`` has the
+  model's keys;
+- every node has ``node.meta["path"]``, the dotted path of the module whose ``forward`` created it (from
+  ``nn_module_stack``) and the operation, numbered when repeated (``"encoder.layer.0.attention.self.query.linear"``,
+  ``"block1.add_1"``); ``get_attr`` nodes have the tensor's name; node names are the paths with underscores;
+  ``gm.meta["fxsplit_route"] == "export"``.
 
-What the graph looks like (torch 2.14, ``strict=False``, no decompositions):
+What the graph looks like (torch 2.14, the training IR: no ``run_decompositions``):
 
-- A ``Linear`` is ``aten.linear.default(x, weight, bias)`` with ``get_attr`` weight and bias, a ``Conv2d``
-  ``aten.conv2d.default``, an ``Embedding`` ``aten.embedding.default(weight, ids)``, a ``LayerNorm``
-  ``aten.layer_norm.default``: one node per module call, inside the module's path. (``run_decompositions()``
-  would turn a Linear into ``permute`` + ``addmm`` and BatchNorm into a functional op plus ``copy_`` nodes at the
-  end of the graph: not used, the training IR is closer to the modules.)
-- BatchNorm in train mode is ``aten.add_.Tensor(num_batches_tracked, 1)`` (no users, impure) followed by
+- A module call is one ATen node in the module's path: a ``Linear`` is ``aten.linear.default(x, weight, bias)``
+  reading ``get_attr`` weight and bias (no ``addmm``/transpose), a ``Conv2d`` ``aten.conv2d.default``, an
+  ``Embedding`` ``aten.embedding.default(weight, ids)``, a ``LayerNorm`` ``aten.layer_norm.default``; HF attention
+  is ``aten.scaled_dot_product_attention.default`` with the padding mask as an argument.
+- BatchNorm in train mode: ``aten.add_.Tensor(num_batches_tracked, 1)`` (no users, impure), then
   ``aten.batch_norm.default(x, weight, bias, running_mean, running_var, True, momentum, eps, cudnn)``, which
-  updates the running statistics in place, as eager does; fx does *not* mark ``batch_norm`` impure, so a pass
-  that drops unused nodes drops the running-statistics update with it. In eval mode the ``training`` argument is
-  ``False`` and there is no ``add_``.
-- Stochastic nodes: ``aten.dropout.default(x, p, train)`` (``aten.native_dropout`` / ``aten.bernoulli`` /
-  ``aten.rand*`` after decompositions, ``aten.feature_dropout`` / ``aten.alpha_dropout`` for their modules);
-  ``p`` and ``train`` are literal arguments.
-- Shapes: ``aten.sym_size.int(x, 0)`` nodes read the dynamic batch (their value is a ``SymInt``: metadata, not
-  data); static sizes are literal ints in the arguments (a reshape of BERT's heads reads ``[sym_size, 7, -1, 8]``).
-- Checks: a ``call_module`` of ``_guards_fn`` right after the inputs asserts the shapes the graph was traced
-  for (a different sequence length fails with ``AssertionError: Guard failed: ...``), and
-  ``aten._assert_tensor_metadata`` / ``torch._assert`` nodes check dtypes and fixed arguments; they have no
-  users and are impure, so dead-code elimination keeps them.
-- Python-level checks of the model vanish from the graph (BatchNorm's "expected more than 1 value per channel"
-  in train mode).
+  updates the running statistics in place as eager does (so a BatchNorm applied to several streams updates them
+  once per stream, in graph order). ``torch.fx`` does not count ``batch_norm`` as impure: a pass that drops unused
+  nodes drops the update with it. Eval mode: ``training`` is ``False`` and there is no ``add_``.
+  (``run_decompositions`` would make BatchNorm functional with ``copy_`` writes at the end of the graph, a Linear
+  ``permute`` + ``addmm``: not used.)
+- In-place operations on activations stay in place: ``out += x`` is ``aten.add_.Tensor``, ``ReLU(inplace=True)``
+  ``aten.relu_.default``. Later readers already read the operation's result (what ``follow_mutations`` does on the
+  fx route), but the operation still writes into its input. An ``OpOverload`` says which argument it writes:
+  ``target._schema.arguments[i].alias_info.is_write`` (its ``__name__`` is ``"relu_.default"``).
+- Stochastic nodes: ``aten.dropout.default(x, p, train)`` with literal ``p`` and ``train``
+  (``aten.feature_dropout`` / ``aten.alpha_dropout`` for those modules).
+- Sizes: ``aten.sym_size.int(x, 0)`` reads the dynamic batch (its ``meta["val"]`` is a ``SymInt``: metadata, not
+  data); other sizes are literal ints (BERT's head reshape is ``[sym_size, 8, -1, 8]``).
+- Checks: a ``call_module`` of ``_guards_fn`` after the inputs asserts the sizes the graph was traced for (static
+  dimensions, equal batch dimensions, numbers and strings given; a different sequence length fails with
+  ``AssertionError: Guard failed: input_ids.size()[1] == 8``); ``aten._assert_tensor_metadata`` checks dtypes;
+  ``torch._assert`` nodes check the non-tensor inputs (torch's guards miss ``None``). All have no users and are
+  impure: dead-code elimination keeps them. Python-level checks of the model are gone (BatchNorm's "expected more
+  than 1 value per channel"); a batch of 1 runs.
 
-What it costs and cannot do: tracing the tiny BERT of the tests (2 layers, width 16) takes about 0.6 s
-(``strict=True``: about 1.1 s, same graph). ``torch.export.export`` of the graph again (with a dynamic batch)
-works, after edits too; ``torch.jit.script`` cannot compile it (ATen overloads and the guard module), and the guard
-module cannot be pickled. Data-dependent Python control flow (``if x.sum() > 0``) fails with a
-:class:`~fxsplit.errors.TraceError` naming the module and line.
+After tracing: ``torch.export.export`` of the graph again works with a dynamic batch, after edits too, and so does
+``fxsplit.export`` to ``.pt2``. ``torch.jit.script`` cannot compile the graph (``fxsplit.script`` raises
+:class:`~fxsplit.errors.ExportError`), and ``torch.save``/pickle fail on torch's guard module: ``.pt2`` is how
+this route's graphs are saved. Cost, on a loaded 2-core CPU: 0.8 s for the 2-layer BERT of the tests, 1.8 s for
+the MTAN of the tests, about 5 s for a BERT-base (12 layers, width 768) at sequence length 128; the fx route traces
+the small CNN of the tests in 0.04 s, this route in 0.5 s. Data-dependent Python control flow (``if x.sum() > 0``)
+fails with a :class:`~fxsplit.errors.TraceError` naming the module and the line.
 """
 
 from __future__ import annotations
@@ -65,6 +78,8 @@ from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
 from .symbolic import _copy, _user_line
+
+_VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 
 
 class ExportedGraphModule(fx.GraphModule):
@@ -130,8 +145,7 @@ def _argument_names(root: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any
             f"the example input does not fit {type(root).__name__}.forward{signature}: {error}. Give the example "
             f"as the model is called: args=(...) for positional arguments, kwargs={{...}} for keywords."
         ) from error
-    variadic = [name for name in bound.arguments
-                if signature.parameters[name].kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+    variadic = [name for name in bound.arguments if signature.parameters[name].kind in _VARIADIC]
     if variadic:
         raise TraceError(
             f"the example input fills {type(root).__name__}.forward's variadic parameter(s) {variadic}: the traced "
@@ -182,7 +196,10 @@ def _contract_module(exported: fx.GraphModule, root: nn.Module, example: tuple[t
             out = graph.output(pytree.tree_unflatten(list(flat), exported.graph._codegen.pytree_info.out_spec))
             out.meta["path"] = "output"
             continue
-        path = node.target if node.op in ("get_attr", "call_module") else paths(_scope(node, modules), _op_name(node.target))
+        if node.op in ("get_attr", "call_module"):
+            path = node.target
+        else:
+            path = paths(_scope(node, modules), _op_name(node.target))
         new = graph.create_node(node.op, node.target, fx.map_arg(node.args, values.__getitem__),
                                 fx.map_arg(node.kwargs, values.__getitem__), path.replace(".", "_"), node.type)
         new.meta = {**node.meta, "path": path}
@@ -214,7 +231,7 @@ def _structured_inputs(graph: fx.Graph, exported: fx.Graph, root: nn.Module, exa
         raise TraceError(f"torch.export read {len(flat)} inputs from an example with {len(leaves)}: fxsplit cannot "
                          f"match them. Pass tensors, numbers, strings and None in tuples, lists and dicts.")
     values, reads = {}, {}
-    for (path, example), old in zip(leaves, flat):
+    for (path, value), old in zip(leaves, flat):
         (side, first, *keys) = path
         name = positional[first.idx] if side.idx == 0 else first.key
         node = placeholders[name]
@@ -224,16 +241,18 @@ def _structured_inputs(graph: fx.Graph, exported: fx.Graph, root: nn.Module, exa
                 reads[where] = _read(graph, node, key, name, paths)
             node = reads[where]
         node.meta.update({k: v for k, v in old.meta.items() if k in ("val", "tensor_meta")})
-        if not isinstance(example, torch.Tensor):
-            _assert_fixed(graph, node, example, name + pytree.keystr(tuple(keys)), paths)
+        if not isinstance(value, torch.Tensor):
+            _assert_fixed(graph, node, value, name + pytree.keystr(tuple(keys)), paths)
         values[old] = node
     return values
 
 
 def _read(graph: fx.Graph, node: fx.Node, key: Any, name: str, paths: _PathNames) -> fx.Node:
     """The node that reads ``key`` (a pytree key: index, dict key or attribute) out of ``node``."""
-    if isinstance(key, (pytree.SequenceKey, pytree.MappingKey)):
-        read = graph.call_function(operator.getitem, (node, key.idx if isinstance(key, pytree.SequenceKey) else key.key))
+    if isinstance(key, pytree.SequenceKey):
+        read = graph.call_function(operator.getitem, (node, key.idx))
+    elif isinstance(key, pytree.MappingKey):
+        read = graph.call_function(operator.getitem, (node, key.key))
     elif isinstance(key, pytree.GetAttrKey):
         read = graph.call_function(getattr, (node, key.name))
     else:
@@ -258,7 +277,8 @@ def _read_ties_by_owner(graph: fx.Graph, root: nn.Module, modules: set[str]) -> 
     ``head.weight``); the layer graph groups parameters by their owning module, so each reader gets its own.
     """
     names: dict[int, list[str]] = {}
-    for name, tensor in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+    for name, tensor in (*root.named_parameters(remove_duplicate=False),
+                         *root.named_buffers(remove_duplicate=False)):
         names.setdefault(id(tensor), []).append(name)
     aliases_of = {name: aliases for aliases in names.values() for name in aliases}
     for node in list(graph.find_nodes(op="get_attr")):
