@@ -7,7 +7,6 @@ parameters and buffers (as ``torch.fx.symbolic_trace`` does): it is a view of th
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,11 +14,13 @@ from torch import fx, nn
 
 from ..errors import TraceError
 from .dual import DualGraphModule
+from .exported import ExportedGraphModule, trace_exported, trace_exported_for_reading
 from .mutations import follow_mutations, mutated_input
-from .symbolic import OPTIONS, PathTracer, canonical_names, check_options, symbolic_graph
+from .symbolic import OPTIONS, PathTracer, canonical_names, check_options, copy_module, symbolic_graph
 from .verify import check_trace, example_call, given_arguments
 
-__all__ = ["DualGraphModule", "OPTIONS", "PathTracer", "mutated_input", "trace", "trace_graph", "trace_modes"]
+__all__ = ["DualGraphModule", "ExportedGraphModule", "OPTIONS", "PathTracer", "mutated_input", "trace",
+           "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes"]
 
 
 def trace(
@@ -100,8 +101,7 @@ def trace_graph(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
 def _view(model: nn.Module) -> nn.Module:
     """A copy of ``model``'s modules that shares its parameters and buffers: tracing runs Python code that may
     change a module's attributes, and a view never goes stale."""
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}
-    view = copy.deepcopy(model, memo)
+    view = copy_module(model, share_tensors=True)
     if isinstance(view, fx.GraphModule):
         follow_mutations(view.graph, view)
         view.recompile()

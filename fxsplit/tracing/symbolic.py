@@ -8,6 +8,7 @@ timm's registry of non-traceable modules and functions (when timm is installed) 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import os
@@ -139,6 +140,12 @@ def canonical_names(root: nn.Module) -> dict[str, str]:
     for name, parameter in root.named_parameters(remove_duplicate=False):
         aliases[name] = first.setdefault(id(parameter), name)
     return {alias: name for alias, name in aliases.items() if alias != name}
+
+
+def copy_module(model: nn.Module, share_tensors: bool) -> nn.Module:
+    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own."""
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_tensors else {}
+    return copy.deepcopy(model, memo)
 
 
 def _bound_defaults(root: nn.Module, given: Iterable[str]) -> dict[str, Any]:
