@@ -122,13 +122,17 @@ class IsinstanceCheck(nn.Module):
         return {task: head(h) for task, head in self.heads.items()}
 
 
-def test_a_trace_that_differs_from_the_model_is_stopped():
+def test_a_trace_that_differs_from_the_model_is_stopped_or_traced_the_other_way():
     model, x = IsinstanceCheck(), torch.randn(3, 4)
     with pytest.raises(fxsplit.TraceMismatchError, match=r"in train mode: output\['a'\] differs .*isinstance"):
-        fxsplit.trace(model, x)
+        fxsplit.trace(model, x, method="fx")
     with pytest.raises(fxsplit.TraceMismatchError, match=r"output\['a'\] differs"):
-        fxsplit.rewrite(model, ["trunk"], example_inputs=x)
-    fxsplit.rewrite(model, ["trunk"])  # without an example nothing is checked, as documented
+        fxsplit.rewrite(model, ["trunk"], example_inputs=x, method="fx")
+    unchecked = fxsplit.rewrite(model, ["trunk"])  # without an example nothing is checked, as documented
+    assert unchecked.route == "fx" and not torch.equal(unchecked(x)["a"], model(x)["a"])
+    split = fxsplit.rewrite(model, ["trunk"], example_inputs=x)  # "auto": the torch.export route runs the real code
+    assert split.route == "export" and split.route_reason.startswith("torch.fx's graph differs from the model")
+    assert all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
 
 
 def test_a_traced_view_is_never_stale():

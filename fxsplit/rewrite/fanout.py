@@ -3,8 +3,9 @@
 A node that depends on a chosen layer is *tainted*: it is emitted once per task whose output needs it (its
 branch), with the task's copy in place of each chosen layer's module or parameter, and the one shared set of
 weights everywhere else. Untainted nodes are emitted once and shared by every branch. Nodes no task's output
-needs are dropped. Each emitted node records the original node it came from (``meta["origin"]``) and, in a
-branch, its task (``meta["task"]``), for the passes that follow.
+needs are dropped, except side effects (checks of the inputs, writes to buffers), which go with the values they
+read. Each emitted node records the original node it came from (``meta["origin"]``) and, in a branch, its task
+(``meta["task"]``), for the passes that follow.
 """
 
 from __future__ import annotations
@@ -31,16 +32,32 @@ def output_node(graph: fx.Graph) -> fx.Node:
     return next(node for node in reversed(graph.nodes) if node.op == "output")
 
 
-def needed_nodes(graph: fx.Graph, paths: Mapping[str, Path]) -> dict[str, set[fx.Node]]:
-    """Task -> every node its part of the output depends on."""
+def needed_nodes(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path]) -> dict[str, set[fx.Node]]:
+    """Task -> every node its part of the output depends on, and the side effects on the values it reads (a
+    side effect that reads only what no output needs, such as a check of a fixed argument, goes with every task)."""
     output = output_node(graph).args[0]
-    return {task: _ancestors(select(output, path, task)) for task, path in paths.items()}
+    needed = {task: _ancestors(select(output, path, task)) for task, path in paths.items()}
+    used = set().union(*needed.values())
+    for node in graph.nodes:
+        if not node.users and _side_effect(root, node):
+            inputs = _ancestors(node)
+            for nodes in needed.values():
+                if not inputs & used or inputs & used & nodes:
+                    nodes.update(inputs)
+    return needed
+
+
+def _side_effect(root: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node`` does something besides computing its value (a check, a write, torch.export's guards)."""
+    if node.op == "call_module":
+        return getattr(root.get_submodule(node.target), "_is_impure", False) is True
+    return node.op == "call_function" and node.is_impure(impure_random=False)
 
 
 def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen: Collection[fx.Node]) -> FanOut:
     """The graph in which every node in ``chosen`` applies a per-task copy and everything after it fans out."""
     tainted, clone_first = _taint(root, graph, chosen)
-    emitter = _Emitter(chosen, tainted, clone_first, needed_nodes(graph, paths))
+    emitter = _Emitter(chosen, tainted, clone_first, needed_nodes(root, graph, paths))
     for node in graph.nodes:
         if node.op != "output":
             emitter.emit(node)
@@ -60,8 +77,8 @@ def _taint(root: nn.Module, graph: fx.Graph, chosen: Collection[fx.Node]) -> tup
         if node in chosen or any(arg in tainted for arg in node.all_input_nodes):
             tainted.add(node)
             mutated = mutated_input(root, node)
-            if mutated is not None and mutated not in tainted:
-                clone_first.add(node)
+            if mutated is not None and mutated not in tainted and mutated.op != "get_attr":  # a buffer's update
+                clone_first.add(node)  # sees every branch, as a BatchNorm's running statistics do
     return tainted, clone_first
 
 
@@ -96,7 +113,8 @@ class _Emitter:
             self._use(new, users)
         elif node in self.tainted:
             for task in users:
-                self._emit_branch(node, task)
+                if all(arg in self.branch[task] or arg in self.shared for arg in node.all_input_nodes):
+                    self._emit_branch(node, task)  # a side effect goes where all it reads is
 
     def _guards(self, node: fx.Node) -> bool:
         """Whether ``node`` checks a value bound while tracing (``task_name=None``): kept, though no output needs it."""

@@ -65,6 +65,7 @@ fails with a :class:`~fxsplit.errors.TraceError` naming the module and the line.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import traceback
@@ -73,13 +74,20 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.export import _unlift
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
+from .dual import adopt_layers
 from .symbolic import _user_line, copy_module
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_aten = torch.ops.aten
+# Dropout as torch.export records it: (input, p, train), p and train literal.
+DROPOUT_OPS = frozenset(getattr(_aten, name).default for name in (
+    "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+    "feature_alpha_dropout", "feature_alpha_dropout_"))
 
 
 class ExportedGraphModule(fx.GraphModule):
@@ -93,6 +101,38 @@ class ExportedGraphModule(fx.GraphModule):
                 f"in the graph: it cannot switch to {asked} mode. Trace the model again with training={mode}."
             )
         return self
+
+
+class InputGuards(nn.Module):
+    """``torch.export``'s checks of a call's inputs (the sizes the graph was traced for, and how they relate),
+    kept as their code, so that the module pickles: torch's own holds only a function compiled at run time."""
+
+    _is_impure = True  # it has no users: passes that drop unused nodes must keep it
+
+    def __init__(self, code: list[str], paths: list[pytree.KeyPath]):
+        super().__init__()
+        self.code, self.paths = list(code), list(paths)
+        self._check = _unlift._convert_guards_code_to_fn(self.code, self.paths).forward
+
+    def forward(self, *inputs: Any) -> None:
+        self._check(*inputs)
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_check"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._check = _unlift._convert_guards_code_to_fn(self.code, self.paths).forward
+
+
+def counted_batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                       cudnn_enabled):
+    """``aten.batch_norm`` after counting the batch in ``num_batches_tracked``, as ``nn.BatchNorm``'s ``forward``
+    does: one node where ``torch.export`` records two (the count, with no users, and the normalisation), so that a
+    pass that applies the normalisation once per branch counts once per branch, as the module would."""
+    num_batches_tracked.add_(1)
+    return _aten.batch_norm.default(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                    cudnn_enabled)
 
 
 def trace_exported(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None, *,
@@ -110,29 +150,78 @@ def trace_exported(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | No
     >>> gm(torch.randn(5, 4)).shape  # the batch is dynamic
     torch.Size([5, 2])
     """
-    return _trace(model, args, kwargs, training, share_tensors=False)
+    return _single_mode(model, args, kwargs, training, share_tensors=False)
 
 
 def trace_exported_for_reading(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None, *,
                                training: bool | None = None) -> ExportedGraphModule:
     """Like :func:`trace_exported`, but the graph reads the model's own parameters and buffers: only to be read."""
-    return _trace(model, args, kwargs, training, share_tensors=True)
+    return _single_mode(model, args, kwargs, training, share_tensors=True)
 
 
-def _trace(model, args, kwargs, training, share_tensors: bool) -> ExportedGraphModule:
+def _single_mode(model, args, kwargs, training, share_tensors: bool) -> ExportedGraphModule:
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxsplit traces an nn.Module, got {type(model).__name__}.")
+    training = model.training if training is None else training
+    root = copy_module(model, share_tensors)
+    graph, extras = exported_graph(root, args, kwargs, training)
+    add_attributes(root, extras)
+    gm = ExportedGraphModule(root, graph, type(model).__name__)
+    adopt_layers(gm, root, [graph])
+    keep_state(gm, root)
+    nn.Module.train(gm, training)
+    gm.meta["route"] = "export"
+    return gm
+
+
+def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, training: bool
+                   ) -> tuple[fx.Graph, dict[str, Any]]:
+    """The graph of ``root`` through ``torch.export`` in train or eval mode, and what it reads that ``root`` lacks
+    (torch.export's input checks, constants), named for the mode (``_guards_fn_train``).
+
+    The graph reads ``root``'s parameters and buffers by their names; ``root`` itself is not run (a copy that
+    shares its tensors is). ``args`` that is not a tuple is one positional argument.
+    """
     args = args if isinstance(args, tuple) else (args,)
     kwargs = dict(kwargs or {})
-    training = model.training if training is None else training
-    root = copy_module(model, share_tensors).train(training)
-    given = _argument_names(root, args, kwargs)
+    copy = copy_module(root, share_tensors=True).train(training)
+    given = _argument_names(copy, args, kwargs)
     dynamic = {name: pytree.tree_map(_batch_dim, value) for name, value in given.items()}
+    guards: list[tuple[list[str], list]] = []
     try:
-        program = torch.export.export(root, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(copy, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        with _recording_guards(guards):
+            exported = program.module()
     except Exception as error:
-        raise _export_error(root, error) from error
-    return _contract_module(program.module(), root, (args, kwargs), list(given), training)
+        raise _export_error(copy, error) from error
+    return _contract_graph(exported, copy, (args, kwargs), list(given), "train" if training else "eval", guards)
+
+
+@contextlib.contextmanager
+def _recording_guards(record: list):
+    """Record the code of the input checks that ``ExportedProgram.module()`` makes (torch keeps only the function
+    compiled from it, which does not pickle)."""
+    convert = _unlift._convert_guards_code_to_fn
+
+    def recording(code, paths):
+        record.append((list(code), list(paths)))
+        return convert(code, paths)
+
+    _unlift._convert_guards_code_to_fn = recording
+    try:
+        yield
+    finally:
+        _unlift._convert_guards_code_to_fn = convert
+
+
+def add_attributes(root: nn.Module, attributes: dict[str, Any]) -> None:
+    """Put what a graph reads besides the model's own state on ``root``: modules, and tensors as buffers that
+    ``state_dict()`` leaves out (they are the trace's constants, not the model's state)."""
+    for name, value in attributes.items():
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            root.register_buffer(name, value, persistent=False)
+        else:
+            setattr(root, name, value)
 
 
 def _argument_names(root: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -183,11 +272,16 @@ def _export_error(root: nn.Module, error: Exception) -> TraceError:
     )
 
 
-def _contract_module(exported: fx.GraphModule, root: nn.Module, example: tuple[tuple, dict], given: list[str],
-                     training: bool) -> ExportedGraphModule:
-    """The graph of ``exported`` (flat inputs and outputs, pytree code) rebuilt to meet fxsplit's contract."""
+def _contract_graph(exported: fx.GraphModule, root: nn.Module, example: tuple[tuple, dict], given: list[str],
+                    mode: str, guards: list[tuple[list[str], list]]) -> tuple[fx.Graph, dict[str, Any]]:
+    """The graph of ``exported`` (flat inputs and outputs, pytree code) rebuilt to meet fxsplit's contract, and what
+    it reads that ``root`` does not own, named for the ``mode``."""
     graph, paths, modules = fx.Graph(), _PathNames(), {name for name, _ in root.named_modules()}
+    owned = modules | {name for name, _ in (*root.named_parameters(remove_duplicate=False),
+                                            *root.named_buffers(remove_duplicate=False))}
     values = _structured_inputs(graph, exported.graph, root, example, given, paths)
+    extras: dict[str, Any] = {}
+    counts: dict[str, fx.Node] = {}  # BatchNorm path -> its count of batches, fused into its normalisation
     for node in exported.graph.nodes:
         if node.op == "placeholder" or node.op == "get_attr" and not node.users:  # export reads every parameter
             continue
@@ -196,22 +290,41 @@ def _contract_module(exported: fx.GraphModule, root: nn.Module, example: tuple[t
             out = graph.output(pytree.tree_unflatten(list(flat), exported.graph._codegen.pytree_info.out_spec))
             out.meta["path"] = "output"
             continue
+        target, args = node.target, fx.map_arg(node.args, values.__getitem__)
+        owner = args[3].target.rpartition(".")[0] if target is _aten.batch_norm.default and \
+            isinstance(args[3], fx.Node) else None
+        if owner in counts:
+            count = counts.pop(owner)
+            target, args = counted_batch_norm, (*args[:5], count.args[0], *args[5:])
+            graph.erase_node(count)
         if node.op in ("get_attr", "call_module"):
-            path = node.target
+            if target not in owned:
+                target = f"{target.replace('.', '_')}_{mode}"
+                extras[target] = _guards(guards) if node.target == "_guards_fn" and guards else \
+                    operator.attrgetter(node.target)(exported)
+            path = target
         else:
             path = paths(_scope(node, modules), _op_name(node.target))
-        new = graph.create_node(node.op, node.target, fx.map_arg(node.args, values.__getitem__),
-                                fx.map_arg(node.kwargs, values.__getitem__), path.replace(".", "_"), node.type)
+        new = graph.create_node(node.op, target, args, fx.map_arg(node.kwargs, values.__getitem__),
+                                path.replace(".", "_"), node.type)
         new.meta = {**node.meta, "path": path}
         values[node] = new
+        if _counts_batches(node):
+            counts[node.args[0].target.rpartition(".")[0]] = new
     _read_ties_by_owner(graph, root, modules)
-    targets = {node.target for node in graph.nodes if node.op in ("get_attr", "call_module")}
-    gm = ExportedGraphModule({t: _attribute((root, exported), t) for t in targets}, graph, type(root).__name__)
-    _keep_state(gm, root)
-    nn.Module.train(gm, training)
-    gm.meta["fxsplit_route"] = "export"
-    gm.graph.lint()
-    return gm
+    graph.lint()
+    return graph, extras
+
+
+def _counts_batches(node: fx.Node) -> bool:
+    """Whether ``node`` is a BatchNorm's ``num_batches_tracked += 1`` (in train mode, before it normalises)."""
+    return (node.target is _aten.add_.Tensor and not node.users and node.args[0].op == "get_attr"
+            and node.args[0].target.rpartition(".")[2] == "num_batches_tracked" and node.args[1] == 1)
+
+
+def _guards(recorded: list[tuple[list[str], list]]) -> InputGuards:
+    code, paths = recorded[-1]
+    return InputGuards(code, paths)
 
 
 def _structured_inputs(graph: fx.Graph, exported: fx.Graph, root: nn.Module, example: tuple[tuple, dict],
@@ -295,7 +408,7 @@ def _read_ties_by_owner(graph: fx.Graph, root: nn.Module, modules: set[str]) -> 
             graph.erase_node(node)
 
 
-def _keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
+def keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
     """Every parameter and buffer of the model at its qualified name, read by the graph or not (an eval graph
     reads no ``num_batches_tracked``), buffers as persistent as in the model: ``state_dict()`` has the model's keys."""
     for path, module in root.named_modules(remove_duplicate=False):
@@ -308,16 +421,6 @@ def _keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
             holder.register_parameter(name, parameter)
         for name, buffer in module.named_buffers(recurse=False):
             holder.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
-
-
-def _attribute(roots: tuple[nn.Module, ...], target: str) -> Any:
-    """The object at the qualified name ``target`` of the first of ``roots`` that has it."""
-    for root in roots:
-        try:
-            return operator.attrgetter(target)(root)
-        except AttributeError:
-            continue
-    raise TraceError(f"the exported graph reads {target!r}, which the model does not have.")
 
 
 def _scope(node: fx.Node, modules: set[str]) -> str:

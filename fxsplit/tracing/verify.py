@@ -27,6 +27,11 @@ TRACE_CAUSES = (
     "or an autowrapped function or leaf module that drops an input. Make the module that holds such code a leaf "
     "(tracer_kwargs={'leaf_modules': [...]}), or fix the Python value it reads with concrete_args."
 )
+EXPORT_CAUSES = (
+    "torch.export records one run of the Python code on the example, so the graph differs from the model where "
+    "that code does what a graph cannot record: Python-side randomness, or Python state that changes between "
+    "calls (a counter, a cache, a module attribute set after tracing). Make the model compute it from tensors."
+)
 
 
 def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
@@ -77,9 +82,8 @@ def run(module: Callable, args: tuple, kwargs: dict, buffers: Iterable[torch.Ten
 
 def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
     """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``."""
-    expected_leaves, expected_spec = tree_flatten_with_path(expected)
-    got_leaves, got_spec = tree_flatten_with_path(got)
-    if expected_spec != got_spec:
+    expected_leaves, got_leaves = tree_flatten_with_path(expected)[0], tree_flatten_with_path(got)[0]
+    if _keys(expected_leaves) != _keys(got_leaves):  # by keys: an OrderedDict and a dict with its items are alike
         return "the output structure", f"{_keys(got_leaves)} instead of {_keys(expected_leaves)}"
     for (path, a), (_, b) in zip(expected_leaves, got_leaves):
         how = difference(a, b)
@@ -99,9 +103,11 @@ def check_trace(model: nn.Module, traced: Callable, args: tuple, kwargs: dict, m
         found = first_difference(expected, got)
         if found is not None:
             where, how = found
+            route = getattr(traced, "meta", {}).get("route", "fx")
             raise TraceMismatchError(
-                f"the traced graph of {type(model).__name__} does not compute what the model computes in "
-                f"{'train' if training else 'eval'} mode: {where} differs ({how}). {TRACE_CAUSES}"
+                f"the graph of {type(model).__name__} traced by the {route} route does not compute what the model "
+                f"computes in {'train' if training else 'eval'} mode: {where} differs ({how}). "
+                f"{EXPORT_CAUSES if route == 'export' else TRACE_CAUSES}"
             )
 
 
