@@ -36,8 +36,8 @@ def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.S
     meta = model.meta if isinstance(model, fx.GraphModule) else {}
     if meta.get("route") == "export":
         raise ExportError(
-            f"{type(model).__name__} was traced through torch.export ({meta.get('route_reason', 'asked for')}): its "
-            f"graph applies ATen operations, which TorchScript cannot compile. Save it as a .pt2 file instead "
+            f"the model was traced through torch.export ({meta.get('route_reason', 'asked for')}): its graph "
+            f"applies ATen operations, which TorchScript cannot compile. Save it as a .pt2 file instead "
             f"(fxsplit.export(model, 'model.pt2', example_inputs), or format='export'), which torch.export loads."
         )
     model = copy.deepcopy(model).eval()

@@ -65,7 +65,9 @@ def find_layers(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, 
             reads[owner].append(node)
     calls = {member: _calls(nodes, member) for member, nodes in reads.items()}
     position = _position(graph)
-    members = sorted(reads, key=lambda member: min(map(position, calls[member] or reads[member])))
+    members = sorted(reads, key=lambda member: min(position(use) for node in reads[member]
+                                                    for use in (node.users if node.op == "get_attr" else ())
+                                                    or (node,)))
     canonical = gm.meta.get("canonical")
     canonical = canonical_names(gm) if canonical is None else canonical
     layers = {}

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from torch import fx, nn
 
 from ..errors import SplitMismatchError
-from ..tracing.exported import DROPOUT_OPS
+from ..tracing.exported import drop_probability
 from ..tracing.verify import SEED, TOLERANCE, check_trace, difference, first_difference, mode, run
 from .outputs import Path, select
 
@@ -70,19 +70,27 @@ def _no_dropout(modules: Iterable[nn.Module]) -> Iterator[None]:
     graphs = [m for m in modules if isinstance(m, fx.GraphModule)]
     for graph in graphs:
         for node in graph.graph.nodes:
-            if node.target in DROPOUT_OPS and node.args[1] > 0:
-                nodes.append((node, node.args[1]))
-                node.update_arg(1, 0.0)
+            where, p = drop_probability(node) or (None, 0.0)
+            if p > 0:
+                nodes.append((node, where, p))
+                _set_argument(node, where, 0.0)
         graph.recompile()
     try:
         yield
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
-        for node, p in nodes:
-            node.update_arg(1, p)
+        for node, where, p in nodes:
+            _set_argument(node, where, p)
         for graph in graphs:
             graph.recompile()
+
+
+def _set_argument(node: fx.Node, where: int | str, value) -> None:
+    if isinstance(where, int):
+        node.update_arg(where, value)
+    else:
+        node.update_kwarg(where, value)
 
 
 def _drops(module: nn.Module) -> bool:

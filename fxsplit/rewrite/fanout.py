@@ -10,6 +10,7 @@ read. Each emitted node records the original node it came from (``meta["origin"]
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,25 +34,51 @@ def output_node(graph: fx.Graph) -> fx.Node:
 
 
 def needed_nodes(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path]) -> dict[str, set[fx.Node]]:
-    """Task -> every node its part of the output depends on, and the side effects on the values it reads (a
-    side effect that reads only what no output needs, such as a check of a fixed argument, goes with every task)."""
+    """Task -> every node its part of the output depends on, and the side effects that go with it.
+
+    A side effect (a check, a write that is read afterwards) that no value depends on goes with the tasks that
+    need every value it reads, or if none does, with those that need any; one that reads only inputs and
+    parameters (torch.export's checks of the inputs) goes with every task.
+    """
     output = output_node(graph).args[0]
     needed = {task: _ancestors(select(output, path, task)) for task, path in paths.items()}
     used = set().union(*needed.values())
+    position = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
-        if not node.users and _side_effect(root, node):
-            inputs = _ancestors(node)
-            for nodes in needed.values():
-                if not inputs & used or inputs & used & nodes:
-                    nodes.update(inputs)
+        if node.users or not _side_effect(root, node, position):
+            continue
+        ancestors = _ancestors(node)
+        read = {arg for own in ancestors - used for arg in own.all_input_nodes
+                if arg in used and arg.op not in ("placeholder", "get_attr")}
+        tasks = [task for task, nodes in needed.items() if read <= nodes] or \
+                [task for task, nodes in needed.items() if read & nodes]
+        for task in tasks:
+            needed[task].update(ancestors)
     return needed
 
 
-def _side_effect(root: nn.Module, node: fx.Node) -> bool:
-    """Whether ``node`` does something besides computing its value (a check, a write, torch.export's guards)."""
+def _side_effect(root: nn.Module, node: fx.Node, position: Mapping[fx.Node, int]) -> bool:
+    """Whether ``node`` does something besides computing a value: a check (torch.export's checks of the inputs,
+    an assertion), or a write that is read afterwards (into a buffer, an input, or a tensor read later)."""
     if node.op == "call_module":
         return getattr(root.get_submodule(node.target), "_is_impure", False) is True
-    return node.op == "call_function" and node.is_impure(impure_random=False)
+    if node.op != "call_function" or not node.is_impure(impure_random=False):
+        return False
+    written = node.args[0] if node.target is operator.setitem else mutated_input(root, node)
+    while written is not None and written.op not in ("placeholder", "get_attr"):
+        if any(position[user] > position[node] for user in written.users):
+            return True
+        written = _viewed(written)
+        if written is None:  # a write into a tensor that nothing reads afterwards
+            return False
+    return True
+
+
+def _viewed(node: fx.Node) -> fx.Node | None:
+    """The tensor that ``node`` is a view of (an ATen operation whose result aliases its first input), if any."""
+    schema = getattr(node.target, "_schema", None)
+    aliased = schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
+    return node.args[0] if aliased and not schema.arguments[0].alias_info.is_write else None
 
 
 def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen: Collection[fx.Node]) -> FanOut:

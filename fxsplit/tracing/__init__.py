@@ -164,7 +164,7 @@ def _route(model: nn.Module, method: str, example: Example | None, options: Mapp
         if example is None:
             raise TraceError(f"{error} Or give an example input (example_inputs=..., example_kwargs=...): then "
                              f"fxsplit tries the torch.export route, which runs the model's Python on it.") from error
-        return _second_route(model, by_export, f"torch.fx cannot trace it: {_gist(error)}", error, example, modes)
+        return _second_route(model, by_export, _gist(error), error, example, modes)
     if example is None:
         return _recorded(traced, "fx", "asked for (method='fx'), not checked: no example input" if method == "fx"
                          else "torch.fx traced it; not checked: no example input")
@@ -174,8 +174,7 @@ def _route(model: nn.Module, method: str, example: Example | None, options: Mapp
     except TraceMismatchError as error:
         if method == "fx":
             raise
-        return _second_route(model, by_export, f"torch.fx's graph differs from the model on the example: "
-                                               f"{_gist(error)}", error, example, modes)
+        return _second_route(model, by_export, _gist(error), error, example, modes)
 
 
 def _second_route(model: nn.Module, by_export: Callable[[], fx.GraphModule], reason: str, error: TraceError,

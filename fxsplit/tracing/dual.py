@@ -9,6 +9,7 @@ graph survives ``copy.deepcopy``, pickling and ``torch.save``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -104,14 +105,27 @@ def _init_from_copy(module: DualGraphModule, root: nn.Module, graph: fx.Graph) -
 
 def _rebuild(cls: type, class_name: str, body: dict, import_block: str, other_code: str | None) -> DualGraphModule:
     """Unpickle: re-create each mode's graph from its code (as ``GraphModule`` does for its one graph)."""
-    graph = reduce_graph_module(dict(body), import_block).graph
-    other = graph if other_code is None else reduce_graph_module({**body, "_code": other_code}, import_block).graph
     root = _CodeOnlyModule(dict(body))
+    graph = _graph_from_code(root, body, import_block)
+    other = graph if other_code is None else _graph_from_code(root, {**body, "_code": other_code}, import_block)
     module = cls.__new__(cls)
     mode = root.__dict__.pop("_graph_training")
     cls.__init__(module, root, {mode: graph, not mode: other}, class_name, **_arguments(cls, root))
     module.meta = dict(body.get("meta", {}))
     return module
+
+
+def _graph_from_code(root: nn.Module, body: dict, import_block: str) -> fx.Graph:
+    """The graph that ``body``'s code traces to, its constants put on ``root`` under names of their own: tracing
+    code runs what reads no input (``torch.arange(8)``) and keeps the result as a constant."""
+    traced = reduce_graph_module(dict(body), import_block)
+    owned = {*body, *body["_modules"], *body["_parameters"], *body["_buffers"]}
+    for node in traced.graph.find_nodes(op="get_attr"):
+        if node.target.split(".")[0] not in owned:
+            name = next(name for i in itertools.count() if (name := f"_code_constant{i}") not in root._buffers)
+            root.register_buffer(name, getattr(traced, node.target), persistent=False)
+            node.target = name
+    return traced.graph
 
 
 def _arguments(cls: type, root: nn.Module) -> dict[str, Any]:

@@ -84,10 +84,14 @@ from .symbolic import _user_line, copy_module
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 _aten = torch.ops.aten
-# Dropout as torch.export records it: (input, p, train), p and train literal.
-DROPOUT_OPS = frozenset(getattr(_aten, name).default for name in (
-    "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
-    "feature_alpha_dropout", "feature_alpha_dropout_"))
+# The operations that drop at random, as torch.export records them, and the argument that holds the probability
+# (a number in the graph: setting the module's attribute later changes nothing).
+_DROP_PROBABILITIES = {
+    **{getattr(_aten, name).default: "p" for name in (
+        "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+        "feature_alpha_dropout", "feature_alpha_dropout_")},
+    _aten.scaled_dot_product_attention.default: "dropout_p",
+}
 
 
 class ExportedGraphModule(fx.GraphModule):
@@ -133,6 +137,16 @@ def counted_batch_norm(input, weight, bias, running_mean, running_var, num_batch
     num_batches_tracked.add_(1)
     return _aten.batch_norm.default(input, weight, bias, running_mean, running_var, training, momentum, eps,
                                     cudnn_enabled)
+
+
+def drop_probability(node: fx.Node) -> tuple[int | str, float] | None:
+    """Where a node of a torch.export graph holds the probability it drops with (an argument's index, or its
+    keyword) and that probability; ``None`` for a node that does not drop."""
+    name = _DROP_PROBABILITIES.get(node.target)
+    if name is None:
+        return None
+    index = [argument.name for argument in node.target._schema.arguments].index(name)
+    return (index, node.args[index]) if index < len(node.args) else (name, node.kwargs.get(name, 0.0))
 
 
 def trace_exported(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None, *,
