@@ -110,7 +110,9 @@ class LayerGraph(nx.DiGraph):
     def __str__(self) -> str:
         rows = [f"{data['order']:>4}  {name:<48} {data['kind']:<18} {data['params']:>10,}"
                 for name, data in self.nodes(data=True)]
-        return "\n".join([f"{self.number_of_nodes()} layers, {self.number_of_edges()} edges", *rows])
+        route = f", traced through torch.export ({self.graph['route_reason']})" \
+            if self.graph.get("route") == "export" else ""
+        return "\n".join([f"{self.number_of_nodes()} layers, {self.number_of_edges()} edges{route}", *rows])
 
     def to_dot(self) -> str:
         """The graph in Graphviz DOT (``dot -Tpng layers.dot -o layers.png``)."""
