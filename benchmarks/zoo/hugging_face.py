@@ -48,13 +48,17 @@ SIZE = 32  # pixels of the vision models' images
 LENGTH = 16  # tokens of the text models' sequences
 
 
-class TextBackbone(nn.Module):
-    """A text model's hidden states averaged over the tokens that are not padding, then a linear classifier."""
+class Pooled(nn.Module):
+    """A transformers model, pooled (by ``forward``) into ``width`` values per sample, then a linear classifier."""
 
     def __init__(self, model: nn.Module, width: int, features: int):
         super().__init__()
         self.model = model
         self.classifier = nn.Linear(width, features)
+
+
+class TextBackbone(Pooled):
+    """A text model's hidden states averaged over the tokens that are not padding, then a linear classifier."""
 
     def forward(self, tokens):
         hidden = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]).last_hidden_state
@@ -62,13 +66,8 @@ class TextBackbone(nn.Module):
         return self.classifier((hidden * kept).sum(1) / kept.sum(1))
 
 
-class ImageBackbone(nn.Module):
+class ImageBackbone(Pooled):
     """A vision model's pooled output (a CNN's), or its tokens averaged, then a linear classifier."""
-
-    def __init__(self, model: nn.Module, width: int, features: int):
-        super().__init__()
-        self.model = model
-        self.classifier = nn.Linear(width, features)
 
     def forward(self, images):
         out = self.model(pixel_values=images)

@@ -164,7 +164,7 @@ def _route(model: nn.Module, method: str, example: Example | None, options: Mapp
         if example is None:
             raise TraceError(f"{error} Or give an example input (example_inputs=..., example_kwargs=...): then "
                              f"fxsplit tries the torch.export route, which runs the model's Python on it.") from error
-        return _second_route(model, by_export, _gist(error), error, example, modes)
+        return _second_route(model, by_export, error, example, modes, options)
     if example is None:
         return _recorded(traced, "fx", "asked for (method='fx'), not checked: no example input" if method == "fx"
                          else "torch.fx traced it; not checked: no example input")
@@ -174,12 +174,14 @@ def _route(model: nn.Module, method: str, example: Example | None, options: Mapp
     except TraceMismatchError as error:
         if method == "fx":
             raise
-        return _second_route(model, by_export, _gist(error), error, example, modes)
+        return _second_route(model, by_export, error, example, modes, options)
 
 
-def _second_route(model: nn.Module, by_export: Callable[[], fx.GraphModule], reason: str, error: TraceError,
-                  example: Example, modes: tuple[bool, ...]) -> fx.GraphModule:
+def _second_route(model: nn.Module, by_export: Callable[[], fx.GraphModule], error: TraceError, example: Example,
+                  modes: tuple[bool, ...], options: Mapping[str, Any]) -> fx.GraphModule:
     """The torch.export route, after torch.fx failed with ``error``."""
+    reason = _gist(error) + (f" (tracer_kwargs {sorted(options)}, torch.fx's options, do not apply)" if options
+                             else "")
     try:
         traced = by_export()
     except TraceError as second:

@@ -2,15 +2,17 @@
 
 ``torch.fx`` symbolic tracing stops at Python that reads tensor shapes or values (HuggingFace transformers,
 ``if x.size()[-2:] != y.size()[-2:]`` in MTAN's attention blocks); ``torch.export`` runs the real Python on an
-example input and records the ATen operations it ran. :func:`trace_exported` calls
+example input and records the ATen operations it ran. :func:`exported_graph` calls
 ``torch.export.export(model, args, kwargs, strict=False)`` and ``.module()`` (``strict=True`` gives the same graph
 and paths on the test models, two to four times slower), then rebuilds the graph to meet the contract of the
-``torch.fx`` route (:mod:`fxsplit.tracing.symbolic`):
+``torch.fx`` route (:mod:`fxsplit.tracing.symbolic`); the trace stage (:mod:`fxsplit.tracing`) builds a
+``DualGraphModule`` from the train-mode and the eval-mode graph, :func:`trace_exported` a module of one mode:
 
 - it computes what the model computes at the example's sizes, with a dynamic batch (dimension 0 of every tensor
   of the example, in dicts and nested structures too) where the model allows it, in the train/eval mode it was
   traced in. The mode is part of the graph (dropout's ``train`` flag, BatchNorm's batch statistics): switching it
-  raises :class:`~fxsplit.errors.TraceError`, so a model needs one graph per mode;
+  raises :class:`~fxsplit.errors.TraceError` on an :class:`ExportedGraphModule`, so a model needs one graph per
+  mode;
 - one placeholder per ``forward`` parameter the example gives, in ``forward``'s order (the others keep their
   defaults); a non-tensor argument (a task name, a flag, ``None``) is fixed at its example value and asserted on
   each call; the output has the model's structure (dict keys, tuple positions; a HuggingFace ``ModelOutput``
@@ -20,11 +22,13 @@ and paths on the test models, two to four times slower), then rebuilds the graph
   ``embed.weight``, the tied head ``head.weight``; ``torch.export`` itself reads one name everywhere), under its
   first name when the model's own ``forward`` reads it. Every parameter and buffer of the model stays on the graph
   module at its name, read or not (an eval graph reads no ``num_batches_tracked``): ``state_dict()`` has the
-  model's keys;
+  model's keys; a torch.nn layer whose tensors the graph reads is the model's module itself (``adopt_layers``), so
+  layers keep their kind. What the graph reads besides (torch.export's input checks, constants) is named for the
+  mode (``_guards_fn_train``);
 - every node has ``node.meta["path"]``, the dotted path of the module whose ``forward`` created it (from
   ``nn_module_stack``) and the operation, numbered when repeated (``"encoder.layer.0.attention.self.query.linear"``,
   ``"block1.add_1"``); ``get_attr`` nodes have the tensor's name; node names are the paths with underscores;
-  ``gm.meta["fxsplit_route"] == "export"``.
+  ``gm.meta["route"] == "export"``.
 
 What the graph looks like (torch 2.14, the training IR: no ``run_decompositions``):
 
@@ -32,11 +36,12 @@ What the graph looks like (torch 2.14, the training IR: no ``run_decompositions`
   reading ``get_attr`` weight and bias (no ``addmm``/transpose), a ``Conv2d`` ``aten.conv2d.default``, an
   ``Embedding`` ``aten.embedding.default(weight, ids)``, a ``LayerNorm`` ``aten.layer_norm.default``; HF attention
   is ``aten.scaled_dot_product_attention.default`` with the padding mask as an argument.
-- BatchNorm in train mode: ``aten.add_.Tensor(num_batches_tracked, 1)`` (no users, impure), then
-  ``aten.batch_norm.default(x, weight, bias, running_mean, running_var, True, momentum, eps, cudnn)``, which
-  updates the running statistics in place as eager does (so a BatchNorm applied to several streams updates them
-  once per stream, in graph order). ``torch.fx`` does not count ``batch_norm`` as impure: a pass that drops unused
-  nodes drops the update with it. Eval mode: ``training`` is ``False`` and there is no ``add_``.
+- BatchNorm in train mode: torch.export records ``aten.add_.Tensor(num_batches_tracked, 1)`` (no users, impure),
+  then ``aten.batch_norm.default(x, weight, bias, running_mean, running_var, True, momentum, eps, cudnn)``, which
+  updates the running statistics in place as eager does. The two become one :func:`counted_batch_norm` node, so
+  that a BatchNorm applied to several streams counts and averages once per stream, in graph order, as the module
+  does. ``torch.fx`` does not count ``batch_norm`` as impure: a pass that drops unused nodes drops the update with
+  it (as it drops an unused BatchNorm module's call). Eval mode: ``training`` is ``False`` and there is no count.
   (``run_decompositions`` would make BatchNorm functional with ``copy_`` writes at the end of the graph, a Linear
   ``permute`` + ``addmm``: not used.)
 - In-place operations on activations stay in place: ``out += x`` is ``aten.add_.Tensor``, ``ReLU(inplace=True)``
@@ -44,23 +49,25 @@ What the graph looks like (torch 2.14, the training IR: no ``run_decompositions`
   fx route), but the operation still writes into its input. An ``OpOverload`` says which argument it writes:
   ``target._schema.arguments[i].alias_info.is_write`` (its ``__name__`` is ``"relu_.default"``).
 - Stochastic nodes: ``aten.dropout.default(x, p, train)`` with literal ``p`` and ``train``
-  (``aten.feature_dropout`` / ``aten.alpha_dropout`` for those modules).
+  (``aten.feature_dropout`` / ``aten.alpha_dropout`` for those modules), and attention's ``dropout_p`` of
+  ``aten.scaled_dot_product_attention``: :func:`drop_probability` finds them (setting the module's ``p`` later
+  changes nothing).
 - Sizes: ``aten.sym_size.int(x, 0)`` reads the dynamic batch (its ``meta["val"]`` is a ``SymInt``: metadata, not
   data); other sizes are literal ints (BERT's head reshape is ``[sym_size, 8, -1, 8]``).
 - Checks: a ``call_module`` of ``_guards_fn`` after the inputs asserts the sizes the graph was traced for (static
   dimensions, equal batch dimensions, numbers and strings given; a different sequence length fails with
-  ``AssertionError: Guard failed: input_ids.size()[1] == 8``); ``aten._assert_tensor_metadata`` checks dtypes;
+  ``AssertionError: Guard failed: input_ids.size()[1] == 8``): fxsplit keeps its code in an :class:`InputGuards`
+  module, which pickles (torch's does not); ``aten._assert_tensor_metadata`` checks dtypes;
   ``torch._assert`` nodes check the non-tensor inputs (torch's guards miss ``None``). All have no users and are
   impure: dead-code elimination keeps them. Python-level checks of the model are gone (BatchNorm's "expected more
   than 1 value per channel"); a batch of 1 runs.
 
 After tracing: ``torch.export.export`` of the graph again works with a dynamic batch, after edits too, and so does
 ``fxsplit.export`` to ``.pt2``. ``torch.jit.script`` cannot compile the graph (``fxsplit.script`` raises
-:class:`~fxsplit.errors.ExportError`), and ``torch.save``/pickle fail on torch's guard module: ``.pt2`` is how
-this route's graphs are saved. Cost, on a loaded 2-core CPU: 0.8 s for the 2-layer BERT of the tests, 1.8 s for
-the MTAN of the tests, about 5 s for a BERT-base (12 layers, width 768) at sequence length 128; the fx route traces
-the small CNN of the tests in 0.04 s, this route in 0.5 s. Data-dependent Python control flow (``if x.sum() > 0``)
-fails with a :class:`~fxsplit.errors.TraceError` naming the module and the line.
+:class:`~fxsplit.errors.ExportError`, saying to save a ``.pt2`` file); graphs pickle (unpickling re-traces their
+code, which keeps what reads no input, ``torch.arange(8)``, as a constant). Cost: see docs/guide.md ("The second
+route") and ``python -m benchmarks --only routes``. Data-dependent Python control flow (``if x.sum() > 0``) fails
+with a :class:`~fxsplit.errors.TraceError` naming the module and the line.
 """
 
 from __future__ import annotations
