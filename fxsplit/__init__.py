@@ -2,16 +2,19 @@
 
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, ReportError, TaskError, TraceError, UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, TaskError, TraceError,
+    UnknownLayerError,
 )
 from .export import export, script
 from .layers import layer_graph
 from .report import ConflictReport, LayerSelection
 from .rewrite import rewrite
+from .scoring import ConflictMonitor
 from .split_module import SplitModule
 from .tracing import trace
 
 __all__ = [
+    "ConflictMonitor",
     "ConflictReport",
     "ExportError",
     "FxsplitError",
@@ -19,6 +22,7 @@ __all__ = [
     "LayerError",
     "LayerSelection",
     "ReportError",
+    "ScoringError",
     "SplitModule",
     "TaskError",
     "TraceError",

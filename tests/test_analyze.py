@@ -145,7 +145,7 @@ def _model_tasks_batches():
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: 1 / 0}, b), fxsplit.TaskError,
      "loss of task 'b' raised ZeroDivisionError"),
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: out["b"].sum(1)}, b), fxsplit.TaskError,
-     r"task 'b' must return a scalar tensor, got \(6,\)"),
+     r"task 'b' must be a scalar tensor, got \(6,\)"),
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: out["b"].sum() * math.nan}, b), fxsplit.TaskError,
      r"task\(s\) \['b'\] is NaN or infinite"),
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: torch.tensor(1.0)}, b), fxsplit.TaskError,
