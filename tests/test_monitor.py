@@ -69,7 +69,7 @@ def _spare_model():
     model = MultiHead(Twice(), 8, tasks="abc").double()
     model.spare = nn.Linear(3, 3).double()
     model.backbone.inp.requires_grad_(False)
-    tasks = {t: (lambda i: lambda out, batch: (out[t].sum(1) * batch[1][:, i]).pow(2).mean())(i)
+    tasks = {t: (lambda t, i: lambda out, batch: (out[t].sum(1) * batch[1][:, i]).pow(2).mean())(t, i)
              for i, t in enumerate("abc")}
     batches = [(torch.randn(5, 6, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)) for _ in range(3)]
     return model, tasks, batches
