@@ -78,6 +78,14 @@ def _worker(rank, path, folder):
     results["ddp monitor upgrad"] = (_train(split, shares, monitor, forward=ddp), monitor.report().to_dict())
     split = _split()
     results["split under ddp"] = _train(split, shares, forward=nn.parallel.DistributedDataParallel(split))
+    from torch.distributed.fsdp import fully_shard
+
+    split = fully_shard(_split())
+    results["split under fsdp2"] = {k: v.full_tensor() for k, v in _train(split, shares).items()}
+    try:
+        fxsplit.ConflictMonitor(split, _tasks(), graph=graph)
+    except fxsplit.ScoringError as error:
+        results["fsdp2 monitor"] = str(error)
     model = _model()
     with torch.no_grad():
         model.heads.b.bias.add_(rank)  # ranks that start apart
@@ -148,9 +156,16 @@ def test_a_ddp_wrapped_split_model_with_an_aggregator_trains_like_one_process(ra
     assert all(torch.equal(ranks[0]["ddp monitor upgrad"][0][k], v) for k, v in ranks[1]["ddp monitor upgrad"][0].items())
 
 
-def test_a_split_model_trains_under_ddp_unchanged(ranks):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_a_split_model_trains_under_ddp_and_fsdp2_unchanged(ranks, wrapper):
     state, _ = _one_process(_split())
-    _assert_states_close([r["split under ddp"] for r in ranks], state)
+    _assert_states_close([r[f"split under {wrapper}"] for r in ranks], state)
+
+
+def test_the_monitor_refuses_fsdp2_sharded_parameters_and_says_why(ranks):
+    for r in ranks:
+        assert "parameters are sharded DTensors" in r["fsdp2 monitor"] and "Score under Distributed" in \
+            r["fsdp2 monitor"]
 
 
 def test_ranks_that_start_from_different_parameters_are_refused(ranks):

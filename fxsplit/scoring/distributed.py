@@ -19,6 +19,21 @@ from .counter import Tally
 MODES = ("global", "local")
 
 
+def check_not_sharded(named: list[tuple[str, torch.Tensor]]) -> None:
+    """Raise for parameters sharded as ``DTensor`` (FSDP2's ``fully_shard``): their task gradients are out of reach."""
+    if not dist.is_available():
+        return
+    from torch.distributed.tensor import DTensor
+
+    sharded = [name for name, p in named if isinstance(p, DTensor)]
+    if sharded:
+        raise ScoringError(
+            f"{len(sharded)} parameters are sharded DTensors (e.g. {sharded[0]!r}, by FSDP2's fully_shard): FSDP2 "
+            f"computes with all-gathered copies and hands gradients to the shards only through .grad, one "
+            f"reduce-scatter per backward, so the monitor cannot take each task's gradient. Score under "
+            f"DistributedDataParallel or in one process; the split model then trains under fully_shard.")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module a ``DistributedDataParallel`` wrapper holds (its parameters and graph are the module's)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

@@ -14,7 +14,7 @@ from ..layers import layer_graph
 from ..report import ConflictReport
 from . import checks
 from .counter import ConflictCounter
-from .distributed import reduction, unwrap
+from .distributed import check_not_sharded, reduction, unwrap
 from .methods import Aggregator, aggregate, aggregator_of
 from .rows import GradientRows
 from .scope import ScoredLayers
@@ -83,6 +83,7 @@ class ConflictMonitor:
         named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
         if not named:
             raise FxsplitError(f"{type(self.model).__name__} has no parameter that requires grad: nothing to score.")
+        check_not_sharded(named)
         devices = {p.device for _, p in named}
         if len(devices) > 1:
             raise FxsplitError(f"the trainable parameters lie on {len(devices)} devices ({sorted(map(str, devices))}); "
