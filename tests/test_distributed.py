@@ -1,7 +1,7 @@
 """The monitor under torch.distributed: two gloo processes spawned once for the module (seconds), their results
 compared with one process on the whole batches."""
 
-import copy
+import contextlib
 
 import pytest
 import torch
@@ -78,6 +78,20 @@ def _worker(rank, path, folder):
     results["ddp monitor upgrad"] = (_train(split, shares, monitor, forward=ddp), monitor.report().to_dict())
     split = _split()
     results["split under ddp"] = _train(split, shares, forward=nn.parallel.DistributedDataParallel(split))
+    x, y = shares[0]
+    for sync in (True, False):  # a fresh DDP each: a forward whose backward never ran leaves DDP expecting one
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        monitor = fxsplit.ConflictMonitor(ddp, _tasks(), graph=graph)
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            out = ddp(x)
+            try:
+                for k, (task, loss) in enumerate(_tasks().items()):
+                    with monitor.task(task):
+                        loss(out, y).backward(retain_graph=k < 2)
+            except fxsplit.ScoringError as error:
+                results["hooks without no_sync"] = str(error)
+    results["hooks under no_sync"] = {k: p.grad for k, p in model.named_parameters()}
     from torch.distributed.fsdp import fully_shard
 
     split = fully_shard(_split())
@@ -160,6 +174,17 @@ def test_a_ddp_wrapped_split_model_with_an_aggregator_trains_like_one_process(ra
 def test_a_split_model_trains_under_ddp_and_fsdp2_unchanged(ranks, wrapper):
     state, _ = _one_process(_split())
     _assert_states_close([r[f"split under {wrapper}"] for r in ranks], state)
+
+
+def test_hook_style_under_ddp_needs_no_sync_and_then_gives_the_global_gradient(ranks):
+    model = _model()
+    x, y = _batches()[0]
+    out = model(x)
+    sum(loss(out, y) for loss in _tasks().values()).backward()
+    for r in ranks:
+        assert "inside model.no_sync()" in r["hooks without no_sync"]
+        for key, p in model.named_parameters():
+            torch.testing.assert_close(r["hooks under no_sync"][key], p.grad, rtol=1e-10, atol=1e-12, msg=key)
 
 
 def test_the_monitor_refuses_fsdp2_sharded_parameters_and_says_why(ranks):

@@ -73,6 +73,7 @@ class ConflictMonitor:
         group=None,
     ):
         self.model = unwrap(model)
+        self._ddp = model if model is not self.model else None
         self.tasks = checks.task_names(tasks)
         self.thresholds = checks.thresholds(threshold)
         self.graph = layer_graph(self.model) if graph is None else graph
@@ -137,6 +138,10 @@ class ConflictMonitor:
         they were before the first task, whatever the backward calls inside put there.
         """
         t = self._task_index(name)
+        if self._ddp is not None and self._ddp.require_backward_grad_sync:
+            raise ScoringError("under DistributedDataParallel, run the forward and every task's backward inside "
+                               "model.no_sync(): DDP reduces the gradients of one backward per forward, and the "
+                               "monitor reduces the task gradients itself.")
         if name in self._captured:
             raise TaskError(f"task {name!r} was already captured in this step; capture each task once per step "
                             f"(tasks still to come: {[n for n in self.tasks if n not in self._captured]}).")
