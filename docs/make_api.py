@@ -12,9 +12,9 @@ from fxsplit import datasets
 
 SECTIONS = {
     "Surgery": ["trace", "layer_graph", "rewrite", "SplitModule", "export", "script"],
-    "Conflict scores": ["analyze", "ConflictReport", "LayerSelection"],
+    "Conflict scores": ["analyze", "ConflictMonitor", "ConflictReport", "LayerSelection"],
     "Errors": ["FxsplitError", "TraceError", "LayerError", "UnknownLayerError", "TaskError", "InitError",
-               "ReportError", "ExportError"],
+               "ReportError", "ScoringError", "ExportError"],
 }
 
 

@@ -19,7 +19,8 @@ def _split(dtype=torch.float64):
     """Three tasks on a model split at its middle layer: copies, shared layers in the branches, heads."""
     torch.manual_seed(0)
     split = fxsplit.rewrite(MultiHead(Twice(), 8, tasks="abc"), ["backbone.mid"]).to(dtype)
-    tasks = {t: (lambda t, i: lambda out, y: (out[t].sum(1) - y[:, i]).pow(2).mean())(t, i) for i, t in enumerate("abc")}
+    tasks = {t: (lambda t, i: lambda out, y: (out[t].sum(1) - y[:, i]).pow(2).mean())(t, i)
+             for i, t in enumerate("abc")}
     x, y = torch.randn(7, 6, dtype=dtype), torch.randn(7, 3, dtype=dtype)
     return split, tasks, x, y
 

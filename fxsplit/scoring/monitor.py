@@ -131,11 +131,22 @@ class ConflictMonitor:
     @contextlib.contextmanager
     def task(self, name: str, *, accumulate: bool = False) -> Iterator[None]:
         """Capture the gradients of the backward calls run inside as task ``name``'s, for loops that call
-        ``backward`` per task themselves (``loss.backward(retain_graph=True)`` for all but the last task).
+        ``backward`` once per task (``retain_graph=True`` for all but the last).
 
-        When every task has been captured once, the step completes as :meth:`backward` would complete it (give
-        the same ``accumulate`` to every task of a micro-batch); until then the parameters' ``.grad`` are left as
-        they were before the first task, whatever the backward calls inside put there.
+        Each context leaves ``.grad`` as it found it, whatever the backward put there. When every task has been
+        captured once, the step completes as :meth:`backward` completes it: same scores, same ``.grad``. Give the
+        same ``accumulate`` to every task of a micro-batch.
+
+        >>> import torch, fxsplit
+        >>> net = torch.nn.Linear(3, 2)
+        >>> monitor = fxsplit.ConflictMonitor(net, ["a", "b"])
+        >>> out = net(torch.randn(4, 3))
+        >>> with monitor.task("a"):
+        ...     out[:, 0].sum().backward(retain_graph=True)
+        >>> with monitor.task("b"):
+        ...     out[:, 1].pow(2).sum().backward()
+        >>> monitor.report().steps, net.weight.grad.shape
+        (1, torch.Size([2, 3]))
         """
         t = self._task_index(name)
         if self._ddp is not None and self._ddp.require_backward_grad_sync:
