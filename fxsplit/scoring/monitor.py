@@ -122,11 +122,12 @@ class ConflictMonitor:
         values = self._values(losses)
         with self._abandoning_on_error():
             for t, value in enumerate(values):
-                with self._translating_autograd_errors():
-                    grads = torch.autograd.grad(value, self._weights, retain_graph=t < len(values) - 1,
-                                                allow_unused=True)
-                self._capture(t, grads)
+                self._capture(t, self._grads(value, retain_graph=t < len(values) - 1))  # freed before the next
             self._complete(accumulate, update_grad)
+
+    def _grads(self, loss: torch.Tensor, retain_graph: bool) -> tuple[torch.Tensor | None, ...]:
+        with self._translating_autograd_errors():
+            return torch.autograd.grad(loss, self._weights, retain_graph=retain_graph, allow_unused=True)
 
     @contextlib.contextmanager
     def task(self, name: str, *, accumulate: bool = False) -> Iterator[None]:
@@ -274,8 +275,7 @@ class ConflictMonitor:
         self._finite = torch.ones(len(self.tasks), dtype=torch.bool, device=device)  # per task, at every step so far
         self._infinity = torch.tensor(float("inf"), dtype=self._rows.flat.dtype, device=device)
         self._diagonal = torch.arange(len(self.tasks), device=device) * (len(self.tasks) + 1)
-        columns = [torch.arange(*self._rows.columns(i), device=device) for i in self._scope.shared()]
-        self._shared = torch.cat(columns) if columns else torch.zeros(0, dtype=torch.long, device=device)
+        self._shared = _merged(sorted(self._rows.columns(i) for i in self._scope.shared()))
 
     def _update_grad(self) -> None:
         """Add this step's update to ``.grad`` as ``backward`` would: parameters no task reached keep theirs."""
@@ -310,11 +310,14 @@ class ConflictMonitor:
     def _update(self) -> torch.Tensor:
         """The step's update, as one vector: the task gradients' sum, the aggregator's on the shared parameters."""
         update = self._rows.flat.sum(0)
-        if self.aggregator is not None and self._shared.numel():
+        if self.aggregator is not None and self._shared:
             scale = None if self.scaler is None else self.scaler.scale(torch.ones((), device=update.device))
-            shared = aggregate(self.aggregator, self._rows.flat.index_select(1, self._shared), scale)
+            jacobian = torch.cat([self._rows.flat[:, start:stop] for start, stop in self._shared], dim=1)
+            shared = aggregate(self.aggregator, jacobian, scale)
             if shared is not None:
-                update.index_copy_(0, self._shared, shared.to(update.dtype))
+                parts = shared.to(update.dtype).split([stop - start for start, stop in self._shared])
+                for (start, stop), part in zip(self._shared, parts):
+                    update[start:stop] = part
         return update
 
     # --- checks -----------------------------------------------------------------------------------------------------
@@ -361,6 +364,17 @@ class ConflictMonitor:
                 f"this step's graph runs through tensors whose graph was already freed: either the losses were "
                 f"already backpropagated (let the monitor run the backward passes, not loss.backward() as well), or "
                 f"{model} reuses a tensor computed at an earlier step.") from error
+
+
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted column ranges with adjacent ones joined."""
+    merged: list[tuple[int, int]] = []
+    for start, stop in ranges:
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], stop)
+        else:
+            merged.append((start, stop))
+    return merged
 
 
 def _owners(model: nn.Module, index: Mapping[str, int], count: int) -> list[tuple[str, ...]] | None:
