@@ -104,6 +104,35 @@ def test_grad_is_what_the_summed_loss_gives(before, between):
     assert model.backbone.inp.bias.grad is None or before != "none"
 
 
+class _Mixed(nn.Module):
+    """A float32 layer feeding a float64 one: the gradient rows are float64, .grad keeps each parameter's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(3, 4)
+        self.second = nn.Linear(4, 2).double()
+
+    def forward(self, x):
+        out = self.second(torch.tanh(self.first(x)).double())
+        return {"a": out[:, 0], "b": out[:, 1]}
+
+
+def test_parameters_of_several_dtypes_get_grads_of_their_own_dtype():
+    torch.manual_seed(0)
+    model = _Mixed()
+    twin = copy.deepcopy(model)
+    tasks = {"a": lambda out, x: out["a"].pow(2).mean(), "b": lambda out, x: out["b"].sin().mean()}
+    x = torch.randn(5, 3)
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    for _ in range(2):  # .grad None, then accumulated into
+        monitor.backward(_step_losses(model, tasks, (x,)))
+        sum(_step_losses(twin, tasks, (x,)).values()).backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert p.grad.dtype == p.dtype
+        torch.testing.assert_close(p.grad, q.grad)
+    assert monitor.report().layers == ["first", "second"]
+
+
 def test_scoring_only_leaves_the_model_and_its_grads_alone():
     model, tasks, batches = _spare_model()
     _set_grads(model, "mixed")

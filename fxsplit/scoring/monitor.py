@@ -175,14 +175,12 @@ class ConflictMonitor:
             try:
                 with self._translating_autograd_errors():
                     yield
-                # a parameter that autograd does not reach directly (a sharded one) gets its .grad set by a hook
-                grads = [grad if grad is not None else p.grad for grad, p in zip(captured, self._weights)]
             finally:
                 for handle in handles:
                     handle.remove()
                 for p, grad in zip(self._weights, saved):
                     p.grad = grad
-            self._capture(t, grads)
+            self._capture(t, captured)
             self._captured[name] = accumulate
             if len(self._captured) == len(self.tasks):
                 self._captured.clear()
