@@ -180,3 +180,19 @@ def test_data_dependent_branch_in_forward_gets_a_fix_that_applies_there():
 def test_unknown_tracer_option_is_named():
     with pytest.raises(fxsplit.TraceError, match=r"unknown option\(s\) \['leafs'\]"):
         fxsplit.layer_graph(nn.Linear(2, 2), tracer_kwargs={"leafs": [nn.Linear]})
+
+
+@pytest.mark.parametrize("name, what", [("meta", "a traced module"), ("tasks", "a split model")])
+def test_a_top_level_name_the_graph_module_uses_is_refused(name, what):
+    """torch.fx's GraphModule keeps its own `meta`; a SplitModule has `tasks`: a model's module there would clash."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module(name, nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}))
+
+        def forward(self, x):
+            return {task: head(x) for task, head in getattr(self, name).items()}
+
+    run = fxsplit.trace if name == "meta" else lambda model: fxsplit.rewrite(model, [], tasks=["a", "b"])
+    with pytest.raises(fxsplit.TraceError, match=rf"has '{name}' at its top level, a name that {what}"):
+        run(Named())

@@ -18,6 +18,7 @@ from ..layers import Layer, attribute, find_layers
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
 from ..tracing import trace_modes
+from ..tracing.symbolic import check_names
 from ..tracing.verify import example_call, given_arguments
 from .batching import batch_branches as batch_pass
 from .check import check_split
@@ -92,6 +93,7 @@ def rewrite(
     if isinstance(model, SplitModule):
         raise LayerError("model is already split; rewrite the original model with all the layers at once.")
     check_init(init)
+    check_names(model, SplitModule, "a split model")
     from_report = isinstance(layers, LayerSelection)
     if from_report:
         tasks = layers.tasks if tasks is None else tasks

@@ -16,7 +16,9 @@ from ..errors import TraceError
 from .dual import DualGraphModule
 from .exported import ExportedGraphModule, trace_exported, trace_exported_for_reading
 from .mutations import follow_mutations, mutated_input
-from .symbolic import OPTIONS, PathTracer, canonical_names, check_options, copy_module, symbolic_graph
+from .symbolic import (
+    OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
+)
 from .verify import check_trace, example_call, given_arguments
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "OPTIONS", "PathTracer", "mutated_input", "trace",
@@ -78,6 +80,7 @@ def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
         single.meta = {**traced.meta, "canonical": canonical_names(traced)}
         return single
     _check_module(model)
+    check_names(model, DualGraphModule, "a traced module")
     root = model if private else _view(model)
     graphs = {training: symbolic_graph(root, training, options, given) for training in (True, False)}
     traced = DualGraphModule(root, graphs, type(model).__name__)
@@ -92,6 +95,7 @@ def trace_graph(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
         return trace_modes(model, tracer_kwargs)
     options = check_options(tracer_kwargs)
     _check_module(model)
+    check_names(model, fx.GraphModule, "a traced module")
     root = _view(model)
     traced = fx.GraphModule(root, symbolic_graph(root, model.training, options, given), type(model).__name__)
     traced.meta["canonical"] = canonical_names(root)

@@ -142,6 +142,17 @@ def canonical_names(root: nn.Module) -> dict[str, str]:
     return {alias: name for alias, name in aliases.items() if alias != name}
 
 
+def check_names(model: nn.Module, cls: type, what: str) -> None:
+    """Raise unless every top-level module, parameter and buffer name of ``model`` is free on ``cls``."""
+    reserved = ({n for n in dir(cls) if not n.startswith("_")} - set(dir(nn.Module))) | {"meta", "shape_env"}
+    names = [*model._modules, *model._parameters, *model._buffers]
+    taken = sorted(name for name in names if name in reserved)
+    if taken:
+        raise TraceError(f"{type(model).__name__} has {', '.join(map(repr, taken))} at its top level, a name that "
+                         f"{what} ({cls.__name__}) uses itself; rename it in the model (or wrap the model in a "
+                         f"module that holds it under another name).")
+
+
 def copy_module(model: nn.Module, share_tensors: bool) -> nn.Module:
     """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own."""
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_tensors else {}
