@@ -24,7 +24,7 @@ from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, container, install, layer_copy
 from .fanout import fan_out, needed_nodes, output_node
-from .outputs import OutputKey, Path, repeated_items, task_paths
+from ..outputs import OutputKey, Path, repeated_items, task_paths
 
 __all__ = ["rewrite"]
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import SplitMismatchError
 from ..tracing.verify import SEED, TOLERANCE, check_trace, difference, first_difference, mode, run
-from .outputs import Path, select
+from ..outputs import Path, select
 
 _DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDepth; timm's DropPath
 
