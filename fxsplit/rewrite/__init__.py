@@ -19,7 +19,7 @@ from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
 from ..tracing import trace_modes
 from ..tracing.symbolic import check_names
-from ..tracing.verify import example_call, given_arguments
+from ..tracing.verify import calling, example_call, given_arguments
 from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, container, install, layer_copy
@@ -134,7 +134,7 @@ def rewrite(
     split._surgery = Surgery(tuple(paths), tuple(split_layers), members, _owners(split, uses, tuple(paths)),
                              _plain_attributes(split, root))
     if example_inputs is not None or example_kwargs:
-        check_split(model, traced, split, paths, args, kwargs)
+        check_split(model, traced, split, paths, calling(args, kwargs))
     return split
 
 

@@ -9,14 +9,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from torch import nn
 
 from ..errors import SplitMismatchError
-from ..tracing.verify import SEED, TOLERANCE, check_trace, difference, first_difference, mode, run
+from ..tracing.verify import SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run
 from ..outputs import Path, select
 
 _DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDepth; timm's DropPath
 
 
-def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Mapping[str, Path],
-                args: tuple, kwargs: dict) -> None:
+def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Mapping[str, Path], call: Call) -> None:
     """Raise unless every task's output of ``split`` equals its part of ``model``'s output, in eval and in train mode.
 
     Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
@@ -25,16 +24,16 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     modules = [model, traced, split]
     for training in (False, True):
         with mode(modules, training), _no_dropout(modules):
-            expected = run(model, args, kwargs, model.buffers())
-            if training and first_difference(expected, run(model, args, kwargs, model.buffers(), SEED + 1)):
+            expected = run(call, model, model.buffers())
+            if training and first_difference(expected, run(call, model, model.buffers(), SEED + 1)):
                 warnings.warn(f"{type(model).__name__} is random in train mode even without dropout, so the split "
                               f"model was checked in eval mode only.", stacklevel=3)
                 continue
-            got = run(split, args, kwargs, split.buffers())
+            got = run(call, split, split.buffers())
             for task, path in paths.items():
                 how = difference(select(expected, path, task), got[task])
                 if how is not None:
-                    check_trace(model, traced, args, kwargs, modes=(training,))
+                    check_trace(model, traced, call, modes=(training,))
                     raise SplitMismatchError(
                         f"the split model's output for task {task!r} differs from the original's in "
                         f"{'train' if training else 'eval'} mode ({how}), though the trace matches the model. "

@@ -19,7 +19,7 @@ from .mutations import follow_mutations, mutated_input
 from .symbolic import (
     OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
 )
-from .verify import check_trace, example_call, given_arguments
+from .verify import calling, check_trace, example_call, given_arguments
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "OPTIONS", "PathTracer", "mutated_input", "trace",
            "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes"]
@@ -60,7 +60,7 @@ def trace(
     given = () if isinstance(model, fx.GraphModule) else given_arguments(model, args, kwargs)
     traced = trace_modes(model, tracer_kwargs, given)
     if example_inputs is not None or example_kwargs:
-        check_trace(model, traced, args, kwargs, modes=(True, False))
+        check_trace(model, traced, calling(args, kwargs), modes=(True, False))
     return traced
 
 

@@ -29,6 +29,9 @@ TRACE_CAUSES = (
 )
 
 
+Call = Callable[[nn.Module], Any]  # runs a module on the example: module -> output
+
+
 def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
     """``(args, kwargs)`` from torch.export's convention: a tuple of positional inputs (or one input) and a dict."""
     if example_inputs is None:
@@ -36,6 +39,11 @@ def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tupl
     else:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     return args, dict(example_kwargs or {})
+
+
+def calling(args: tuple, kwargs: dict) -> Call:
+    """The :data:`Call` that gives a module ``args`` and ``kwargs``."""
+    return lambda module: module(*args, **kwargs)
 
 
 def given_arguments(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
@@ -61,14 +69,14 @@ def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
                 m.training = modes[name]
 
 
-def run(module: Callable, args: tuple, kwargs: dict, buffers: Iterable[torch.Tensor], seed: int = SEED) -> Any:
-    """``module(*args, **kwargs)`` without gradients, from a fixed random state; ``buffers`` are put back after."""
+def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: int = SEED) -> Any:
+    """``call(module)`` without gradients, from a fixed random state; ``buffers`` are put back after."""
     buffers = list({id(b): b for b in buffers}.values())
     saved = [b.detach().clone() for b in buffers]
     try:
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(seed)
-            return module(*args, **kwargs)
+            return call(module)
     finally:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
@@ -88,14 +96,18 @@ def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
     return None
 
 
-def check_trace(model: nn.Module, traced: Callable, args: tuple, kwargs: dict, modes: Iterable[bool]) -> None:
+def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
     """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode."""
-    buffers = [*model.buffers(), *(traced.buffers() if isinstance(traced, nn.Module) else ())]
-    modules = [m for m in (model, traced) if isinstance(m, nn.Module)]
+    buffers = [*model.buffers(), *traced.buffers()]
     for training in modes:
-        with mode(modules, training):
-            expected = run(model, args, kwargs, buffers)
-            got = run(traced, args, kwargs, buffers)
+        with mode([model, traced], training):
+            expected = run(call, model, buffers)
+            try:
+                got = run(call, traced, buffers)
+            except Exception as error:
+                raise TraceMismatchError(
+                    f"the traced graph of {type(model).__name__} fails in {'train' if training else 'eval'} mode "
+                    f"where the model runs: {type(error).__name__}: {error}. {TRACE_CAUSES}") from error
         found = first_difference(expected, got)
         if found is not None:
             where, how = found
