@@ -2,11 +2,11 @@
 
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, TaskError, TraceError,
-    UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, SplitMismatchError, TaskError,
+    TraceError, TraceMismatchError, UnknownLayerError,
 )
 from .export import export, script
-from .layers import layer_graph
+from .layers import LayerGraph, layer_graph
 from .report import ConflictReport, LayerSelection
 from .rewrite import rewrite
 from .scoring import ConflictMonitor
@@ -20,12 +20,15 @@ __all__ = [
     "FxsplitError",
     "InitError",
     "LayerError",
+    "LayerGraph",
     "LayerSelection",
     "ReportError",
     "ScoringError",
+    "SplitMismatchError",
     "SplitModule",
     "TaskError",
     "TraceError",
+    "TraceMismatchError",
     "UnknownLayerError",
     "analyze",
     "export",

@@ -14,6 +14,14 @@ class TraceError(FxsplitError):
     """The model could not be traced by ``torch.fx``."""
 
 
+class TraceMismatchError(TraceError):
+    """A traced graph computes something other than the model on an example input."""
+
+
+class SplitMismatchError(FxsplitError):
+    """A split model computes something other than the original for some task on an example input."""
+
+
 class LayerError(FxsplitError):
     """A layer argument is malformed, duplicated or not splittable."""
 

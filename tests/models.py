@@ -166,6 +166,14 @@ def assert_equivalent(model: nn.Module, split: fxsplit.SplitModule, x: torch.Ten
         assert relative_error(expected[task], got[task]) <= tolerance, (task, relative_error(expected[task], got[task]))
 
 
+def without_dropout(*models: nn.Module) -> None:
+    """Dropout probability 0 everywhere, so that train mode can be compared exactly."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything about a model that fxsplit must leave alone: state, gradients, hooks and modes."""
     return {
