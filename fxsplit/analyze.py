@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import islice
+from itertools import chain, islice
 from typing import Any
 
 import networkx as nx
@@ -13,11 +13,14 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import FxsplitError, TaskError
-from .layers import layer_graph
+from .layers import graph_of
+from .outputs import paths_read
 from .report import ConflictReport
 from .scoring import ConflictMonitor
 from .scoring.checks import loss_value, task_names
 from .scoring.methods import Aggregator
+from .tracing import trace_graph
+from .tracing.verify import check_trace
 
 Loss = Callable[[Any, Any], torch.Tensor]
 
@@ -32,6 +35,7 @@ def analyze(
     optimizer: torch.optim.Optimizer | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     graph: nx.DiGraph | None = None,
+    tracer_kwargs: Mapping[str, Any] | None = None,
     progress: bool | None = None,
     every: int = 1,
     bins: int = 20,
@@ -51,8 +55,10 @@ def analyze(
         optimizer: without one, analyze only probes and the model ends exactly as it began (parameters,
             buffers, ``.grad``, mode). With one, each step also applies ``optimizer.step()`` to the gradient of the
             summed loss: the scoring run trains the model, as in Recon.
-        graph: the layer graph to score (default ``fxsplit.layer_graph(model)``; pass one built from
-            ``fxsplit.trace(model, leaf_modules=...)`` for models that need custom tracing).
+        graph: the layer graph to score. By default the model is traced (with ``tracer_kwargs``, as
+            :func:`fxsplit.trace` takes them) and the graph is checked against the model on the first batch, in the
+            model's mode: a :class:`~fxsplit.TraceMismatchError` names the output that differs. A graph passed in
+            is taken as it is.
         progress: show a progress bar (default: when stderr is a terminal).
         every: score only every ``every``-th step; with an optimizer the others are plain training steps
             (``sum(losses).backward()``), without one they are skipped. Scoring costs then shrink by ``every``.
@@ -71,26 +77,34 @@ def analyze(
     losses = _check_tasks(tasks)
     if not (isinstance(every, int) and every >= 1):
         raise FxsplitError(f"every must be a whole number of steps >= 1, got {every!r}.")
-    graph = layer_graph(model) if graph is None else graph
+    if graph is not None and tracer_kwargs:
+        raise FxsplitError("tracer_kwargs apply when analyze traces the model itself; a graph was given.")
     forward = forward or _default_forward
-    monitor = ConflictMonitor(model, losses, threshold=threshold, graph=graph, bins=bins, aggregator=aggregator)
-    device = next(p.device for p in model.parameters() if p.requires_grad)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where batches go
     buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
-    scored = 0
+    batches = iter(_progress(islice(data, steps), steps if steps is not None else _length(data), progress))
+    first = next(batches, None)
+    if first is None:
+        raise FxsplitError("data gave no batch to analyze (empty data, or steps=0).")
+    if graph is None:
+        graph = _checked_graph(model, forward, _to(first, device), tracer_kwargs)
+    monitor = ConflictMonitor(model, losses, threshold=threshold, graph=graph, bins=bins, aggregator=aggregator)
+    outputs = None
     try:
-        batches = _progress(islice(data, steps), steps if steps is not None else _length(data), progress)
-        for step, batch in enumerate(batches):
+        for step, batch in enumerate(chain([first], batches)):
             if step % every and optimizer is None:
                 continue
-            batch = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
-            values = _losses(losses, forward(model, batch), batch)
+            batch = _to(batch, device)
+            output = forward(model, batch)
+            values = _losses(losses, output, batch)
+            if outputs is None:
+                outputs = paths_read(output, values)
             if optimizer is not None:
                 model.zero_grad(set_to_none=True)
             if step % every:
                 sum(values.values()).backward()
             else:
                 monitor.backward(values, update_grad=optimizer is not None)
-                scored += 1
             if optimizer is not None:
                 optimizer.step()
     finally:
@@ -98,12 +112,23 @@ def analyze(
             with torch.no_grad():
                 for buffer, saved in zip(model.buffers(), buffers):
                     buffer.copy_(saved)
-    if not scored:
-        raise FxsplitError("data gave no batch to analyze (empty data, or steps=0).")
     if monitor.nonfinite_tasks:
         raise TaskError(f"the loss of task(s) {monitor.nonfinite_tasks} is NaN or infinite, or its gradient, at some "
                         f"step; check the data and the learning rate.")
-    return monitor.report()
+    report = monitor.report()
+    report.outputs = {task: list(path) for task, path in outputs.items()}
+    return report
+
+
+def _checked_graph(model: nn.Module, forward: Callable, batch: Any, tracer_kwargs) -> nx.DiGraph:
+    """The layer graph of ``model`` traced in its current mode, once the graph is checked on ``batch``."""
+    traced = trace_graph(model, tracer_kwargs)
+    check_trace(model, traced, lambda module: forward(module, batch), modes=(model.training,))
+    return graph_of(traced)
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    return tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, batch)
 
 
 def _check_tasks(tasks) -> dict[str, Loss]:

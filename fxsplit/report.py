@@ -17,12 +17,13 @@ READABLE = ("fxsplit.ConflictReport/1", FORMAT)  # version 1 files lack ``skippe
 
 
 class LayerSelection(list):
-    """Layer names chosen from a report; carries the report's tasks, so ``fxsplit.rewrite(model, selection)``
-    needs no other argument."""
+    """Layer names chosen from a report; carries the report's tasks and which part of the output each task's loss
+    read, so ``fxsplit.rewrite(model, selection)`` needs no other argument."""
 
-    def __init__(self, layers, tasks):
+    def __init__(self, layers, tasks, outputs=None):
         super().__init__(layers)
         self.tasks = list(tasks)
+        self.outputs = None if outputs is None else {task: tuple(path) for task, path in outputs.items()}
 
 
 @dataclass
@@ -34,7 +35,9 @@ class ConflictReport:
     ``histogram[l]`` (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine
     at step ``s`` over all scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses
     reach a layer; ``left_out[layer]`` says why a layer was not scored. ``skipped`` counts the steps left unscored
-    because their gradients were not finite (a ``GradScaler``'s overflow steps, which it skips too).
+    because their gradients were not finite (a ``GradScaler``'s overflow steps, which it skips too). ``outputs``
+    gives, per task, the key path of the part of the model's output its loss read (``[]``: the whole output), as
+    :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``.
     """
 
     tasks: list[str]
@@ -50,6 +53,7 @@ class ConflictReport:
     left_out: dict[str, str]
     graph: nx.DiGraph = field(repr=False)
     skipped: int = 0
+    outputs: dict[str, list] | None = None
 
     def __post_init__(self):
         for k, threshold in enumerate(self.thresholds):
@@ -85,7 +89,7 @@ class ConflictReport:
         """The ``k`` highest-scoring layers."""
         if not isinstance(k, int) or k < 0:
             raise LayerError(f"top(k) needs a count k >= 0, got {k!r}.")
-        return LayerSelection(list(self.scores)[:k], self.tasks)
+        return LayerSelection(list(self.scores)[:k], self.tasks, self.outputs)
 
     def within(self, budget: float) -> LayerSelection:
         """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters;
@@ -98,7 +102,7 @@ class ConflictReport:
             if score > 0 and self.cost(layer) <= allowance:
                 chosen.append(layer)
                 allowance -= self.cost(layer)
-        return LayerSelection(chosen, self.tasks)
+        return LayerSelection(chosen, self.tasks, self.outputs)
 
     def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float]:
         """Per task pair, the fraction of steps whose whole-shared-vector cosine is below ``threshold``."""

@@ -171,7 +171,10 @@ def test_custom_forward_and_steps():
         return net(batch[0])
 
     report = fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False)
-    assert report.steps == 2 and len(seen) == 2
+    assert report.steps == 2 and len(seen) == 2 + 2  # the steps, and the first batch through model and trace
+    fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False,
+                    graph=fxsplit.layer_graph(model))
+    assert len(seen) == 4 + 2  # a graph passed in is taken as it is
 
 
 def test_a_frozen_model_has_nothing_to_score():

@@ -44,7 +44,9 @@ def test_real_model_analyze_rewrite_export_train(name, tmp_path):
     report = fxsplit.analyze(model, case.losses(), _batches(case), progress=False)
     layers = report.top(case.top)
     assert len(layers) == case.top
-    split = fxsplit.rewrite(model, layers, outputs=case.outputs, example_inputs=(x,))
+    keys = case.outputs or {task: task for task in case.targets}
+    assert report.outputs == {task: [key] for task, key in keys.items()}  # read off the losses by autograd
+    split = fxsplit.rewrite(model, layers, example_inputs=(x,))  # the selection brings tasks and outputs
     assert_unchanged(model, before)
     kwargs = {"outputs": case.outputs} if case.outputs else {}
     without_dropout(model, split)
@@ -149,6 +151,9 @@ def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):
     model, x = case.build(), case.inputs()
     with pytest.raises(fxsplit.TaskError, match=r"returns a tuple of 2.*outputs=\{'seg': 0, 'depth': 1\}"):
         fxsplit.rewrite(model, ["body"], tasks=["seg", "depth"])
+    report = fxsplit.analyze(model, case.losses(), _batches(case), progress=False)
+    saved = fxsplit.ConflictReport.load(report.save(tmp_path / "report.json"))
+    assert saved.outputs == {"segmentation": [0], "depth": [1]} and saved.top(1).outputs["depth"] == (1,)
     split = fxsplit.rewrite(model, ["body"], outputs=case.outputs, example_inputs=(x,))
     path = fxsplit.export(split, tmp_path / "split.pt2", (x,))
     bigger = {key: torch.cat([value, value[:1]]) for key, value in x.items()}  # every leaf has a dynamic batch

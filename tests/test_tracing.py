@@ -130,3 +130,14 @@ def test_same_graph_in_both_modes_is_one_graph():
 def test_not_a_module():
     with pytest.raises(fxsplit.TraceError, match="got function"):
         fxsplit.trace(lambda x: x)
+
+
+def test_a_model_holding_tensors_from_an_earlier_forward_traces():
+    """timm's EfficientViT caches attention biases (tensors with a history) in eval mode; deepcopy refuses those."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    graph = fxsplit.layer_graph(model)
+    split = fxsplit.rewrite(model, [list(graph)[-2]], tasks=["a", "b"], example_inputs=x)
+    assert torch.equal(split(x)["a"], model(x))

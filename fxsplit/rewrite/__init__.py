@@ -7,7 +7,6 @@ model when an example input is given (:mod:`.check`).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ from ..layers import Layer, attribute, find_layers
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
 from ..tracing import trace_modes
-from ..tracing.symbolic import check_names
+from ..tracing.symbolic import check_names, copy_module
 from ..tracing.verify import calling, example_call, given_arguments
 from .batching import batch_branches as batch_pass
 from .check import check_split
@@ -101,7 +100,7 @@ def rewrite(
     names = _layer_names(layers)
     args, kwargs = example_call(example_inputs, example_kwargs)
     given = () if isinstance(model, fx.GraphModule) else given_arguments(model, args, kwargs)
-    root = copy.deepcopy(model)
+    root = copy_module(model, share_tensors=False)
     traced = trace_modes(root, tracer_kwargs, given, private=True)
     graphs = {training: traced.graph_for(training) for training in (True, False)}
     current = graphs[model.training]

@@ -13,7 +13,7 @@ import inspect
 import math
 import os
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -154,9 +154,30 @@ def check_names(model: nn.Module, cls: type, what: str) -> None:
 
 
 def copy_module(model: nn.Module, share_tensors: bool) -> nn.Module:
-    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own."""
+    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own.
+
+    Tensors a module keeps from an earlier forward (timm's attention-bias caches in eval mode) have a history,
+    which deepcopy refuses: they are copied without it.
+    """
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_tensors else {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                for tensor in _tensors_with_history(value):
+                    memo[id(tensor)] = tensor.detach() if share_tensors else tensor.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def _tensors_with_history(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_with_history(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_with_history(item)
 
 
 def _bound_defaults(root: nn.Module, given: Iterable[str]) -> dict[str, Any]:

@@ -84,10 +84,13 @@ def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: in
 
 
 def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
-    """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``."""
-    expected_leaves, expected_spec = tree_flatten_with_path(expected)
-    got_leaves, got_spec = tree_flatten_with_path(got)
-    if expected_spec != got_spec:
+    """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``.
+
+    Outputs are matched by key path, so containers of another type with the same keys (an ``OrderedDict`` for a
+    ``dict``) are the same output.
+    """
+    expected_leaves, got_leaves = tree_flatten_with_path(expected)[0], tree_flatten_with_path(got)[0]
+    if _keys(expected_leaves) != _keys(got_leaves):
         return "the output structure", f"{_keys(got_leaves)} instead of {_keys(expected_leaves)}"
     for (path, a), (_, b) in zip(expected_leaves, got_leaves):
         how = difference(a, b)
