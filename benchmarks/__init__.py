@@ -3,4 +3,4 @@
 Every ratio compares measurements taken in the same run; nothing asserts on time. Results: docs/performance.md.
 """
 
-BENCHMARKS = ("analyze_step", "split_network", "surgery", "memory", "routes")
+BENCHMARKS = ("analyze_step", "operators", "split_network", "surgery", "memory", "routes")

@@ -12,9 +12,9 @@ from fxsplit import datasets
 
 SECTIONS = {
     "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
-    "Conflict scores": ["analyze", "ConflictReport", "LayerSelection"],
-    "Errors": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError", "UnknownLayerError", "TaskError", "InitError",
-               "ReportError", "ExportError"],
+    "Conflict scores": ["analyze", "ConflictMonitor", "ConflictReport", "LayerSelection"],
+    "Errors": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
+               "UnknownLayerError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError"],
 }
 
 

@@ -2,17 +2,19 @@
 
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, ReportError, SplitMismatchError, TaskError, TraceError,
-    TraceMismatchError, UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, SplitMismatchError, TaskError,
+    TraceError, TraceMismatchError, UnknownLayerError,
 )
 from .export import export, script
 from .layers import LayerGraph, layer_graph
 from .report import ConflictReport, LayerSelection
 from .rewrite import rewrite
+from .scoring import ConflictMonitor
 from .split_module import SplitModule
 from .tracing import trace
 
 __all__ = [
+    "ConflictMonitor",
     "ConflictReport",
     "ExportError",
     "FxsplitError",
@@ -21,6 +23,7 @@ __all__ = [
     "LayerGraph",
     "LayerSelection",
     "ReportError",
+    "ScoringError",
     "SplitMismatchError",
     "SplitModule",
     "TaskError",

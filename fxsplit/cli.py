@@ -159,7 +159,8 @@ def _analyze(args) -> None:
     model = spec["model"]
     optimizer = torch.optim.SGD(model.parameters(), lr=args.train) if args.train else None
     report = analyze(model, spec["tasks"], spec["data"], steps=args.steps, threshold=args.threshold,
-                     optimizer=optimizer, forward=spec.get("forward"), progress=None if not args.json else False)
+                     optimizer=optimizer, forward=spec.get("forward"), tracer_kwargs=spec.get("tracer_kwargs"),
+                     progress=None if not args.json else False)
     if args.steps is not None and report.steps < args.steps:
         print(f"fxsplit: the data gave {report.steps} batches, so {report.steps} of the {args.steps} steps asked "
               f"for were analyzed", file=sys.stderr)

@@ -45,6 +45,10 @@ class ReportError(FxsplitError):
     """A conflict report file that cannot be read, or a threshold the report did not score."""
 
 
+class ScoringError(FxsplitError):
+    """A step cannot be scored as asked: the loop, the model or the process group breaks the scoring's contract."""
+
+
 class ExportError(FxsplitError):
     """A model could not be exported, or the exported file does not reproduce it."""
 

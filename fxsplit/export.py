@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import warnings
 from collections import Counter
@@ -15,6 +14,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
+from .tracing.symbolic import copy_module
 
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
 
@@ -40,7 +40,7 @@ def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.S
             f"applies ATen operations, which TorchScript cannot compile. Save it as a .pt2 file instead "
             f"(fxsplit.export(model, 'model.pt2', example_inputs), or format='export'), which torch.export loads."
         )
-    model = copy.deepcopy(model).eval()
+    model = copy_module(model, share_tensors=False).eval()
     if isinstance(model, fx.GraphModule):
         _drop_bound_arguments(model)
         if example_inputs is not None:
@@ -78,7 +78,7 @@ def export(
         raise ExportError(f"format must be one of {sorted(FORMATS.values())} (or a path ending in .pt / .pt2), "
                           f"got format={format!r} for {str(path)!r}.")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    model = copy.deepcopy(model).eval()
+    model = copy_module(model, share_tensors=False).eval()
     expected = _run(model, inputs, "the model")
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the suffix
     try:

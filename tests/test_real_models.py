@@ -44,7 +44,9 @@ def test_real_model_analyze_rewrite_export_train(name, tmp_path):
     report = fxsplit.analyze(model, case.losses(), _batches(case), progress=False)
     layers = report.top(case.top)
     assert len(layers) == case.top
-    split = fxsplit.rewrite(model, layers, outputs=case.outputs, example_inputs=(x,))
+    keys = case.outputs or {task: task for task in case.targets}
+    assert report.outputs == {task: [key] for task, key in keys.items()}  # read off the losses by autograd
+    split = fxsplit.rewrite(model, layers, example_inputs=(x,))  # the selection brings tasks and outputs
     assert_unchanged(model, before)
     kwargs = {"outputs": case.outputs} if case.outputs else {}
     without_dropout(model, split)
@@ -153,6 +155,9 @@ def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):
     model, x = case.build(), case.inputs()
     with pytest.raises(fxsplit.TaskError, match=r"returns a tuple of 2.*outputs=\{'seg': 0, 'depth': 1\}"):
         fxsplit.rewrite(model, ["body"], tasks=["seg", "depth"])
+    report = fxsplit.analyze(model, case.losses(), _batches(case), progress=False)
+    saved = fxsplit.ConflictReport.load(report.save(tmp_path / "report.json"))
+    assert saved.outputs == {"segmentation": [0], "depth": [1]} and saved.top(1).outputs["depth"] == (1,)
     split = fxsplit.rewrite(model, ["body"], outputs=case.outputs, example_inputs=(x,))
     path = fxsplit.export(split, tmp_path / "split.pt2", (x,))
     bigger = {key: torch.cat([value, value[:1]]) for key, value in x.items()}  # every leaf has a dynamic batch
@@ -184,6 +189,22 @@ def test_data_dependent_branch_in_forward_gets_a_fix_that_applies_there():
 def test_unknown_tracer_option_is_named():
     with pytest.raises(fxsplit.TraceError, match=r"unknown option\(s\) \['leafs'\]"):
         fxsplit.layer_graph(nn.Linear(2, 2), tracer_kwargs={"leafs": [nn.Linear]})
+
+
+@pytest.mark.parametrize("name, what", [("meta", "a traced module"), ("tasks", "a split model")])
+def test_a_top_level_name_the_graph_module_uses_is_refused(name, what):
+    """torch.fx's GraphModule keeps its own `meta`; a SplitModule has `tasks`: a model's module there would clash."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module(name, nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}))
+
+        def forward(self, x):
+            return {task: head(x) for task, head in getattr(self, name).items()}
+
+    run = fxsplit.trace if name == "meta" else lambda model: fxsplit.rewrite(model, [], tasks=["a", "b"])
+    with pytest.raises(fxsplit.TraceError, match=rf"has '{name}' at its top level, a name that {what}"):
+        run(Named())
 
 
 # The second route (torch.export): models torch.fx cannot trace, through the same loop.

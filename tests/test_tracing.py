@@ -134,6 +134,17 @@ def test_not_a_module():
         fxsplit.trace(lambda x: x)
 
 
+def test_a_model_holding_tensors_from_an_earlier_forward_traces():
+    """timm's EfficientViT caches attention biases (tensors with a history) in eval mode; deepcopy refuses those."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    graph = fxsplit.layer_graph(model)
+    split = fxsplit.rewrite(model, [list(graph)[-2]], tasks=["a", "b"], example_inputs=x)
+    assert torch.equal(split(x)["a"], model(x))
+
+
 # Route choice: method="auto" | "fx" | "export".
 
 def test_auto_takes_torch_fx_where_it_traces_and_records_why():
@@ -199,3 +210,22 @@ def test_the_export_route_gives_a_checked_view_with_a_graph_per_mode():
         model.train(training), gm.train(training)
         expected, got = copy.deepcopy(model)(x), copy.deepcopy(gm)(x)
         assert all(torch.equal(got[t], expected[t]) for t in "ab"), training
+
+
+def test_an_example_is_recorded_from_a_call_for_the_export_route():
+    """analyze calls the model through ``forward(model, batch)``: the model's own arguments are recorded from it."""
+    from fxsplit.tracing import trace_graph
+    from fxsplit.tracing.verify import recorded_example
+
+    model = MultiHead(SmallCNN(), 16).train()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    args, kwargs = recorded_example(model, lambda module: module(x)["a"].softmax(1))
+    assert_unchanged(model, before)
+    assert len(args) == 1 and args[0] is x and kwargs == {}
+    graph = trace_graph(model, method="export", example=(args, kwargs))
+    assert graph.meta["route"] == "export" and graph.training  # the model's current mode, only
+    with pytest.raises(fxsplit.TraceError, match="traced through torch.export in train mode"):
+        graph.eval()
+    with pytest.raises(fxsplit.TraceError, match="the example call never calls MultiHead"):
+        recorded_example(model, lambda module: x)

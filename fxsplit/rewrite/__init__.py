@@ -7,7 +7,6 @@ model when an example input is given (:mod:`.check`).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,11 +17,13 @@ from ..layers import Layer, attribute, find_layers
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
 from ..tracing import as_example, trace_modes
+from ..tracing.symbolic import check_names, copy_module
+from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, container, install, layer_copy
 from .fanout import fan_out, needed_nodes, output_node
-from .outputs import OutputKey, Path, repeated_items, task_paths
+from ..outputs import OutputKey, Path, repeated_items, task_paths
 
 __all__ = ["rewrite"]
 
@@ -97,13 +98,14 @@ def rewrite(
     if isinstance(model, SplitModule):
         raise LayerError("model is already split; rewrite the original model with all the layers at once.")
     check_init(init)
+    check_names(model, SplitModule, "a split model")
     from_report = isinstance(layers, LayerSelection)
     if from_report:
         tasks = layers.tasks if tasks is None else tasks
         outputs = getattr(layers, "outputs", None) if outputs is None else outputs
     names = _layer_names(layers)
     example = as_example(example_inputs, example_kwargs)
-    root = copy.deepcopy(model)
+    root = copy_module(model, share_tensors=False)
     traced = trace_modes(root, tracer_kwargs, private=True, method=method, example=example)
     graphs = {training: traced.graph_for(training) for training in (True, False)}
     current = graphs[model.training]
@@ -138,7 +140,7 @@ def rewrite(
                              _plain_attributes(split, root), *route)
     split.meta.update(route=route[0], route_reason=route[1])
     if example is not None:
-        check_split(model, traced, split, paths, *example)
+        check_split(model, traced, split, paths, calling(*example))
     return split
 
 

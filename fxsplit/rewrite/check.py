@@ -10,14 +10,14 @@ from torch import fx, nn
 
 from ..errors import SplitMismatchError
 from ..tracing.exported import drop_probability
-from ..tracing.verify import SEED, TOLERANCE, check_trace, difference, first_difference, mode, run
-from .outputs import Path, select
+from ..outputs import Path, select
+from ..tracing.exported import drop_probability
+from ..tracing.verify import SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run
 
 _DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDepth; timm's DropPath
 
 
-def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Mapping[str, Path],
-                args: tuple, kwargs: dict) -> None:
+def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Mapping[str, Path], call: Call) -> None:
     """Raise unless every task's output of ``split`` equals its part of ``model``'s output, in eval and in train mode.
 
     Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
@@ -26,22 +26,22 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     modules = [model, traced, split]
     for training in (False, True):
         with mode(modules, training), _no_dropout(modules):
-            expected = run(model, args, kwargs, model.buffers())
-            if training and _random(model, args, kwargs, expected):
+            expected = run(call, model, model.buffers())
+            if training and _random(call, model, expected):
                 warnings.warn(f"{type(model).__name__} is random in train mode even without dropout, so the split "
                               f"model was checked in eval mode only.", stacklevel=3)
                 continue
-            got = run(split, args, kwargs, split.buffers())
+            got = run(call, split, split.buffers())
             task, how = next(((task, how) for task, path in paths.items()
                               if (how := difference(select(expected, path, task), got[task])) is not None),
                              (None, None))
             if how is None:
                 continue
-            if training and _random(split, args, kwargs, got):  # drop-path in a torch.export graph: a number
+            if training and _random(call, split, got):  # drop-path in a torch.export graph: a number
                 warnings.warn(f"the split {type(model).__name__} is random in train mode even without dropout, so "
                               f"it was checked in eval mode only.", stacklevel=3)
                 continue
-            check_trace(model, traced, args, kwargs, modes=(training,))
+            check_trace(model, traced, call, modes=(training,))
             route = getattr(split, "meta", {}).get("route", "fx")
             raise SplitMismatchError(
                 f"the split model's output for task {task!r} differs from the original's in "
@@ -51,9 +51,9 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
             )
 
 
-def _random(module: nn.Module, args: tuple, kwargs: dict, first) -> bool:
+def _random(call: Call, module: nn.Module, first) -> bool:
     """Whether ``module`` gives another output than ``first`` from another random state."""
-    return first_difference(first, run(module, args, kwargs, module.buffers(), SEED + 1)) is not None
+    return first_difference(first, run(call, module, module.buffers(), SEED + 1)) is not None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from torch import fx, nn
 
 from ..split_module import copy_target
 from ..tracing import mutated_input
-from .outputs import Path, select
+from ..outputs import Path, select
 
 @dataclass
 class FanOut:

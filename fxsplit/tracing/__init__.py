@@ -23,8 +23,10 @@ from .exported import (
     ExportedGraphModule, add_attributes, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
 )
 from .mutations import follow_mutations, mutated_input
-from .symbolic import OPTIONS, PathTracer, canonical_names, check_options, copy_module, symbolic_graph
-from .verify import check_trace, example_call, given_arguments
+from .symbolic import (
+    OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
+)
+from .verify import calling, check_trace, example_call, given_arguments
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PathTracer", "as_example",
            "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes"]
@@ -94,6 +96,7 @@ def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
     if isinstance(model, fx.GraphModule):
         return _traced_already(model, options, method, private, both_modes=True)
     _check_module(model)
+    check_names(model, DualGraphModule, "a traced module")
     given = _given(model, given, example)
 
     def by_fx() -> DualGraphModule:
@@ -128,6 +131,7 @@ def trace_graph(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
     if isinstance(model, fx.GraphModule):
         return _traced_already(model, options, method, private=False, both_modes=False)
     _check_module(model)
+    check_names(model, fx.GraphModule, "a traced module")
     given = _given(model, given, example)
 
     def by_fx() -> fx.GraphModule:
@@ -193,7 +197,7 @@ def _second_route(model: nn.Module, by_export: Callable[[], fx.GraphModule], err
 def _checked(model: nn.Module, traced: fx.GraphModule, route: str, reason: str, example: Example,
              modes: tuple[bool, ...]) -> fx.GraphModule:
     _recorded(traced, route, reason)
-    check_trace(model, traced, *example, modes=modes)
+    check_trace(model, traced, calling(*example), modes=modes)
     return traced
 
 

@@ -13,7 +13,7 @@ import inspect
 import math
 import os
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -149,10 +149,42 @@ def torch_layer(module: nn.Module) -> bool:
             and fx.Tracer().is_leaf_module(module, "") and not isinstance(module, _CONTAINERS))
 
 
+def check_names(model: nn.Module, cls: type, what: str) -> None:
+    """Raise unless every top-level module, parameter and buffer name of ``model`` is free on ``cls``."""
+    reserved = ({n for n in dir(cls) if not n.startswith("_")} - set(dir(nn.Module))) | {"meta", "shape_env"}
+    names = [*model._modules, *model._parameters, *model._buffers]
+    taken = sorted(name for name in names if name in reserved)
+    if taken:
+        raise TraceError(f"{type(model).__name__} has {', '.join(map(repr, taken))} at its top level, a name that "
+                         f"{what} ({cls.__name__}) uses itself; rename it in the model (or wrap the model in a "
+                         f"module that holds it under another name).")
+
+
 def copy_module(model: nn.Module, share_tensors: bool) -> nn.Module:
-    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own."""
+    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own.
+
+    Tensors a module keeps from an earlier forward (timm's attention-bias caches in eval mode) have a history,
+    which deepcopy refuses: they are copied without it.
+    """
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_tensors else {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                for tensor in _tensors_with_history(value):
+                    memo[id(tensor)] = tensor.detach() if share_tensors else tensor.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def _tensors_with_history(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_with_history(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_with_history(item)
 
 
 def _bound_defaults(root: nn.Module, given: Iterable[str]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from ..errors import TraceMismatchError
+from ..errors import TraceError, TraceMismatchError
 
 TOLERANCE = 1e-4  # relative error (Frobenius norms) an output tensor may have: rounding, not a different function
 SEED = 20230211  # any fixed seed: both runs draw the same random numbers in the same order
@@ -34,6 +34,9 @@ EXPORT_CAUSES = (
 )
 
 
+Call = Callable[[nn.Module], Any]  # runs a module on the example: module -> output
+
+
 def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
     """``(args, kwargs)`` from torch.export's convention: a tuple of positional inputs (or one input) and a dict."""
     if example_inputs is None:
@@ -41,6 +44,25 @@ def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tupl
     else:
         args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     return args, dict(example_kwargs or {})
+
+
+def calling(args: tuple, kwargs: dict) -> Call:
+    """The :data:`Call` that gives a module ``args`` and ``kwargs``."""
+    return lambda module: module(*args, **kwargs)
+
+
+def recorded_example(model: nn.Module, call: Call) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` that ``call`` gives ``model``'s ``forward`` (its first call), from one run without
+    gradients; buffers are put back. An example for the torch.export route from a ``forward(model, batch)``."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    try:
+        run(call, model, model.buffers())
+    finally:
+        hook.remove()
+    if not seen:
+        raise TraceError(f"the example call never calls {type(model).__name__}: give the call that runs the model.")
+    return seen[0]
 
 
 def given_arguments(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
@@ -66,14 +88,14 @@ def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
                 m.training = modes[name]
 
 
-def run(module: Callable, args: tuple, kwargs: dict, buffers: Iterable[torch.Tensor], seed: int = SEED) -> Any:
-    """``module(*args, **kwargs)`` without gradients, from a fixed random state; ``buffers`` are put back after."""
+def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: int = SEED) -> Any:
+    """``call(module)`` without gradients, from a fixed random state; ``buffers`` are put back after."""
     buffers = list({id(b): b for b in buffers}.values())
     saved = [b.detach().clone() for b in buffers]
     try:
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(seed)
-            return module(*args, **kwargs)
+            return call(module)
     finally:
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
@@ -81,9 +103,13 @@ def run(module: Callable, args: tuple, kwargs: dict, buffers: Iterable[torch.Ten
 
 
 def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
-    """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``."""
+    """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``.
+
+    Outputs are matched by key path, so containers of another type with the same keys (an ``OrderedDict`` for a
+    ``dict``) are the same output.
+    """
     expected_leaves, got_leaves = tree_flatten_with_path(expected)[0], tree_flatten_with_path(got)[0]
-    if _keys(expected_leaves) != _keys(got_leaves):  # by keys: an OrderedDict and a dict with its items are alike
+    if _keys(expected_leaves) != _keys(got_leaves):
         return "the output structure", f"{_keys(got_leaves)} instead of {_keys(expected_leaves)}"
     for (path, a), (_, b) in zip(expected_leaves, got_leaves):
         how = difference(a, b)
@@ -92,22 +118,27 @@ def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
     return None
 
 
-def check_trace(model: nn.Module, traced: Callable, args: tuple, kwargs: dict, modes: Iterable[bool]) -> None:
+def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
     """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode."""
-    buffers = [*model.buffers(), *(traced.buffers() if isinstance(traced, nn.Module) else ())]
-    modules = [m for m in (model, traced) if isinstance(m, nn.Module)]
+    buffers = [*model.buffers(), *traced.buffers()]
+    route = getattr(traced, "meta", {}).get("route", "fx")
+    causes = EXPORT_CAUSES if route == "export" else TRACE_CAUSES
     for training in modes:
-        with mode(modules, training):
-            expected = run(model, args, kwargs, buffers)
-            got = run(traced, args, kwargs, buffers)
+        with mode([model, traced], training):
+            expected = run(call, model, buffers)
+            try:
+                got = run(call, traced, buffers)
+            except Exception as error:
+                raise TraceMismatchError(
+                    f"the graph of {type(model).__name__} traced by the {route} route fails in "
+                    f"{'train' if training else 'eval'} mode where the model runs: {type(error).__name__}: {error}. "
+                    f"{causes}") from error
         found = first_difference(expected, got)
         if found is not None:
             where, how = found
-            route = getattr(traced, "meta", {}).get("route", "fx")
             raise TraceMismatchError(
                 f"the graph of {type(model).__name__} traced by the {route} route does not compute what the model "
-                f"computes in {'train' if training else 'eval'} mode: {where} differs ({how}). "
-                f"{EXPORT_CAUSES if route == 'export' else TRACE_CAUSES}"
+                f"computes in {'train' if training else 'eval'} mode: {where} differs ({how}). {causes}"
             )
 
 

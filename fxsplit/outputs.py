@@ -6,7 +6,10 @@ from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Union
 
-from ..errors import TaskError
+import torch
+from torch.utils._pytree import tree_flatten_with_path
+
+from .errors import TaskError
 
 OutputKey = Union[str, int, tuple]
 Path = tuple  # keys from the whole output down to a task's part; () is the whole output
@@ -54,6 +57,43 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
                         "tasks=[...] (every task then gets the whole output of its branch).")
     check_tasks(tasks)
     return {task: () for task in tasks}
+
+
+def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Path]:
+    """Task -> the key path of the part of ``output`` its loss reads, found by autograd: the longest path that
+    holds every output tensor the loss depends on (``()``, the whole output, when it reads across parts).
+
+    Never too narrow: a loss that reaches a part through another (``out[1] = out[0][:, :3]``) reads both.
+
+    >>> import torch
+    >>> out = (torch.ones(2, requires_grad=True) * 2, {"x": torch.ones(3, requires_grad=True) * 3})
+    >>> paths_read(out, {"a": out[0].sum(), "b": out[1]["x"].mean()})
+    {'a': (0,), 'b': (1, 'x')}
+    """
+    leaves = [(tuple(_plain(key) for key in path), value) for path, value in tree_flatten_with_path(output)[0]
+              if isinstance(value, torch.Tensor) and value.requires_grad]
+    paths = {}
+    for task, loss in losses.items():
+        grads = torch.autograd.grad(loss, [value for _, value in leaves], retain_graph=True, allow_unused=True)
+        read = [path for (path, _), grad in zip(leaves, grads) if grad is not None]
+        paths[task] = _common_prefix(read) if read else ()
+    return paths
+
+
+def _plain(key: Any) -> Any:
+    """A pytree key entry as the key or index it stands for."""
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return getattr(key, attribute)
+    return key
+
+
+def _common_prefix(paths: list[Path]) -> Path:
+    prefix = paths[0]
+    for path in paths[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(prefix, path)) if a != b), min(len(prefix), len(path)))
+        prefix = prefix[:n]
+    return prefix
 
 
 def select(output: Any, path: Path, task: str) -> Any:
