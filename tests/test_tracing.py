@@ -229,3 +229,14 @@ def test_an_example_is_recorded_from_a_call_for_the_export_route():
         graph.eval()
     with pytest.raises(fxsplit.TraceError, match="the example call never calls MultiHead"):
         recorded_example(model, lambda module: x)
+
+
+def test_the_export_route_refuses_modules_in_another_mode_than_the_model():
+    model = MultiHead(SmallCNN(), 16).train()
+    model.backbone.stem[1].eval()  # a frozen BatchNorm: a graph of the export route would fix it in train mode
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(fxsplit.TraceError, match=r"in train mode but its module 'backbone.stem.1' \(BatchNorm2d\) is "
+                                                 r"in eval mode: the torch.export route fixes every module's mode"):
+        fxsplit.rewrite(model, ["backbone.stem.0"], example_inputs=x, method="export")
+    split = fxsplit.rewrite(model, ["backbone.stem.0"], example_inputs=x)  # the fx route calls the module
+    assert split.route == "fx" and not split.get_submodule("backbone.stem.1").training

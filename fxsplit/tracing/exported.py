@@ -205,6 +205,7 @@ def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, tr
     """
     args = args if isinstance(args, tuple) else (args,)
     kwargs = dict(kwargs or {})
+    _check_one_mode(root)
     copy = copy_module(root, share_tensors=True).train(training)
     given = _argument_names(copy, args, kwargs)
     dynamic = {name: pytree.tree_map(_batch_dim, value) for name, value in given.items()}
@@ -216,6 +217,20 @@ def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, tr
     except Exception as error:
         raise _export_error(copy, error) from error
     return _contract_graph(exported, copy, (args, kwargs), list(given), "train" if training else "eval", guards)
+
+
+def _check_one_mode(root: nn.Module) -> None:
+    """Refuse a model whose modules are not all in its mode (a BatchNorm frozen in eval mode in a model in train
+    mode): each graph fixes every module's mode, so the graph would not compute what the model computes."""
+    other = next((name for name, module in root.named_modules() if module.training != root.training), None)
+    if other is not None:
+        module = root.get_submodule(other)
+        raise TraceError(
+            f"{type(root).__name__} is in {'train' if root.training else 'eval'} mode but its module {other!r} "
+            f"({type(module).__name__}) is in {'train' if module.training else 'eval'} mode: the torch.export route "
+            f"fixes every module's mode in its graph (one graph per mode of the whole model). Put the model in one "
+            f"mode, or trace it with torch.fx (method='fx'), whose graph calls modules that keep their own mode."
+        )
 
 
 @contextlib.contextmanager
