@@ -72,7 +72,8 @@ def run_seed(experiment: Experiment, seed: int, progress: bool | None = None) ->
         if arm.layers is not None:
             model = rewrite(model, arm.layers, tasks, split_norms=experiment.split_norms)
         started = time.perf_counter()
-        report = train(model, train_set, tasks, experiment.training, seed, f"{arm.name} network (seed {seed})", progress)
+        name = f"{arm.name} network (seed {seed})"
+        report = train(model, train_set, tasks, experiment.training, seed, name, progress)
         return _Trained(arm, model, report, time.perf_counter() - started)
 
     runs = {"joint": trained(Arm("joint"))}

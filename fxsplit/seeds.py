@@ -37,8 +37,8 @@ def spread(values: Sequence[float]) -> dict:
 def summarize(runs: Sequence[dict]) -> dict[str, dict[str, dict]]:
     """Arm -> metric -> :func:`spread` over the seeds of ``runs``.
 
-    >>> runs = [{"arms": {"joint": {"mean_accuracy": a, "accuracy": {}, "conflict_rate": {}, "params": 5, "increase": 0}}}
-    ...         for a in (0.5, 0.7)]
+    >>> runs = [{"arms": {"joint": {"mean_accuracy": a, "accuracy": {}, "conflict_rate": {}, "params": 5,
+    ...                             "increase": 0}}} for a in (0.5, 0.7)]
     >>> summarize(runs)["joint"]["accuracy"]["mean"]
     0.6
     """
@@ -62,17 +62,18 @@ def show(figure: dict, percent: bool = False, sign: bool = False) -> str:
     """``mean ± sd`` (or the mean alone for one seed), as a fraction or in percent.
 
     >>> show(spread([0.9, 0.95])), show(spread([0.1, 0.2]), percent=True, sign=True), show(spread([0.5]))
-    ('0.925 ± 0.035', '+15.0 % ± 7.1', '0.500')
+    ('0.925 ± 0.035', '+15.0 ± 7.1', '0.500')
     """
     scale, digits = (100, 1) if percent else (1, 3)
-    text = f"{figure['mean'] * scale:{'+' if sign else ''}.{digits}f}" + (" %" if percent else "")
+    text = f"{figure['mean'] * scale:{'+' if sign else ''}.{digits}f}"
     return text if figure["sd"] is None else f"{text} ± {figure['sd'] * scale:.{digits}f}"
 
 
 def table(runs: Sequence[dict]) -> str:
     """A Markdown table of each arm's accuracy and conflict rates (mean ± sd over ``runs``) and parameters (mean)."""
     summary, tasks, rates = summarize(runs), _tasks(runs), _rates(runs)
-    head = ["arm", "mean acc.", *(f"{t} acc." for t in tasks), "params", "increase", *(f"conflicts cos<{s}" for s in rates)]
+    head = ["arm", "mean acc.", *(f"{t} acc." for t in tasks), "params", "increase",
+            *(f"conflicts % cos<{s}" for s in rates)]
     return grid(head, [[name, show(arm["accuracy"]), *(show(arm[f"accuracy {t}"]) for t in tasks),
                         f"{arm['params']['mean']:,.0f}", f"{arm['increase']['mean']:+.1%}",
                         *(show(arm[f"conflicts cos<{s}"], percent=True) for s in rates)]
@@ -87,7 +88,7 @@ def differences(runs: Sequence[dict], arm: str, baseline: str) -> str:
     head = ["seed", f"Δ mean acc. ({arm} − {baseline})", *(f"Δ {name}" for name in names[1:])]
     rows = [[str(run["seed"]), *(f"{diff[name]['values'][i] * 100:+.1f}" for name in names)]
             for i, run in enumerate(runs)]
-    rows.append(["mean ± sd", *(show(diff[name], percent=True, sign=True).replace(" %", "") for name in names)])
+    rows.append(["mean ± sd", *(show(diff[name], percent=True, sign=True) for name in names)])
     return grid(head, rows)
 
 

@@ -48,10 +48,10 @@ def test_tables_show_mean_and_sd_and_each_seed():
     runs = [{"seed": 3, "arms": {"joint": arm((0.9, 0.8), 0.5, 100), "recon": arm((0.95, 0.85), 0.2, 150)}},
             {"seed": 4, "arms": {"joint": arm((0.7, 0.8), 0.3, 100), "recon": arm((0.8, 0.8), 0.1, 150)}}]
     assert table(runs).splitlines() == [
-        "| arm | mean acc. | left acc. | right acc. | params | increase | conflicts cos<0.0 | conflicts cos<-0.1 |",
+        "| arm | mean acc. | left acc. | right acc. | params | increase | conflicts % cos<0.0 | conflicts % cos<-0.1 |",
         "|---|---|---|---|---|---|---|---|",
-        "| joint | 0.800 ± 0.071 | 0.800 ± 0.141 | 0.800 ± 0.000 | 100 | +0.0% | 40.0 % ± 14.1 | 20.0 % ± 7.1 |",
-        "| recon | 0.850 ± 0.071 | 0.875 ± 0.106 | 0.825 ± 0.035 | 150 | +50.0% | 15.0 % ± 7.1 | 7.5 % ± 3.5 |",
+        "| joint | 0.800 ± 0.071 | 0.800 ± 0.141 | 0.800 ± 0.000 | 100 | +0.0% | 40.0 ± 14.1 | 20.0 ± 7.1 |",
+        "| recon | 0.850 ± 0.071 | 0.875 ± 0.106 | 0.825 ± 0.035 | 150 | +50.0% | 15.0 ± 7.1 | 7.5 ± 3.5 |",
     ]
     assert differences(runs, "recon", "joint").splitlines()[2:] == [
         "| 3 | +5.0 | -30.0 | -15.0 |",

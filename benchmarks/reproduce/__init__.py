@@ -43,7 +43,7 @@ class Config:
 
     def quick(self) -> Config:
         """A size that finishes in at most 10 minutes on 2 CPU cores: few pairs, short training."""
-        return replace(self, epochs=2, train_size=1_536, test_size=1_000)
+        return replace(self, epochs=2, train_size=1_024, test_size=1_000)
 
     def experiment(self) -> Experiment:
         return Experiment(
