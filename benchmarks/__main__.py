@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(quick=args.quick, device=args.device)
+    torch.backends.cudnn.benchmark = settings.cuda  # as issue 13's CUDA measurements were taken
     print(f"torch {torch.__version__}, {platform.python_implementation()} {platform.python_version()}, "
           f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, device {settings.device}, "
           f"{'quick' if settings.quick else 'full'} run, {settings.repeats} repeats (medians), load average "

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import fxsplit
 
-from .common import Row, Settings, compare, floor_step, say, setup, steps_of, time_per_step, train_step
+from .common import Case, Row, Settings, compare, floor_step, say, setup, steps_of, time_per_step, train_step
 
 NAME = "analyze_step"
 
@@ -48,8 +48,8 @@ def authors_step(model, losses, batch, layers: list[list[torch.Tensor]], thresho
     return conflicts
 
 
-def _case(name: str, tasks: int, settings: Settings) -> list[Row]:
-    model, batch, losses = setup(name, tasks, settings)
+def _case(case: Case, tasks: int, settings: Settings) -> list[Row]:
+    model, batch, losses = setup(case, tasks, settings)
     graph = fxsplit.layer_graph(model)
     weights = [p for p in model.parameters() if p.requires_grad]
     scored = fxsplit.analyze(model, losses, [batch], graph=graph, progress=False).layers
@@ -62,19 +62,19 @@ def _case(name: str, tasks: int, settings: Settings) -> list[Row]:
         "analyze": lambda steps: fxsplit.analyze(model, losses, [batch] * steps, graph=graph, progress=False),
     }, settings)
     plain, floor, authors, per_step = t["plain"], t["floor"], t["authors"], t["analyze"]
-    say(NAME, f"{name} T={tasks}: {len(scored)} scored layers; plain {plain * 1e3:.1f} ms, floor "
+    say(NAME, f"{case} T={tasks}: {len(scored)} scored layers; plain {plain * 1e3:.1f} ms, floor "
               f"{floor * 1e3:.1f} ms, analyze {per_step * 1e3:.1f} ms/step, authors' way {authors * 1e3:.1f} ms")
-    case = f"{name} T={tasks}"
-    headline = name == "resnet18" and tasks == 4
+    label = f"{case} T={tasks}"
+    headline = case.model == "resnet18" and tasks == 4
+    realistic = case.pixels >= 224  # issue 13's CUDA sizes: a tighter target
     return [
-        compare(NAME, f"{case}: analyze/step vs floor", per_step, floor, "ms", ("<=", 1.08)),
-        compare(NAME, f"{case}: authors' way vs analyze (speed-up)", authors, per_step, "ms",
+        compare(NAME, f"{label}: analyze/step vs floor", per_step, floor, "ms", ("<=", 1.05 if realistic else 1.08)),
+        compare(NAME, f"{label}: authors' way vs analyze (speed-up)", authors, per_step, "ms",
                 (">=", 1.35) if headline else None),
-        compare(NAME, f"{case}: analyze/step vs plain step", per_step, plain, "ms"),
-        compare(NAME, f"{case}: floor vs plain step", floor, plain, "ms"),
+        compare(NAME, f"{label}: analyze/step vs plain step", per_step, plain, "ms"),
+        compare(NAME, f"{label}: floor vs plain step", floor, plain, "ms"),
     ]
 
 
 def run(settings: Settings) -> list[Row]:
-    models = ["resnet18"] if settings.quick else ["resnet18", "vit_tiny"]
-    return [row for name in models for tasks in (2, 4) for row in _case(name, tasks, settings)]
+    return [row for case in settings.step_cases() for tasks in (2, 4) for row in _case(case, tasks, settings)]

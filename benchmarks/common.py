@@ -34,6 +34,29 @@ class Settings:
     def pixels(self) -> int:
         return 32 if self.quick else 64
 
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    def step_cases(self) -> list[Case]:
+        """The models and sizes the per-step benchmarks run: small ones everywhere; on CUDA also the realistic
+        sizes (resnet50 and ViT-S/16 at 224 px, batch 32)."""
+        small = [Case("resnet18", self.batch, self.pixels)] + ([] if self.quick else [Case("vit_tiny", self.batch,
+                                                                                              self.pixels)])
+        return small + ([Case("resnet50", 32, 224), Case("vit_small", 32, 224)] if self.cuda else [])
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model of ``MODELS`` at a batch size and image size."""
+
+    model: str
+    batch: int
+    pixels: int
+
+    def __str__(self) -> str:
+        return f"{self.model} {self.batch}x{self.pixels}px"
+
 
 # --- models, data, losses -------------------------------------------------------------------------------------
 
@@ -66,23 +89,25 @@ def resnet(tasks: int, depth: int = 18) -> MultiHead:
 
 
 def vit(tasks: int, name: str = "vit_tiny_patch16_224", pixels: int = 64) -> MultiHead:
-    """A timm ViT at 64 px (16 patches of 16 px), its classifier replaced by ``tasks`` linear heads."""
+    """A timm ViT (patches of 16 px) at ``pixels``, its classifier replaced by ``tasks`` linear heads."""
     import timm
 
     backbone = timm.create_model(name, img_size=pixels, num_classes=0)
     return MultiHead(backbone, backbone.num_features, tasks)
 
 
-MODELS: dict[str, Callable[[int, Settings], MultiHead]] = {
-    "resnet18": lambda tasks, settings: resnet(tasks, 18),
-    "vit_tiny": lambda tasks, settings: vit(tasks, pixels=settings.pixels),
+MODELS: dict[str, Callable[[int, int], MultiHead]] = {  # name -> model(tasks, pixels)
+    "resnet18": lambda tasks, pixels: resnet(tasks, 18),
+    "resnet50": lambda tasks, pixels: resnet(tasks, 50),
+    "vit_tiny": lambda tasks, pixels: vit(tasks, pixels=pixels),
+    "vit_small": lambda tasks, pixels: vit(tasks, "vit_small_patch16_224", pixels=pixels),
 }
 
 
-def make_model(name: str, tasks: int, settings: Settings) -> MultiHead:
+def make_model(name: str, tasks: int, settings: Settings, pixels: int | None = None) -> MultiHead:
     """``MODELS[name]`` with ``tasks`` heads, seeded, on the device, in train mode."""
     torch.manual_seed(0)
-    return MODELS[name](tasks, settings).to(settings.device).train()
+    return MODELS[name](tasks, pixels or settings.pixels).to(settings.device).train()
 
 
 def make_batch(tasks: int, batch: int, pixels: int, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,10 +118,12 @@ def make_batch(tasks: int, batch: int, pixels: int, device: str = "cpu") -> tupl
     return images.to(device), labels.to(device)
 
 
-def setup(name: str, tasks: int, settings: Settings) -> tuple[MultiHead, tuple[torch.Tensor, torch.Tensor], dict]:
-    """The model, a batch and the task losses of one benchmark case."""
-    batch = make_batch(tasks, settings.batch, settings.pixels, settings.device)
-    return make_model(name, tasks, settings), batch, task_losses(tasks)
+def setup(case: Case | str, tasks: int, settings: Settings) -> tuple[MultiHead, tuple[torch.Tensor, torch.Tensor],
+                                                                    dict]:
+    """The model, a batch and the task losses of one benchmark case (a model name: at the run's sizes)."""
+    case = case if isinstance(case, Case) else Case(case, settings.batch, settings.pixels)
+    batch = make_batch(tasks, case.batch, case.pixels, settings.device)
+    return make_model(case.model, tasks, settings, case.pixels), batch, task_losses(tasks)
 
 
 def task_losses(tasks: int) -> dict[str, Callable]:
@@ -232,7 +259,7 @@ class Row:
 
 def compare(benchmark: str, case: str, measured: float, baseline: float, unit: str,
             target: tuple[str, float] | None = None) -> Row:
-    """A row for ``measured`` against ``baseline`` (both in ``unit``: "ms", "s", "MB" or "x")."""
+    """A row for ``measured`` against ``baseline`` (both in ``unit``: "ms", "s", "MB", "ops" or "x")."""
     ratio = measured / baseline if baseline else math.inf
     met = None
     text = ""
@@ -250,6 +277,8 @@ def _format(value: float, unit: str) -> str:
         return f"{value:.3f} s"
     if unit == "MB":
         return f"{value / 2**20:.1f} MB"
+    if unit == "ops":
+        return f"{value:,.0f} ops"
     return f"{value:.3g}{unit}"
 
 

@@ -16,7 +16,7 @@ import torch
 
 import fxsplit
 
-from .common import MEMORY_METHOD, Row, Settings, compare, floor_step, peak_memory, say, setup, train_step
+from .common import MEMORY_METHOD, Case, Row, Settings, compare, floor_step, peak_memory, say, setup, train_step
 
 NAME = "memory"
 STEPS = 3
@@ -41,8 +41,8 @@ def _marked(batch, settings: Settings):
             yield batch
 
 
-def _case(name: str, tasks: int, settings: Settings) -> list[Row]:
-    model, batch, losses = setup(name, tasks, settings)
+def _case(case: Case, tasks: int, settings: Settings) -> list[Row]:
+    model, batch, losses = setup(case, tasks, settings)
     graph = fxsplit.layer_graph(model)
     weights = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -66,23 +66,22 @@ def _case(name: str, tasks: int, settings: Settings) -> list[Row]:
         model.zero_grad(set_to_none=True)
         peaks[label] = peak_memory(fn, settings, within)
     resident = _resident(model, batch)
-    say(NAME, f"{name} T={tasks}: resident {resident / 2**20:.1f} MB; peak above it: " +
+    say(NAME, f"{case} T={tasks}: resident {resident / 2**20:.1f} MB; peak above it: " +
         ", ".join(f"{k} {v / 2**20:.1f} MB" for k, v in peaks.items()))
-    case = f"{name} T={tasks}"
+    label = f"{case} T={tasks}"
     total = {k: v + resident for k, v in peaks.items()}
     return [
-        compare(NAME, f"{case}: analyze step vs plain step (incl. weights)", total["analyze"], total["plain"], "MB",
+        compare(NAME, f"{label}: analyze step vs plain step (incl. weights)", total["analyze"], total["plain"], "MB",
                 ("<=", 1.3) if tasks == 4 else None),
-        compare(NAME, f"{case}: analyze step vs plain step (above weights)", peaks["analyze"], peaks["plain"], "MB"),
-        compare(NAME, f"{case}: analyze first step (the call's peak) vs plain step (incl. weights)",
+        compare(NAME, f"{label}: analyze step vs plain step (above weights)", peaks["analyze"], peaks["plain"], "MB"),
+        compare(NAME, f"{label}: analyze first step (the call's peak) vs plain step (incl. weights)",
                 total["analyze first step"], total["plain"], "MB"),
-        compare(NAME, f"{case}: floor, T gradients kept, vs plain step (incl. weights)", total["floor"],
+        compare(NAME, f"{label}: floor, T gradients kept, vs plain step (incl. weights)", total["floor"],
                 total["plain"], "MB"),
     ]
 
 
 def run(settings: Settings) -> list[Row]:
     say(NAME, f"method: {MEMORY_METHOD}")
-    models = ["resnet18"] if settings.quick else ["resnet18", "vit_tiny"]
     tasks = (4,) if settings.quick else (2, 4)
-    return [row for name in models for t in tasks for row in _case(name, t, settings)]
+    return [row for case in settings.step_cases() for t in tasks for row in _case(case, t, settings)]

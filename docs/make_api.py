@@ -11,10 +11,10 @@ import fxsplit
 from fxsplit import datasets
 
 SECTIONS = {
-    "Surgery": ["trace", "layer_graph", "rewrite", "SplitModule", "export", "script"],
-    "Conflict scores": ["analyze", "ConflictReport", "LayerSelection"],
-    "Errors": ["FxsplitError", "TraceError", "LayerError", "UnknownLayerError", "TaskError", "InitError",
-               "ReportError", "ExportError"],
+    "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
+    "Conflict scores": ["analyze", "ConflictMonitor", "ConflictReport", "LayerSelection"],
+    "Errors": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
+               "UnknownLayerError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError"],
 }
 
 

@@ -2,7 +2,7 @@
 
     fxsplit graph examples/digits_spec.py
     fxsplit analyze examples/digits_spec.py --steps 20 --out report.json
-    fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pt
+    fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pkl
 """
 
 import torch

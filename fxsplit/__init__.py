@@ -2,26 +2,33 @@
 
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, ReportError, TaskError, TraceError, UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, SplitMismatchError, TaskError,
+    TraceError, TraceMismatchError, UnknownLayerError,
 )
 from .export import export, script
-from .layers import layer_graph
+from .layers import LayerGraph, layer_graph
 from .report import ConflictReport, LayerSelection
 from .rewrite import rewrite
+from .scoring import ConflictMonitor
 from .split_module import SplitModule
 from .tracing import trace
 
 __all__ = [
+    "ConflictMonitor",
     "ConflictReport",
     "ExportError",
     "FxsplitError",
     "InitError",
     "LayerError",
+    "LayerGraph",
     "LayerSelection",
     "ReportError",
+    "ScoringError",
+    "SplitMismatchError",
     "SplitModule",
     "TaskError",
     "TraceError",
+    "TraceMismatchError",
     "UnknownLayerError",
     "analyze",
     "export",

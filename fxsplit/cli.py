@@ -2,8 +2,9 @@
 
 A SPEC names Python code that builds what fxsplit works on: ``path/to/file.py`` (its function ``spec``),
 ``path/to/file.py:function`` or ``package.module:function``. The function returns a mapping (or a tuple in this
-order) with ``model``, ``tasks`` (task name -> ``loss(output, batch)``) and ``data`` (an iterable of batches).
-A SPEC is executed code: run only SPECs you trust.
+order) with ``model``, ``tasks`` (task name -> ``loss(output, batch)``) and ``data`` (an iterable of batches), and
+optionally ``outputs``, ``forward`` and ``tracer_kwargs`` (as the library functions take them). Every split is
+checked against the model on the first batch. A SPEC is executed code: run only SPECs you trust.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "gradients conflict most).", formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  fxsplit demo --quick --out demo-out\n  fxsplit graph examples/digits_spec.py\n"
                "  fxsplit analyze examples/digits_spec.py --steps 20 --out report.json\n"
-               "  fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pt\n"
+               "  fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pkl\n"
                "  fxsplit export examples/digits_spec.py --report report.json --top 4 --out split.pt2")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -108,11 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     _output_flags(sub)
 
     sub = command("rewrite", _rewrite, "split layers into per-task copies",
-                  "fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pt")
+                  "fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pkl")
     _selection_flags(sub)
     sub.add_argument("--init", choices=("copy", "reset"), default="copy", help="how copies start")
     sub.add_argument("--split-norms", action="store_true", help="also split norm layers in the branches")
-    sub.add_argument("--out", type=Path, help="save the split model (a pickle: load with weights_only=False)")
+    sub.add_argument("--out", type=Path, help="save the trainable split model as a pickle, FILE.pkl (load it with "
+                     "torch.load(FILE, weights_only=False)); `fxsplit export` writes .pt / .pt2 files")
     _output_flags(sub)
 
     sub = command("export", _export, "write the (split) model as TorchScript (.pt) or torch.export (.pt2)",
@@ -160,7 +162,11 @@ def _analyze(args) -> None:
     model = spec["model"]
     optimizer = torch.optim.SGD(model.parameters(), lr=args.train) if args.train else None
     report = analyze(model, spec["tasks"], spec["data"], steps=args.steps, threshold=args.threshold,
-                     optimizer=optimizer, forward=spec.get("forward"), progress=None if not args.json else False)
+                     optimizer=optimizer, forward=spec.get("forward"), tracer_kwargs=spec.get("tracer_kwargs"),
+                     progress=None if not args.json else False)
+    if args.steps is not None and report.steps < args.steps:
+        print(f"fxsplit: the data gave {report.steps} batches, so {report.steps} of the {args.steps} steps asked "
+              f"for were analyzed", file=sys.stderr)
     if args.out:
         report.save(args.out)
     if args.plot:
@@ -179,15 +185,26 @@ def _selected(args) -> list[str] | None:
     return report.top(args.top) if args.top is not None else report.within(args.budget)
 
 
+def _example(spec: dict) -> Any:
+    """The model's input in the SPEC's first batch, as analyze feeds it (``batch[0]`` of a tuple or list)."""
+    batch = next(iter(spec["data"]))
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def _split(args, spec: dict, **options):
     layers = _selected(args)
     if layers is None:
         return spec["model"], []
     tasks = list(spec["tasks"])
-    return rewrite(spec["model"], layers, tasks, outputs=spec.get("outputs"), **options), list(layers)
+    split = rewrite(spec["model"], layers, tasks, outputs=spec.get("outputs"), example_inputs=(_example(spec),),
+                    tracer_kwargs=spec.get("tracer_kwargs"), **options)
+    return split, list(layers)
 
 
 def _rewrite(args) -> None:
+    if args.out is not None and args.out.suffix != ".pkl":
+        raise FxsplitError(f"--out {args.out}: rewrite saves the trainable split model as a pickle, a .pkl file "
+                           f"(.pt and .pt2 are the TorchScript and torch.export files that `fxsplit export` writes).")
     spec = load_spec(args.spec)
     split, layers = _split(args, spec, init=args.init, split_norms=args.split_norms)
     before = sum(p.numel() for p in spec["model"].parameters())
@@ -203,49 +220,15 @@ def _rewrite(args) -> None:
 def _export(args) -> None:
     spec = load_spec(args.spec)
     model, layers = _split(args, spec)
-    batch = next(iter(spec["data"]))
-    example = batch[0] if isinstance(batch, (tuple, list)) else batch
-    path = export(model, args.out, example)
+    path = export(model, args.out, (_example(spec),))
     _print(args, {"path": str(path), "layers": layers}, f"exported and checked {path}")
 
 
 def _graph(args) -> None:
     spec = load_spec(args.spec)
-    graph = layer_graph(spec["model"])
+    graph = layer_graph(spec["model"], tracer_kwargs=spec.get("tracer_kwargs"))
     if args.dot:
-        args.dot.write_text(_dot(graph))
+        args.dot.write_text(graph.to_dot())
     if args.png:
-        _draw(graph, args.png)
-    rows = [f"{data['order']:>4}  {name:<48} {data['kind']:<18} {data['params']:>10,}"
-            for name, data in graph.nodes(data=True)]
-    text = "\n".join([f"{graph.number_of_nodes()} layers, {graph.number_of_edges()} edges", *rows])
-    _print(args, {"nodes": dict(graph.nodes(data=True)), "edges": list(graph.edges)}, text)
-
-
-def _dot(graph) -> str:
-    lines = ["digraph layers {", "  rankdir=TB; node [shape=box, fontsize=10];"]
-    lines += [f'  "{name}" [label="{name}\\n{data["kind"]} ({data["params"]:,})"];'
-              for name, data in graph.nodes(data=True)]
-    lines += [f'  "{a}" -> "{b}";' for a, b in graph.edges]
-    return "\n".join(lines + ["}"]) + "\n"
-
-
-def _draw(graph, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import networkx as nx
-
-    for depth, layer in enumerate(nx.topological_generations(graph) if nx.is_directed_acyclic_graph(graph)
-                                  else [[n] for n in graph]):
-        for name in layer:
-            graph.nodes[name]["depth"] = depth
-    positions = nx.multipartite_layout(graph, subset_key="depth", align="horizontal")
-    positions = {name: (x, -y) for name, (x, y) in positions.items()}
-    figure, axes = plt.subplots(figsize=(8, max(4, 0.25 * graph.number_of_nodes())))
-    nx.draw_networkx(graph, positions, ax=axes, node_size=60, font_size=6, arrowsize=6)
-    axes.set_axis_off()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+        graph.draw(args.png)
+    _print(args, {"nodes": dict(graph.nodes(data=True)), "edges": list(graph.edges)}, str(graph))

@@ -14,6 +14,14 @@ class TraceError(FxsplitError):
     """The model could not be traced by ``torch.fx``."""
 
 
+class TraceMismatchError(TraceError):
+    """A traced graph computes something other than the model on an example input."""
+
+
+class SplitMismatchError(FxsplitError):
+    """A split model computes something other than the original for some task on an example input."""
+
+
 class LayerError(FxsplitError):
     """A layer argument is malformed, duplicated or not splittable."""
 
@@ -35,6 +43,10 @@ class InitError(FxsplitError):
 
 class ReportError(FxsplitError):
     """A conflict report file that cannot be read, or a threshold the report did not score."""
+
+
+class ScoringError(FxsplitError):
+    """A step cannot be scored as asked: the loop, the model or the process group breaks the scoring's contract."""
 
 
 class ExportError(FxsplitError):

@@ -3,33 +3,40 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import fx, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
+from .tracing.symbolic import copy_module
 
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
 
 
-def script(model: nn.Module) -> torch.jit.ScriptModule:
-    """``torch.jit.script`` a copy of ``model`` in eval mode, without the guards ``concrete_args`` leave behind.
+def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.ScriptModule:
+    """``torch.jit.script`` a copy of ``model`` in eval mode.
 
-    Scripting a fresh copy each time keeps a failed attempt from leaving a half-registered class behind.
+    For a traced or split model, the arguments fixed while tracing (``task_name=None``) and their guards are left
+    out, and ``example_inputs`` (a tuple of positional inputs) give the other arguments their types: TorchScript
+    takes an argument it knows nothing of for a tensor, so a dict or a list input needs an example. Scripting a
+    fresh copy each time keeps a failed attempt from leaving a half-registered class behind.
 
     >>> import torch, fxsplit
     >>> gm = fxsplit.trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
     >>> fxsplit.script(gm)(torch.ones(1, 3)).shape
     torch.Size([1, 2])
     """
-    model = copy.deepcopy(model).eval()
+    model = copy_module(model, share_tensors=False).eval()
     if isinstance(model, fx.GraphModule):
-        _drop_guards(model)
+        _drop_bound_arguments(model)
+        if example_inputs is not None:
+            _annotate(model, example_inputs)
     try:
         with _torchscript_quietly():
             return torch.jit.script(model)
@@ -63,12 +70,12 @@ def export(
         raise ExportError(f"format must be one of {sorted(FORMATS.values())} (or a path ending in .pt / .pt2), "
                           f"got format={format!r} for {str(path)!r}.")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    model = copy.deepcopy(model).eval()
+    model = copy_module(model, share_tensors=False).eval()
     expected = _run(model, inputs, "the model")
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the suffix
     try:
         if format == "torchscript":
-            loaded = _write_torchscript(model, partial)
+            loaded = _write_torchscript(model, inputs, partial)
         else:
             loaded = _write_program(model, inputs, partial)
         _check_same(expected, _run(loaded, inputs, f"the exported {format} file"), rtol, atol)
@@ -78,8 +85,8 @@ def export(
     return path
 
 
-def _write_torchscript(model: nn.Module, path: Path) -> nn.Module:
-    scripted = script(model)
+def _write_torchscript(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:
+    scripted = script(model, inputs)
     with _torchscript_quietly(), _failing_as(f"TorchScript cannot save {type(model).__name__} (torch.export, "
                                              f"a .pt2 file, handles more models)"):
         torch.jit.save(scripted, str(path))
@@ -107,17 +114,24 @@ def _torchscript_quietly():
 
 
 def _write_program(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:
-    small = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[0] < 2)]
-    if small:
-        raise ExportError(
-            f"example input(s) {small} have a batch of fewer than 2: torch.export would fix the batch size. "
-            f"Give examples with a batch of 2 or more."
-        )
-    batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch} if isinstance(x, torch.Tensor) else None for x in inputs)
     with _failing_as(f"torch.export cannot export {type(model).__name__}"):
-        torch.export.save(torch.export.export(model, inputs, dynamic_shapes=dynamic), str(path))
+        torch.export.save(torch.export.export(model, inputs, dynamic_shapes=dynamic_batch(inputs)), str(path))
         return torch.export.load(str(path)).module()
+
+
+def dynamic_batch(inputs: tuple) -> tuple:
+    """torch.export's ``dynamic_shapes`` for ``inputs`` of any structure: dimension 0 of every tensor whose first
+    dimension is the batch (the size most tensors share) is one dynamic ``batch``; other tensors stay static."""
+    leaves = [x for x in tree_leaves(inputs) if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not leaves:
+        raise ExportError("the example inputs hold no tensor with a batch dimension to export with.")
+    size = Counter(x.shape[0] for x in leaves).most_common(1)[0][0]
+    if size < 2:
+        raise ExportError(f"the example inputs have a batch of {size}: torch.export would fix the batch size. "
+                          f"Give examples with a batch of 2 or more.")
+    batch = torch.export.Dim("batch")
+    return tree_map(lambda x: {0: batch} if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == size
+                    else None, inputs)
 
 
 def _run(model: nn.Module, inputs: tuple, what: str) -> Any:
@@ -141,9 +155,35 @@ def _check_same(expected: Any, got: Any, rtol: float, atol: float) -> None:
                               f"{(a - b).abs().max().item():.3g} (rtol={rtol}, atol={atol}).")
 
 
-def _drop_guards(gm: fx.GraphModule) -> None:
-    """Remove the ``_assert_is_none`` checks that tracing with ``concrete_args`` inserts (they do not script)."""
-    for node in list(gm.graph.nodes):
-        if node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none":
+def _annotate(gm: fx.GraphModule, inputs: tuple) -> None:
+    """Type the graph's arguments after the example inputs, for TorchScript."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    for node, value in zip(placeholders, inputs):
+        if node.type is None:
+            node.type = _type_of(value)
+    gm.recompile()
+
+
+def _type_of(value: Any) -> Any:
+    """The Python type annotation TorchScript reads for an example value (``Dict[str, Tensor]`` for a dict...)."""
+    if isinstance(value, torch.Tensor):
+        return torch.Tensor
+    if isinstance(value, dict) and value:
+        key, item = next(iter(value.items()))
+        return Dict[type(key), _type_of(item)]
+    if isinstance(value, list) and value:
+        return List[_type_of(value[0])]
+    if isinstance(value, tuple):
+        return Tuple[tuple(_type_of(item) for item in value)]
+    return type(value) if isinstance(value, (bool, int, float, str)) else None
+
+
+def _drop_bound_arguments(gm: fx.GraphModule) -> None:
+    """Remove the arguments fixed while tracing (``task_name=None``) and the guards that check them: TorchScript
+    types an unannotated argument as a tensor, which ``None`` is not. The scripted module takes the others."""
+    bound = [node for node in gm.graph.nodes if node.meta.get("bound") or (
+        node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none")]
+    for node in reversed(bound):
+        if not node.users:
             gm.graph.erase_node(node)
     gm.recompile()

@@ -1,98 +1,232 @@
-"""The layer graph: one node per parametrised layer, edges for the data flow between layers.
+"""The layer graph: one node per layer, edges for the data flow between layers.
 
-A *layer* is a module called in the traced graph that owns parameters (a leaf module owns all of its
-own and its children's: the graph cannot see inside it), or a parameter the graph reads directly
-(``get_attr``, e.g. a ViT's ``pos_embed``). Its name is the module's (or parameter's) qualified name. A module
-called several times is one layer whose ``calls`` lists every call.
+A *layer* is what splitting copies as one unit:
+- a module called in the traced graph that owns parameters (a leaf module owns all of its own and its children's:
+  the graph cannot see inside it);
+- a parameter read directly (``get_attr``): it belongs to its module's layer when that module is one of torch.nn's
+  own layers (``F.linear(h, self.embed.weight)`` applies layer ``embed``: weight and bias are one vector), and is
+  a layer of its own otherwise (a ViT's ``pos_embed``, an entry of a ``ParameterDict``);
+- parameters shared by identity (tied weights: ``decoder.weight = encoder.weight``) join every module and direct
+  read that uses them into one layer, named after the first in graph order.
+A module called several times is one layer whose ``calls`` lists every call.
 """
 
 from __future__ import annotations
 
 import builtins
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import networkx as nx
+import torch
 from torch import fx, nn
 
-from .tracing import trace_for_reading
+from .errors import FxsplitError
+from .tracing import trace_graph
+from .tracing.symbolic import canonical_names
 
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
 
 
-def layer_of(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The name of the layer ``node`` applies, or ``None`` for a parameter-free node."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        return node.target if next(module.parameters(), None) is not None else None
-    if node.op == "get_attr":
-        return node.target if isinstance(attribute(gm, node.target), nn.Parameter) else None
-    return None
+@dataclass(frozen=True)
+class Layer:
+    """One layer of a traced module: its name, the graph targets copied together when it is split (module paths
+    and parameter paths), its parameters' names (as ``named_parameters()`` gives them) and the nodes that apply it."""
+
+    name: str
+    members: tuple[str, ...]
+    parameters: tuple[str, ...]
+    calls: tuple[fx.Node, ...]
+    kind: str
+    size: int
 
 
-def parameter_names(gm: fx.GraphModule, layer: str) -> list[str]:
-    """Qualified names of the parameters that make up ``layer`` (weight and bias of a module, ...)."""
-    if isinstance(attribute(gm, layer), nn.Parameter):
-        return [layer]
-    return [f"{layer}.{name}" for name, _ in gm.get_submodule(layer).named_parameters()]
-
-
-def layer_calls(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Every layer of ``gm``, in graph order of first call, with the nodes that call it."""
+def find_layers(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Layer]:
+    """Every layer of ``gm`` (of its ``graph``, by default its own), in graph order of first call."""
+    graph = gm.graph if graph is None else graph
     calls: dict[str, list[fx.Node]] = {}
-    for node in gm.graph.nodes:
-        layer = layer_of(gm, node)
-        if layer is not None:
-            calls.setdefault(layer, []).append(node)
-    return calls
+    for node in graph.nodes:
+        member = _member(gm, node)
+        if member is not None:
+            calls.setdefault(member, []).append(node)
+    groups = _tied_groups(gm, list(calls))
+    for node in graph.nodes:  # a buffer read directly (BatchNorm statistics) is applied with its module's layer
+        owner = _buffer_owner(gm, node, calls)
+        if owner is not None:
+            calls[owner].append(node)
+    canonical = gm.meta.get("canonical")
+    canonical = canonical_names(gm) if canonical is None else canonical
+    layers = {}
+    for members in groups:
+        tensors = {id(p): (canonical.get(name, name), p) for member in members for name, p in _parameters(gm, member)}
+        first = attribute(gm, members[0])
+        layers[members[0]] = Layer(
+            name=members[0],
+            members=tuple(members),
+            parameters=tuple(dict.fromkeys(name for name, _ in tensors.values())),
+            calls=tuple(sorted((n for m in members for n in calls[m]), key=_position(graph))),
+            kind="Parameter" if isinstance(first, nn.Parameter) else type(first).__name__,
+            size=sum(p.numel() for _, p in tensors.values()),
+        )
+    return layers
 
 
-def layer_graph(model: nn.Module) -> nx.DiGraph:
-    """The layer graph of ``model`` (traced with :func:`fxsplit.trace`, or a ``GraphModule`` it made).
+def layer_of(layers: Mapping[str, Layer]) -> dict[fx.Node, str]:
+    """Node -> the name of the layer it applies, for every node that applies one."""
+    return {node: layer.name for layer in layers.values() for node in layer.calls}
 
-    Node attributes: ``kind`` (module class, or ``"Parameter"``), ``params`` (count), ``order`` (graph order of
-    the first call), ``calls`` (names of the ``torch.fx`` nodes that apply the layer), ``parameters``
-    (qualified parameter names). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through
+
+class LayerGraph(nx.DiGraph):
+    """The layer graph (a ``networkx.DiGraph``): ``print(graph)`` lists the layers, :meth:`to_dot` and :meth:`draw`
+    picture them.
+
+    Node attributes: ``kind`` (module class, or ``"Parameter"``), ``params`` (count, tied weights once), ``order``
+    (graph order of the first call), ``calls`` (names of the ``torch.fx`` nodes that apply the layer),
+    ``parameters`` (qualified names, as ``named_parameters()`` gives them) and ``members`` (the modules and
+    parameters a split copies). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through
     parameter-free operations only (reading a tensor's shape, dtype or device passes on no values: no edge).
+    """
+
+    def __str__(self) -> str:
+        rows = [f"{data['order']:>4}  {name:<48} {data['kind']:<18} {data['params']:>10,}"
+                for name, data in self.nodes(data=True)]
+        return "\n".join([f"{self.number_of_nodes()} layers, {self.number_of_edges()} edges", *rows])
+
+    def to_dot(self) -> str:
+        """The graph in Graphviz DOT (``dot -Tpng layers.dot -o layers.png``)."""
+        lines = ["digraph layers {", "  rankdir=TB; node [shape=box, fontsize=10];"]
+        lines += [f'  "{name}" [label="{name}\\n{data["kind"]} ({data["params"]:,})"];'
+                  for name, data in self.nodes(data=True)]
+        lines += [f'  "{a}" -> "{b}";' for a, b in self.edges]
+        return "\n".join(lines + ["}"]) + "\n"
+
+    def draw(self, path: str | Path) -> Path:
+        """Draw the graph into a PNG, top to bottom in data-flow order (needs matplotlib)."""
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as error:
+            raise FxsplitError("drawing the layer graph needs matplotlib: pip install matplotlib") from error
+        depths = nx.topological_generations(self) if nx.is_directed_acyclic_graph(self) else [[n] for n in self]
+        layered = nx.DiGraph(self)
+        for depth, names in enumerate(depths):
+            for name in names:
+                layered.nodes[name]["depth"] = depth
+        positions = {name: (x, -y) for name, (x, y) in
+                     nx.multipartite_layout(layered, subset_key="depth", align="horizontal").items()}
+        figure = Figure(figsize=(8, max(4, 0.25 * self.number_of_nodes())))
+        axes = figure.subplots()
+        nx.draw_networkx(self, positions, ax=axes, node_size=60, font_size=6, arrowsize=6)
+        axes.set_axis_off()
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        return Path(path)
+
+
+def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = None) -> LayerGraph:
+    """The layer graph of ``model``, traced in its current mode (``tracer_kwargs`` as :func:`fxsplit.trace` takes).
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
     >>> g = fxsplit.layer_graph(net)
     >>> list(g.edges), g.nodes["0"]["params"]
     ([('0', '1')], 224)
+    >>> print(g)
+    2 layers, 1 edges
+       0  0                                                Conv2d                    224
+       1  1                                                BatchNorm2d                16
     """
-    gm = trace_for_reading(model)
-    calls = layer_calls(gm)
-    graph = nx.DiGraph()
-    for order, (layer, nodes) in enumerate(calls.items()):
-        target = attribute(gm, layer)
-        names = parameter_names(gm, layer)
-        graph.add_node(
-            layer,
-            kind="Parameter" if isinstance(target, nn.Parameter) else type(target).__name__,
-            params=sum(attribute(gm, name).numel() for name in names),
-            order=order,
-            calls=[node.name for node in nodes],
-            parameters=names,
-        )
-    graph.add_edges_from(_layer_edges(gm))
+    return graph_of(trace_graph(model, tracer_kwargs))
+
+
+def graph_of(gm: fx.GraphModule) -> LayerGraph:
+    """The layer graph of a traced module."""
+    layers = find_layers(gm)
+    graph = LayerGraph()
+    for order, layer in enumerate(layers.values()):
+        graph.add_node(layer.name, kind=layer.kind, params=layer.size, order=order,
+                       calls=[node.name for node in layer.calls], parameters=list(layer.parameters),
+                       members=list(layer.members))
+    graph.add_edges_from(_layer_edges(gm.graph, layer_of(layers)))
     return graph
 
 
-def _layer_edges(gm: fx.GraphModule) -> Iterator[tuple[str, str]]:
+def _member(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    """The module or parameter (its graph target) that ``node`` applies, or ``None`` for a parameter-free node."""
+    if node.op == "call_module":
+        return node.target if next(gm.get_submodule(node.target).parameters(), None) is not None else None
+    if node.op != "get_attr" or not isinstance(attribute(gm, node.target), nn.Parameter):
+        return None
+    owner = node.target.rpartition(".")[0]
+    return owner if owner and _torch_layer(gm.get_submodule(owner)) else node.target
+
+
+def _torch_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch.nn's own layers (a Linear, a Conv2d, ...), as torch.fx counts leaves."""
+    return (type(module) is not nn.Module  # the empty holders GraphModule makes on a path
+            and fx.Tracer().is_leaf_module(module, "") and not isinstance(module, _CONTAINERS))
+
+
+def _parameters(gm: fx.GraphModule, member: str) -> list[tuple[str, nn.Parameter]]:
+    target = attribute(gm, member)
+    if isinstance(target, nn.Parameter):
+        return [(member, target)]
+    return list(target.named_parameters(prefix=member, remove_duplicate=False))
+
+
+def _tied_groups(gm: fx.GraphModule, members: list[str]) -> list[list[str]]:
+    """``members`` (in graph order) grouped by shared parameters, each group in graph order."""
+    parent = {member: member for member in members}
+
+    def root(member: str) -> str:
+        while parent[member] != member:
+            parent[member] = parent[parent[member]]
+            member = parent[member]
+        return member
+
+    first: dict[int, str] = {}
+    for member in members:
+        for _, parameter in _parameters(gm, member):
+            other = first.setdefault(id(parameter), member)
+            a, b = sorted((root(member), root(other)), key=members.index)
+            parent[b] = a
+    groups: dict[str, list[str]] = {}
+    for member in members:
+        groups.setdefault(root(member), []).append(member)
+    return list(groups.values())
+
+
+def _buffer_owner(gm: fx.GraphModule, node: fx.Node, members: Mapping[str, Any]) -> str | None:
+    """The member module that owns the buffer ``node`` reads directly, if any."""
+    if node.op != "get_attr" or not isinstance(attribute(gm, node.target), torch.Tensor) or node.target in members:
+        return None
+    parts = node.target.split(".")
+    owners = [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+    return next((owner for owner in owners if owner in members), None)
+
+
+def _position(graph: fx.Graph):
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    return position.__getitem__
+
+
+def _layer_edges(graph: fx.Graph, layer_of_node: Mapping[fx.Node, str]) -> Iterator[tuple[str, str]]:
     """Edges between layers, following values through parameter-free nodes."""
     sources: dict[fx.Node, frozenset[str]] = {}  # layers whose values reach a node without another layer between
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         if reads_metadata(node):
             sources[node] = frozenset()
             continue
         reaching = frozenset().union(*(sources[arg] for arg in node.all_input_nodes))
-        layer = layer_of(gm, node)
+        layer = layer_of_node.get(node)
         if layer is None:
             sources[node] = reaching
             continue
         sources[node] = frozenset((layer,))
-        for source in reaching:
+        for source in reaching - {layer}:
             yield source, layer
 
 

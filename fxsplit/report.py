@@ -12,16 +12,18 @@ import networkx as nx
 
 from .errors import FxsplitError, LayerError, ReportError
 
-FORMAT = "fxsplit.ConflictReport/1"
+FORMAT = "fxsplit.ConflictReport/2"
+READABLE = ("fxsplit.ConflictReport/1", FORMAT)  # version 1 files lack ``skipped`` (it was always 0)
 
 
 class LayerSelection(list):
-    """Layer names chosen from a report; carries the report's tasks, so ``fxsplit.rewrite(model, selection)``
-    needs no other argument."""
+    """Layer names chosen from a report; carries the report's tasks and which part of the output each task's loss
+    read, so ``fxsplit.rewrite(model, selection)`` needs no other argument."""
 
-    def __init__(self, layers, tasks):
+    def __init__(self, layers, tasks, outputs=None):
         super().__init__(layers)
         self.tasks = list(tasks)
+        self.outputs = None if outputs is None else {task: tuple(path) for task, path in outputs.items()}
 
 
 @dataclass
@@ -32,7 +34,10 @@ class ConflictReport:
     ``layers[l]`` had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and
     ``histogram[l]`` (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine
     at step ``s`` over all scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses
-    reach a layer; ``left_out[layer]`` says why a layer was not scored.
+    reach a layer; ``left_out[layer]`` says why a layer was not scored. ``skipped`` counts the steps left unscored
+    because their gradients were not finite (a ``GradScaler``'s overflow steps, which it skips too). ``outputs``
+    gives, per task, the key path of the part of the model's output its loss read (``[]``: the whole output), as
+    :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``.
     """
 
     tasks: list[str]
@@ -47,6 +52,8 @@ class ConflictReport:
     reach: dict[str, list[str]]
     left_out: dict[str, str]
     graph: nx.DiGraph = field(repr=False)
+    skipped: int = 0
+    outputs: dict[str, list] | None = None
 
     def __post_init__(self):
         for k, threshold in enumerate(self.thresholds):
@@ -82,7 +89,7 @@ class ConflictReport:
         """The ``k`` highest-scoring layers."""
         if not isinstance(k, int) or k < 0:
             raise LayerError(f"top(k) needs a count k >= 0, got {k!r}.")
-        return LayerSelection(list(self.scores)[:k], self.tasks)
+        return LayerSelection(list(self.scores)[:k], self.tasks, self.outputs)
 
     def within(self, budget: float) -> LayerSelection:
         """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters;
@@ -95,7 +102,7 @@ class ConflictReport:
             if score > 0 and self.cost(layer) <= allowance:
                 chosen.append(layer)
                 allowance -= self.cost(layer)
-        return LayerSelection(chosen, self.tasks)
+        return LayerSelection(chosen, self.tasks, self.outputs)
 
     def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float]:
         """Per task pair, the fraction of steps whose whole-shared-vector cosine is below ``threshold``."""
@@ -111,6 +118,8 @@ class ConflictReport:
             cosines = [c for c in self.mean_cosine[l] if c is not None]
             mean = f"{sum(cosines) / len(cosines):+.3f}" if cosines else "-"
             lines.append(f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {score:>6}  {mean}")
+        if self.skipped:
+            lines.append(f"skipped: {self.skipped} steps whose gradients were not finite")
         if self.left_out:
             lines.append(f"not scored: {len(self.left_out)} layers (e.g. {next(iter(self.left_out.items()))})")
         return "\n".join(lines)
@@ -135,7 +144,7 @@ class ConflictReport:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as error:
             raise ReportError(f"cannot read a conflict report from {str(path)!r}: {error}") from error
-        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
+        if not isinstance(data, dict) or data.pop("format", None) not in READABLE:
             raise ReportError(f"{str(path)!r} is not an fxsplit conflict report (no format {FORMAT!r}).")
         try:
             data["graph"] = nx.node_link_graph(data["graph"], edges="edges")

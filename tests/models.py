@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxsplit
@@ -165,6 +166,14 @@ def assert_equivalent(model: nn.Module, split: fxsplit.SplitModule, x: torch.Ten
         assert relative_error(expected[task], got[task]) <= tolerance, (task, relative_error(expected[task], got[task]))
 
 
+def without_dropout(*models: nn.Module) -> None:
+    """Dropout probability 0 everywhere, so that train mode can be compared exactly."""
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, nn.modules.dropout._DropoutNd):
+                module.p = 0.0
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything about a model that fxsplit must leave alone: state, gradients, hooks and modes."""
     return {
@@ -192,3 +201,30 @@ def assert_unchanged(model: nn.Module, before: dict) -> None:
 
 def count(parameters) -> int:
     return sum(p.numel() for p in parameters)
+
+
+# --- scoring cases: models, losses(output, batch) and batches -------------------------------------------------
+
+
+def _cross_entropy(key):
+    return lambda out, batch: F.cross_entropy(out[key], batch[1][:, 0 if key in ("a", 0) else 1])
+
+
+def _regress(key, column):
+    return lambda out, batch: (out[key].sum(1) - batch[1][:, column].double()).pow(2).mean()
+
+
+def scoring_cases() -> dict:
+    """name -> (model, task losses, batches) for scoring tests, all in float64."""
+    torch.manual_seed(0)
+    image = [(torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 2, (6, 2))) for _ in range(4)]
+    vectors = [(torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6, 4))) for _ in range(4)]
+    return {
+        "cnn-bn": (MultiHead(SmallCNN(), 16).double(), {t: _cross_entropy(t) for t in "ab"}, image),
+        "cnn-3-tasks": (MultiHead(SmallCNN(), 16, tasks="abc").double(),
+                        {t: _regress(t, i % 2) for i, t in enumerate("abc")}, image),
+        "vit": (TupleHeads().double(), {"a": _cross_entropy(0), "b": _cross_entropy(1)},
+                [(torch.randn(6, 3, 16, 16, dtype=torch.float64), y) for _, y in image]),
+        "called-twice-4-tasks": (MultiHead(Twice(), 8, tasks="abcd").double(),
+                                 {t: _regress(t, i) for i, t in enumerate("abcd")}, vectors),
+    }

@@ -7,33 +7,9 @@ import torch.nn.functional as F
 
 import fxsplit
 from tests.reference import reference
-from tests.models import MultiHead, SmallCNN, TupleHeads, Twice, assert_unchanged, snapshot
+from tests.models import MultiHead, Twice, assert_unchanged, scoring_cases as cases, snapshot
 
 THRESHOLDS = [0.0, -0.05, 0.1]
-
-
-def _cross_entropy(key):
-    return lambda out, batch: F.cross_entropy(out[key], batch[1][:, 0 if key in ("a", 0) else 1])
-
-
-def _regress(key, column):
-    return lambda out, batch: (out[key].sum(1) - batch[1][:, column].double()).pow(2).mean()
-
-
-def cases():
-    """name -> (model, tasks, batches), all in float64."""
-    torch.manual_seed(0)
-    image = [(torch.randn(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 2, (6, 2))) for _ in range(4)]
-    vectors = [(torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6, 4))) for _ in range(4)]
-    return {
-        "cnn-bn": (MultiHead(SmallCNN(), 16).double(), {t: _cross_entropy(t) for t in "ab"}, image),
-        "cnn-3-tasks": (MultiHead(SmallCNN(), 16, tasks="abc").double(),
-                        {t: _regress(t, i % 2) for i, t in enumerate("abc")}, image),
-        "vit": (TupleHeads().double(), {"a": _cross_entropy(0), "b": _cross_entropy(1)},
-                [(torch.randn(6, 3, 16, 16, dtype=torch.float64), y) for _, y in image]),
-        "called-twice-4-tasks": (MultiHead(Twice(), 8, tasks="abcd").double(),
-                                 {t: _regress(t, i) for i, t in enumerate("abcd")}, vectors),
-    }
 
 
 @pytest.mark.parametrize("name", sorted(cases()))
@@ -145,7 +121,7 @@ def _model_tasks_batches():
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: 1 / 0}, b), fxsplit.TaskError,
      "loss of task 'b' raised ZeroDivisionError"),
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: out["b"].sum(1)}, b), fxsplit.TaskError,
-     r"task 'b' must return a scalar tensor, got \(6,\)"),
+     r"task 'b' must be a scalar tensor, got \(6,\)"),
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: out["b"].sum() * math.nan}, b), fxsplit.TaskError,
      r"task\(s\) \['b'\] is NaN or infinite"),
     (lambda m, t, b: (m, {**t, "b": lambda out, batch: torch.tensor(1.0)}, b), fxsplit.TaskError,
@@ -195,7 +171,10 @@ def test_custom_forward_and_steps():
         return net(batch[0])
 
     report = fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False)
-    assert report.steps == 2 and len(seen) == 2
+    assert report.steps == 2 and len(seen) == 2 + 2  # the steps, and the first batch through model and trace
+    fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False,
+                    graph=fxsplit.layer_graph(model))
+    assert len(seen) == 4 + 2  # a graph passed in is taken as it is
 
 
 def test_a_frozen_model_has_nothing_to_score():

@@ -33,7 +33,11 @@ def test_analyze_prints_a_table_and_saves_a_report(report_path, capsys):
 
 
 def test_rewrite_from_a_report_saves_a_loadable_model(report_path, tmp_path, capsys):
-    saved = tmp_path / "split.pt"
+    code, _, err = run(capsys, "rewrite", SPEC, "--report", str(report_path), "--top", "3", "--out",
+                       str(tmp_path / "split.pt"))
+    assert code == 1 and "a .pkl file (.pt and .pt2 are the TorchScript and torch.export files" in err
+    assert not (tmp_path / "split.pt").exists()
+    saved = tmp_path / "split.pkl"
     code, out, _ = run(capsys, "rewrite", SPEC, "--report", str(report_path), "--top", "3", "--out", str(saved),
                        "--json")
     summary = json.loads(out)

@@ -44,14 +44,18 @@ def test_exported_files_load_back_and_match(name, suffix, tmp_path):
     _assert_same(split(bigger), loaded(bigger))
 
 
-def test_script_drops_concrete_args_guards():
+def test_arguments_bound_to_their_defaults_script_and_export(tmp_path):
     class Scaled(nn.Module):
         def forward(self, x, scale=None):
             return x if scale is None else x * scale
 
-    gm = fxsplit.trace(Scaled(), concrete_args={"scale": None})
+    gm = fxsplit.trace(Scaled())  # scale=None is bound while tracing, and guarded
     assert any("_assert_is_none" in str(n.target) for n in gm.graph.nodes)
+    with pytest.raises(AssertionError, match="scale has been specialized to have value None"):
+        gm(torch.ones(2), scale=2.0)
     assert torch.equal(fxsplit.script(gm)(torch.ones(2)), torch.ones(2))
+    for suffix in (".pt", ".pt2"):
+        fxsplit.export(gm, tmp_path / f"scaled{suffix}", torch.ones(2, 3))
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
@@ -64,7 +68,7 @@ def test_inputs_that_do_not_fit_raise_and_write_nothing(suffix, tmp_path):
 
 def test_export_needs_a_batch_of_two(tmp_path):
     split, x = _split("cnn")
-    with pytest.raises(fxsplit.ExportError, match="batch of fewer than 2"):
+    with pytest.raises(fxsplit.ExportError, match="a batch of 1: torch.export would fix the batch size"):
         fxsplit.export(split, tmp_path / "model.pt2", x[:1])
     assert os.listdir(tmp_path) == []
 

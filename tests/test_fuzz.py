@@ -41,13 +41,13 @@ def test_random_architectures_rewrite_exactly(program, data):
     training = data.draw(st.booleans())
     split_norms, batch_branches = data.draw(st.booleans()), data.draw(st.booleans())
     model.train(training)
-    split = fxsplit.rewrite(model, layers, split_norms=split_norms, batch_branches=batch_branches, **kwargs)
+    split = fxsplit.rewrite(model, layers, split_norms=split_norms, batch_branches=batch_branches,
+                            example_inputs=x, **kwargs)
     assert_equivalent(model, split, x, kwargs)
 
     graph = fxsplit.layer_graph(model)
-    used = sum(graph.nodes[layer]["params"] for layer in users)  # layers no task reaches are dropped
     extra = sum((len(users[layer]) - 1) * graph.nodes[layer]["params"] for layer in split.split_layers)
-    assert count(split.parameters()) == used + extra
+    assert count(split.parameters()) == count(model.parameters()) + extra  # layers no task reaches are kept too
 
     groups = [set(map(id, split.shared_parameters()))] + [set(map(id, split.task_parameters(t))) for t in split.tasks]
     assert sum(map(len, groups)) == len(set().union(*groups)) == len(list(split.parameters()))

@@ -112,8 +112,8 @@ def test_tasks_and_outputs():
     split = fxsplit.rewrite(model, ["vit.blocks.1.qkv"], **kwargs)
     assert split.tasks == ("a", "b")
     assert split(x)["a"].shape == (4, 3) and split(x)["b"].shape == (4, 2)
-    whole = fxsplit.rewrite(model, ["vit.blocks.1.qkv"], tasks=["p", "q"])  # no outputs: the whole tuple each
-    assert all(isinstance(out, tuple) and len(out) == 2 for out in whole(x).values())
+    with pytest.raises(fxsplit.TaskError, match=r"returns a tuple of 2.*outputs=\{'p': 0, 'q': 1\}"):
+        fxsplit.rewrite(model, ["vit.blocks.1.qkv"], tasks=["p", "q"])  # which element is whose: never guessed
     nested = fxsplit.rewrite(model, [], outputs={"a": (0,), "b": (1,)})
     assert nested.tasks == ("a", "b")
 
@@ -206,11 +206,14 @@ def test_a_traced_graph_module_can_be_rewritten():
             return self.lin(x) if x.shape[0] > 0 else x
 
     model = MultiHead(nn.Sequential(SmallCNN(), Opaque()), 16)
-    gm = fxsplit.trace(model, leaf_modules=[Opaque])
+    leaves = {"leaf_modules": [Opaque]}
+    gm = fxsplit.trace(model, tracer_kwargs=leaves)
     before = snapshot(gm)
-    split = fxsplit.rewrite(gm, ["backbone.1"])
+    x = torch.randn(2, 3, 8, 8)
+    for split in (fxsplit.rewrite(gm, ["backbone.1"], example_inputs=x),
+                  fxsplit.rewrite(model, ["backbone.1"], tracer_kwargs=leaves, example_inputs=x)):
+        assert_equivalent(model.eval(), split.eval(), x, {})
     assert_unchanged(gm, before)
-    assert_equivalent(model.eval(), split.eval(), torch.randn(2, 3, 8, 8), {})
 
 
 def _rejects(error, match, model=None, layers=(), **kwargs):

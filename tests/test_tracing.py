@@ -1,5 +1,8 @@
-import torch
+import copy
+import pickle
+
 import pytest
+import torch
 from torch import nn
 
 import fxsplit
@@ -52,16 +55,20 @@ def test_repeated_operations_get_numbered_paths():
     assert paths == ["x", "add", "add_1", "add_2", "output"]
 
 
-def test_trace_matches_model_and_leaves_it_unchanged():
+def test_trace_is_a_checked_view_of_the_model_and_leaves_it_unchanged():
     model = MultiHead(SmallCNN(), 16).train()
     model.heads.a.register_forward_hook(lambda *args: None)
-    before = snapshot(model)
-    gm = fxsplit.trace(model)
-    assert_unchanged(model, before)
     x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    gm = fxsplit.trace(model, x)  # runs both modes against the model: buffers and modes are put back
+    assert_unchanged(model, before)
     model.eval(), gm.eval()
     assert all(torch.equal(gm(x)[t], model(x)[t]) for t in "ab")
-    assert all(p is not q for p, q in zip(gm.parameters(), model.parameters()))
+    shared = dict(model.named_parameters())
+    assert all(p is shared[name] for name, p in gm.named_parameters())  # a view: never stale after training
+    with torch.no_grad():
+        model.heads.b.bias.add_(1.0)
+    assert torch.equal(gm(x)["b"], model(x)["b"])
 
 
 def test_untraceable_module_names_module_line_and_fix():
@@ -70,12 +77,12 @@ def test_untraceable_module_names_module_line_and_fix():
     message = str(info.value)
     assert "'inner.1'" in message and "DataDependent" in message
     assert "test_tracing.py" in message and "if x.sum() > 0" in message
-    assert "leaf_modules=[DataDependent]" in message
+    assert "tracer_kwargs={'leaf_modules': [DataDependent]}" in message
 
 
 @pytest.mark.parametrize("leaf", [DataDependent, "inner.1"])
 def test_leaf_modules_by_class_or_name(leaf):
-    gm = fxsplit.trace(Wrapper(), leaf_modules=[leaf])
+    gm = fxsplit.trace(Wrapper(), tracer_kwargs={"leaf_modules": [leaf]})
     assert [n.target for n in gm.graph.nodes if n.op == "call_module"] == ["lin", "inner.0", "inner.1"]
 
 
@@ -84,7 +91,7 @@ def test_concrete_args_fix_an_argument():
         def forward(self, x, double: bool = False):
             return x * 2 if double else x
 
-    gm = fxsplit.trace(Scaled(), concrete_args={"double": True})
+    gm = fxsplit.trace(Scaled(), tracer_kwargs={"concrete_args": {"double": True}})
     assert torch.equal(gm(torch.ones(2), True), torch.full((2,), 2.0))
 
 
@@ -101,20 +108,36 @@ def test_timm_registry_makes_leaves():
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_traces_current_mode_and_warns_when_other_differs(training):
+def test_code_that_reads_the_mode_gets_a_graph_per_mode(training):
     model = ModeDependent().train(training)
-    with pytest.warns(UserWarning, match="different graph in (eval|train) mode"):
-        gm = fxsplit.trace(model)
     x = torch.randn(3, 4)
-    assert torch.equal(gm(x), model(x))
-    assert gm.training == training
+    gm = fxsplit.trace(model, x)
+    assert gm.has_two_graphs and gm.training == training
+    for mode in (training, not training, training):
+        model.train(mode), gm.train(mode)
+        assert torch.equal(gm(x), model(x)), mode
+    copied = [copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))]
+    for other in copied:
+        for mode in (True, False):
+            model.train(mode), other.train(mode)
+            assert torch.equal(other(x), model(x)), mode
 
 
-def test_same_graph_in_both_modes_does_not_warn(recwarn):
-    fxsplit.trace(SmallCNN())
-    assert not [w for w in recwarn if "different graph" in str(w.message)]
+def test_same_graph_in_both_modes_is_one_graph():
+    assert not fxsplit.trace(SmallCNN()).has_two_graphs
 
 
 def test_not_a_module():
     with pytest.raises(fxsplit.TraceError, match="got function"):
         fxsplit.trace(lambda x: x)
+
+
+def test_a_model_holding_tensors_from_an_earlier_forward_traces():
+    """timm's EfficientViT caches attention biases (tensors with a history) in eval mode; deepcopy refuses those."""
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    model(x)
+    graph = fxsplit.layer_graph(model)
+    split = fxsplit.rewrite(model, [list(graph)[-2]], tasks=["a", "b"], example_inputs=x)
+    assert torch.equal(split(x)["a"], model(x))

@@ -69,7 +69,7 @@ class Unscriptable(nn.Module):
 def test_export_failures_say_whether_the_unsplit_model_fails_too(tmp_path):
     """A model TorchScript cannot compile is a limit of the model; a graph that fails where the model works is not."""
     model = nn.Sequential(nn.Linear(3, 3), Unscriptable())
-    graph = fxsplit.trace(model, leaf_modules=[Unscriptable])
+    graph = fxsplit.trace(model, tracer_kwargs={"leaf_modules": [Unscriptable]})
     x = torch.randn(2, 3)
     with pytest.raises(ModelLimit, match=r"^the unsplit model fails too: ExportError: TorchScript cannot compile"):
         Check("m").export(model, graph, tmp_path / "m.pt", x)

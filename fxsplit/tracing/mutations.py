@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 
-from torch import fx
+from torch import fx, nn
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -12,21 +12,19 @@ _INPLACE_OPERATORS = {
 }
 
 
-def follow_mutations(gm: fx.GraphModule) -> fx.GraphModule:
+def follow_mutations(graph: fx.Graph, root: nn.Module) -> None:
     """Make every reader of a tensor that an in-place operation wrote to, after that operation, read its result."""
-    position = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
-        mutated = mutated_input(gm, node)
+    position = {node: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        mutated = mutated_input(root, node)
         if mutated is None:
             continue
         for user in list(mutated.users):
             if position[user] > position[node]:
                 user.replace_input_with(mutated, node)
-    gm.recompile()
-    return gm
 
 
-def mutated_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+def mutated_input(root: nn.Module, node: fx.Node) -> fx.Node | None:
     """The input node an in-place operation writes to, or ``None``."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return None
@@ -37,7 +35,7 @@ def mutated_input(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     elif node.op == "call_method":
         inplace = node.target.endswith("_") and not node.target.startswith("_")
     elif node.op == "call_module":
-        inplace = getattr(gm.get_submodule(node.target), "inplace", False) is True
+        inplace = getattr(root.get_submodule(node.target), "inplace", False) is True
     else:
         inplace = False
     return node.args[0] if inplace else None

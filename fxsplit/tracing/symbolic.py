@@ -9,11 +9,11 @@ timm's registry of non-traceable modules and functions (when timm is installed) 
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import traceback
-import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ from ..errors import TraceError
 from .mutations import follow_mutations
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+OPTIONS = ("leaf_modules", "autowrap_functions", "concrete_args")
 
 
 def _registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
@@ -40,7 +41,8 @@ class PathTracer(fx.Tracer):
     ``leaf_modules`` holds module classes (every instance is a leaf) or qualified names (that one module is).
     """
 
-    def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable[Callable] = ()):
+    def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable[Callable] = (),
+                 bound: Iterable[str] = ()):
         notrace_modules, notrace_functions = _registry()
         leaf_modules = tuple(leaf_modules)
         super().__init__(
@@ -50,6 +52,7 @@ class PathTracer(fx.Tracer):
         self.leaf_types = notrace_modules + tuple(m for m in leaf_modules if isinstance(m, type))
         self.leaf_names = frozenset(m for m in leaf_modules if isinstance(m, str))
         self.failed_in: str | None = None
+        self._bound = {f"{name}_1": name for name in bound}  # torch.fx names a bound argument's placeholder x_1
         self._uses: dict[str, int] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -68,11 +71,16 @@ class PathTracer(fx.Tracer):
             raise
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None) -> fx.Node:
+        bound = kind == "placeholder" and target in self._bound
+        if bound:  # keep the argument's own name, so that forward(x, task_name=None) still takes task_name
+            target = name = self._bound[target]
         path = self._path(kind, target)
         if kind != "placeholder":  # placeholders keep the argument names of forward()
             name = path.replace(".", "_")
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["path"] = path
+        if bound:
+            node.meta["bound"] = True
         return node
 
     def _path(self, kind: str, target: Any) -> str:
@@ -90,85 +98,115 @@ class PathTracer(fx.Tracer):
         return f"{path}_{uses}" if uses else path
 
 
-def trace(
-    model: nn.Module,
-    *,
-    leaf_modules: Iterable[type | str] = (),
-    autowrap_functions: Iterable[Callable] = (),
-    concrete_args: dict[str, Any] | None = None,
-) -> fx.GraphModule:
-    """Trace a deep copy of ``model`` (the model itself is never touched) in its current train/eval mode.
+def check_options(tracer_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``tracer_kwargs`` as a dict, after checking that fxsplit's tracer knows every option."""
+    if tracer_kwargs is None:
+        return {}
+    if not isinstance(tracer_kwargs, Mapping):
+        raise TraceError(f"tracer_kwargs must be a dict of tracer options {OPTIONS}, got {type(tracer_kwargs).__name__}.")
+    unknown = sorted(set(tracer_kwargs) - set(OPTIONS))
+    if unknown:
+        raise TraceError(f"tracer_kwargs has unknown option(s) {unknown}; fxsplit's tracer takes {list(OPTIONS)}.")
+    return dict(tracer_kwargs)
 
-    Python code that reads ``self.training`` is fixed at trace time, so the graph is the one of the model's
-    current mode; a warning says so when the other mode would trace differently (trace again after
-    ``model.train()`` / ``model.eval()`` to get that one). Leaf modules (classes or qualified names) are kept
-    as single calls, ``autowrap_functions`` as single function calls, ``concrete_args`` fixes inputs. An
-    in-place operation's result aliases its input, so later readers of the input are made to read the result:
-    the graph then shows the real data flow. A ``GraphModule`` is copied, not traced again.
 
-    >>> import torch, fxsplit
-    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    >>> gm = fxsplit.trace(net)
-    >>> [n.meta["path"] for n in gm.graph.nodes]
-    ['input', '0', '1', '2', 'output']
+def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], given: Iterable[str] = ()) -> fx.Graph:
+    """The graph of ``root`` (a private copy: tracing runs its Python code) in train or eval mode.
+
+    Arguments of ``forward`` with a default that is not a tensor (``task_name=None``, ``flag=False``), unless the
+    caller gives them (``given``) or ``concrete_args`` does, are bound to their defaults: a trace cannot stand for
+    ``None`` or a Python value with a tensor, and torch.fx guards the bound value at run time.
     """
-    return _trace(model, tuple(leaf_modules), tuple(autowrap_functions), concrete_args, share_tensors=False)
+    concrete = {**_bound_defaults(root, given), **(options.get("concrete_args") or {})}
+    modes = {name: module.training for name, module in root.named_modules()}
+    if training != root.training:
+        root.train(training)
+    tracer = PathTracer(options.get("leaf_modules", ()), options.get("autowrap_functions", ()), bound=concrete)
+    try:
+        graph = tracer.trace(root, concrete or None)
+    except Exception as error:
+        raise _trace_error(root, tracer, error, concrete) from error
+    finally:
+        for name, module in root.named_modules():
+            module.training = modes[name]
+    follow_mutations(graph, root)
+    return graph
 
 
-def trace_for_reading(model: nn.Module) -> fx.GraphModule:
-    """Like :func:`trace`, but the graph module shares the model's parameters and buffers: only to be read."""
-    return _trace(model, (), (), None, share_tensors=True)
+def canonical_names(root: nn.Module) -> dict[str, str]:
+    """Second and later names of tied parameters -> the first name ``root.named_parameters()`` gives them."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in root.named_parameters(remove_duplicate=False):
+        aliases[name] = first.setdefault(id(parameter), name)
+    return {alias: name for alias, name in aliases.items() if alias != name}
 
 
-def _trace(model, leaf_modules, autowrap_functions, concrete_args, share_tensors: bool) -> fx.GraphModule:
-    if isinstance(model, fx.GraphModule):
-        return follow_mutations(_copy(model, share_tensors))
-    if not isinstance(model, nn.Module):
-        raise TraceError(f"fxsplit traces an nn.Module, got {type(model).__name__}.")
-    kwargs = dict(leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
-    traced = _trace_copy(model, model.training, kwargs, concrete_args, share_tensors)
-    other = _trace_copy(model, not model.training, kwargs, concrete_args, share_tensors=True)
-    if other.code != traced.code:
-        mode, other_mode = ("train", "eval") if model.training else ("eval", "train")
-        warnings.warn(
-            f"{type(model).__name__} traces to a different graph in {other_mode} mode (its Python code reads "
-            f"self.training); the graph of {mode} mode was kept. Trace again after model.{other_mode}() "
-            f"to get the other one.",
-            stacklevel=3,
-        )
-    return traced
+def check_names(model: nn.Module, cls: type, what: str) -> None:
+    """Raise unless every top-level module, parameter and buffer name of ``model`` is free on ``cls``."""
+    reserved = ({n for n in dir(cls) if not n.startswith("_")} - set(dir(nn.Module))) | {"meta", "shape_env"}
+    names = [*model._modules, *model._parameters, *model._buffers]
+    taken = sorted(name for name in names if name in reserved)
+    if taken:
+        raise TraceError(f"{type(model).__name__} has {', '.join(map(repr, taken))} at its top level, a name that "
+                         f"{what} ({cls.__name__}) uses itself; rename it in the model (or wrap the model in a "
+                         f"module that holds it under another name).")
 
 
-def _copy(model: nn.Module, share_tensors: bool) -> nn.Module:
-    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own
-    (tracing writes none of them, and copying the weights of a large model costs more than tracing it)."""
+def copy_module(model: nn.Module, share_tensors: bool) -> nn.Module:
+    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own.
+
+    Tensors a module keeps from an earlier forward (timm's attention-bias caches in eval mode) have a history,
+    which deepcopy refuses: they are copied without it.
+    """
     memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_tensors else {}
+    for module in model.modules():
+        for name, value in vars(module).items():
+            if name not in ("_parameters", "_buffers", "_modules"):
+                for tensor in _tensors_with_history(value):
+                    memo[id(tensor)] = tensor.detach() if share_tensors else tensor.detach().clone()
     return copy.deepcopy(model, memo)
 
 
-def _trace_copy(model: nn.Module, training: bool, tracer_kwargs: dict, concrete_args, share_tensors: bool):
-    root = _copy(model, share_tensors).train(training)
-    tracer = PathTracer(**tracer_kwargs)
-    try:
-        graph = tracer.trace(root, concrete_args)
-    except Exception as error:
-        raise _trace_error(root, tracer, error) from error
-    return follow_mutations(fx.GraphModule(tracer.root, graph, type(model).__name__))
+def _tensors_with_history(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        if value.grad_fn is not None:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors_with_history(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors_with_history(item)
 
 
-def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception) -> TraceError:
-    """A :class:`TraceError` that names the module, the source line and the leaf to register."""
+def _bound_defaults(root: nn.Module, given: Iterable[str]) -> dict[str, Any]:
+    given = set(given)
+    bound = {}
+    for name, parameter in inspect.signature(root.forward).parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD) or name in given:
+            continue
+        if parameter.default is not parameter.empty and not isinstance(parameter.default, torch.Tensor):
+            bound[name] = parameter.default
+    return bound
+
+
+def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception, bound: Mapping[str, Any]) -> TraceError:
+    """A :class:`TraceError` that names the module and the source line, with a fix that applies there."""
     where = tracer.failed_in
     module = root.get_submodule(where) if where else root
     line = _user_line(error)
     name = type(module).__name__
-    fix = (
-        f"register it as a leaf: fxsplit.trace(model, leaf_modules=[{name}]) (or leaf_modules=['{where}']), "
-        f"then pass the traced GraphModule to fxsplit."
-        if where
-        else "the failing code is the model's own forward(); pass concrete_args= for arguments that steer "
-        "Python control flow, or wrap the offending function with autowrap_functions=."
-    )
+    if where:
+        fix = (f"make it a leaf, called whole (its parameters then form one layer): "
+               f"tracer_kwargs={{'leaf_modules': [{name}]}} (or ['{where}']).")
+    else:
+        arguments = [a for a in inspect.signature(root.forward).parameters if a not in bound]
+        fix = ("the failing code is the model's own forward(). If it branches on a tensor's values, move that "
+               "code into a submodule and make the submodule a leaf (tracer_kwargs={'leaf_modules': [...]}), or "
+               "into a function given to tracer_kwargs={'autowrap_functions': [...]}; if it branches on a Python "
+               f"argument of forward() ({', '.join(arguments)}), fix its value with "
+               "tracer_kwargs={'concrete_args': {name: value}}.")
     return TraceError(
         f"torch.fx cannot trace {'module ' + repr(where) if where else 'the model'} ({name}): "
         f"{type(error).__name__}: {error}{' at ' + line if line else ''}. To fix: {fix}"

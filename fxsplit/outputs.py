@@ -1,0 +1,134 @@
+"""Which part of a model's output belongs to which task: a key path per task, applied to graphs and to outputs."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+from torch.utils._pytree import tree_flatten_with_path
+
+from .errors import TaskError
+
+OutputKey = Union[str, int, tuple]
+Path = tuple  # keys from the whole output down to a task's part; () is the whole output
+
+
+def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
+               outputs: Mapping[str, OutputKey] | None) -> dict[str, Path]:
+    """Task -> the key path of its part of ``output`` (the traced output structure, or a real output).
+
+    A mapping output whose keys are the tasks gives each task its key; a single value goes whole to every task;
+    anything else (a tuple, a list, a mapping keyed otherwise) needs ``outputs``: guessing would be silently wrong.
+    """
+    if isinstance(tasks, Mapping):
+        tasks = list(tasks)
+    if outputs is not None:
+        if not isinstance(outputs, Mapping):
+            raise TaskError(f"outputs must map task names to output keys, got {type(outputs).__name__}.")
+        tasks = list(outputs) if tasks is None else tasks
+        check_tasks(tasks)
+        if set(outputs) != set(tasks):
+            raise TaskError(f"outputs names tasks {sorted(outputs)} but the tasks are {sorted(tasks)}.")
+        paths = {task: outputs[task] if isinstance(outputs[task], tuple) else (outputs[task],) for task in tasks}
+        for task, path in paths.items():
+            select(output, path, task)
+        return paths
+    if isinstance(output, Mapping):
+        tasks = list(output) if tasks is None else tasks
+        check_tasks(tasks)
+        missing = [task for task in tasks if task not in output]
+        if missing:
+            raise TaskError(
+                f"task(s) {missing} are not keys of the model's output {list(output)}; name tasks after those "
+                f"keys, or say which output is whose: {_outputs_call(tasks, list(output))}."
+            )
+        return {task: (task,) for task in tasks}
+    if isinstance(output, (tuple, list)):
+        shown = list(tasks) if tasks is not None else [f"task{i}" for i in range(len(output))]
+        raise TaskError(
+            f"the model returns a {type(output).__name__} of {len(output)}, and which element belongs to which task "
+            f"cannot be known from it: say so with {_outputs_call(shown, list(range(len(output))))} (an element "
+            f"may be nested: a tuple of keys). A conflict report from fxsplit.analyze knows it from the task losses."
+        )
+    if tasks is None:
+        raise TaskError("the model's output is not a mapping, so the tasks cannot be read from it: pass "
+                        "tasks=[...] (every task then gets the whole output of its branch).")
+    check_tasks(tasks)
+    return {task: () for task in tasks}
+
+
+def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Path]:
+    """Task -> the key path of the part of ``output`` its loss reads, found by autograd: the longest path that
+    holds every output tensor the loss depends on (``()``, the whole output, when it reads across parts).
+
+    Never too narrow: a loss that reaches a part through another (``out[1] = out[0][:, :3]``) reads both.
+
+    >>> import torch
+    >>> out = (torch.ones(2, requires_grad=True) * 2, {"x": torch.ones(3, requires_grad=True) * 3})
+    >>> paths_read(out, {"a": out[0].sum(), "b": out[1]["x"].mean()})
+    {'a': (0,), 'b': (1, 'x')}
+    """
+    leaves = [(tuple(_plain(key) for key in path), value) for path, value in tree_flatten_with_path(output)[0]
+              if isinstance(value, torch.Tensor) and value.requires_grad]
+    paths = {}
+    for task, loss in losses.items():
+        grads = torch.autograd.grad(loss, [value for _, value in leaves], retain_graph=True, allow_unused=True)
+        read = [path for (path, _), grad in zip(leaves, grads) if grad is not None]
+        paths[task] = _common_prefix(read) if read else ()
+    return paths
+
+
+def _plain(key: Any) -> Any:
+    """A pytree key entry as the key or index it stands for."""
+    for attribute in ("key", "idx", "name"):
+        if hasattr(key, attribute):
+            return getattr(key, attribute)
+    return key
+
+
+def _common_prefix(paths: list[Path]) -> Path:
+    prefix = paths[0]
+    for path in paths[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(prefix, path)) if a != b), min(len(prefix), len(path)))
+        prefix = prefix[:n]
+    return prefix
+
+
+def select(output: Any, path: Path, task: str) -> Any:
+    """The part of ``output`` at ``path``."""
+    for key in path:
+        try:
+            output = output[key]
+        except (KeyError, IndexError, TypeError):
+            keys = list(output) if isinstance(output, Mapping) else f"indices 0..{len(output) - 1}" if isinstance(
+                output, (tuple, list)) else f"a single {type(output).__name__}"
+            given = path[0] if len(path) == 1 else path
+            raise TaskError(f"outputs[{task!r}] = {given!r}: the model's output has no {key!r} (it has {keys}).") \
+                from None
+    return output
+
+
+def check_tasks(tasks: Collection) -> None:
+    """Task names must be distinct identifiers (they name modules), at least two of them."""
+    if isinstance(tasks, str) or not isinstance(tasks, Collection):
+        raise TaskError(f"tasks must be a list of names, got {tasks!r}.")
+    bad = [task for task in tasks if not (isinstance(task, str) and task.isidentifier())]
+    if bad:
+        raise TaskError(f"task names must be Python identifiers (they name modules), got {bad}.")
+    repeated = repeated_items(tasks)
+    if repeated:
+        raise TaskError(f"task name(s) {repeated} given more than once.")
+    if len(tasks) < 2:
+        raise TaskError(f"splitting needs at least two tasks, got {list(tasks)}.")
+
+
+def repeated_items(items) -> list:
+    """The items that occur more than once, sorted."""
+    return sorted(item for item, n in Counter(items).items() if n > 1)
+
+
+def _outputs_call(tasks: Sequence[str], keys: Sequence) -> str:
+    pairs = ", ".join(f"{task!r}: {key!r}" for task, key in zip(tasks, [*keys, *(["..."] * len(tasks))]))
+    return f"rewrite(..., outputs={{{pairs}}})"

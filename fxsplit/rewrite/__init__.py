@@ -1,0 +1,261 @@
+"""The rewrite stage: give chosen layers one copy per task and fan everything downstream out into branches.
+
+Passes, each a graph to a graph: trace (both modes) -> fan out (:mod:`.fanout`) -> batch branches
+(:mod:`.batching`, optional); then the copies are made (:mod:`.copies`) and the result is checked against the
+model when an example input is given (:mod:`.check`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from torch import fx, nn
+
+from ..errors import LayerError, ReportError, unknown_layer
+from ..layers import Layer, attribute, find_layers
+from ..report import LayerSelection
+from ..split_module import SplitModule, Surgery, copy_target
+from ..tracing import trace_modes
+from ..tracing.symbolic import check_names, copy_module
+from ..tracing.verify import calling, example_call, given_arguments
+from .batching import batch_branches as batch_pass
+from .check import check_split
+from .copies import Init, check_init, container, install, layer_copy
+from .fanout import fan_out, needed_nodes, output_node
+from ..outputs import OutputKey, Path, repeated_items, task_paths
+
+__all__ = ["rewrite"]
+
+_NORMS = (nn.modules.batchnorm._NormBase,)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
+
+
+def rewrite(
+    model: nn.Module,
+    layers: Iterable[str],
+    tasks: Sequence[str] | Mapping[str, Any] | None = None,
+    *,
+    outputs: Mapping[str, OutputKey] | None = None,
+    init: Init = "copy",
+    split_norms: bool = False,
+    batch_branches: bool = True,
+    example_inputs: Any = None,
+    example_kwargs: dict[str, Any] | None = None,
+    tracer_kwargs: Mapping[str, Any] | None = None,
+) -> SplitModule:
+    """A copy of ``model`` in which each of ``layers`` has one copy per task, and all that follows fans out.
+
+    Args:
+        model: any ``nn.Module``; it is never modified. It is traced now, in train and eval mode, with
+            ``tracer_kwargs`` (as :func:`fxsplit.trace` takes them).
+        layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
+            a conflict report (``report.top(k)``), which also brings the tasks and which output is whose.
+        tasks: task names; optional when the model returns a mapping (its keys are the tasks) or ``layers``
+            comes from a report.
+        outputs: which part of the model's output belongs to which task: ``{"seg": 0, "depth": 1}`` for a
+            tuple, ``{"seg": "out"}`` for a mapping, a tuple of keys for nested outputs. Needed when the model
+            returns a tuple, a list or a mapping not keyed by task; a single tensor goes whole to every task.
+        init: ``"copy"`` (copies start equal to the shared layer: the function is unchanged), ``"reset"``
+            (each copy's ``reset_parameters()``) or a callable ``init(copy, layer, task)`` that edits the copy.
+        split_norms: also split every normalisation layer with running statistics that lies wholly in the
+            fanned-out region, so that each task's statistics see only its own branch.
+        batch_branches: in the fanned-out region, run a shared convolution or linear layer (and the per-sample
+            modules that follow it: activations, pooling, LayerNorm, ...) once on the branches' batches
+            concatenated, instead of once per branch. Mathematically the same (each sample is computed alone),
+            but kernels round differently at a larger batch: deep networks can drift by ~1e-5 relative
+            (``False`` reproduces the original bit for bit). BatchNorm always runs per branch.
+        example_inputs, example_kwargs: an example call (``torch.export``'s convention: a tuple of positional
+            inputs, or one input, and a dict). When given, the split model is run against the original, task by
+            task, in eval and in train mode (dropout off), and a :class:`~fxsplit.TraceMismatchError` or
+            :class:`~fxsplit.SplitMismatchError` stops a split that differs. Without one, nothing is checked.
+
+    Returns:
+        A :class:`SplitModule` whose ``forward`` returns ``{task: output}``.
+
+    >>> import torch, fxsplit
+    >>> class TwoHeads(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.trunk = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+    ...         self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(8, 2), "b": torch.nn.Linear(8, 3)})
+    ...     def forward(self, x):
+    ...         return {task: head(self.trunk(x)) for task, head in self.heads.items()}
+    >>> net = TwoHeads()
+    >>> x = torch.randn(5, 4)
+    >>> split = fxsplit.rewrite(net, ["trunk.2"], example_inputs=x)  # checked against net on x
+    >>> all(torch.allclose(split(x)[t], net(x)[t]) for t in ("a", "b"))
+    True
+    >>> sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in net.parameters())
+    72
+    """
+    if isinstance(model, SplitModule):
+        raise LayerError("model is already split; rewrite the original model with all the layers at once.")
+    check_init(init)
+    check_names(model, SplitModule, "a split model")
+    from_report = isinstance(layers, LayerSelection)
+    if from_report:
+        tasks = layers.tasks if tasks is None else tasks
+        outputs = getattr(layers, "outputs", None) if outputs is None else outputs
+    names = _layer_names(layers)
+    args, kwargs = example_call(example_inputs, example_kwargs)
+    given = () if isinstance(model, fx.GraphModule) else given_arguments(model, args, kwargs)
+    root = copy_module(model, share_tensors=False)
+    traced = trace_modes(root, tracer_kwargs, given, private=True)
+    graphs = {training: traced.graph_for(training) for training in (True, False)}
+    current = graphs[model.training]
+    paths = task_paths(output_node(current).args[0], tasks, outputs)
+    found = {id(graph): find_layers(traced, graph) for graph in graphs.values()}
+    _check_layers(names, found[id(current)], from_report)
+    if split_norms:
+        names += _norms_in_branches(traced, current, found[id(current)], names, paths)
+    split_layers = [layer for layer in found[id(current)] if layer in names]  # graph order
+    plan = {id(graph): _chosen(found[id(graph)], split_layers) for graph in graphs.values()}
+    users = _users(found[id(current)], split_layers, needed_nodes(current, paths))
+    _check_shared(names, users)
+
+    fanned = {id(graph): fan_out(traced, graph, paths, plan[id(graph)]) for graph in graphs.values()}
+    for layer in split_layers:
+        for task in users[layer]:
+            for member, new in layer_copy(traced, found[id(current)][layer], task, init).items():
+                install(traced, copy_target(task, member), new)
+    if batch_branches:
+        for result in fanned.values():
+            batch_pass(traced, result.graph)
+    uses = {}
+    for result in fanned.values():
+        for target, tasks_using in result.uses.items():
+            uses.setdefault(target, set()).update(tasks_using)
+    members = {layer: found[id(current)][layer].members for layer in split_layers}
+    split = SplitModule(traced, {training: fanned[id(graph)].graph for training, graph in graphs.items()},
+                        type(model).__name__, surgery=Surgery(tuple(paths), tuple(split_layers), members, {}))
+    _keep_the_rest(split, root, [m for layer in members.values() for m in layer])
+    split._surgery = Surgery(tuple(paths), tuple(split_layers), members, _owners(split, uses, tuple(paths)),
+                             _plain_attributes(split, root))
+    if example_inputs is not None or example_kwargs:
+        check_split(model, traced, split, paths, calling(args, kwargs))
+    return split
+
+
+def _layer_names(layers: Iterable[str]) -> list[str]:
+    if isinstance(layers, str):
+        raise LayerError(f"layers must be a list of layer names, got the string {layers!r}; use [{layers!r}].")
+    try:
+        names = list(layers)
+    except TypeError:
+        raise LayerError(f"layers must be a list of layer names, got {type(layers).__name__}.") from None
+    for name in names:
+        if not isinstance(name, str):
+            raise LayerError(
+                f"layers must be names (str) as in fxsplit.layer_graph(model), got {type(name).__name__} {name!r}."
+            )
+    repeated = repeated_items(names)
+    if repeated:
+        raise LayerError(f"layer(s) {repeated} given more than once; name each layer once.")
+    return names
+
+
+def _check_layers(names: list[str], layers: Mapping[str, Layer], from_report: bool) -> None:
+    foreign = [name for name in names if name not in layers]
+    if from_report and foreign:
+        raise ReportError(
+            f"these layers of the conflict report are not layers of this model: {foreign[:3]}"
+            f"{' ...' if len(foreign) > 3 else ''}; the report was made for another model. Analyze this one."
+        )
+    for name in foreign:
+        owner = next((layer for layer in layers.values() if name in layer.members), None)
+        if owner is not None:
+            raise LayerError(f"{name!r} shares its parameters with {owner.members[0]!r} (tied weights): they are "
+                             f"one layer, named {owner.name!r}; split that.")
+        inside = [layer for layer in layers if layer.startswith(name + ".")] if name else list(layers)
+        if inside:
+            raise LayerError(
+                f"{name!r} is a container of {len(inside)} layers ({', '.join(inside[:3])}"
+                f"{', ...' if len(inside) > 3 else ''}), not a layer; name the layers to split."
+            )
+        raise unknown_layer(name, layers)
+
+
+def _chosen(layers: Mapping[str, Layer], names: list[str]) -> set[fx.Node]:
+    """The nodes that apply the chosen layers in one graph (a layer absent from this mode's graph has none)."""
+    return {node for name in names if name in layers for node in layers[name].calls}
+
+
+def _users(layers: Mapping[str, Layer], names: list[str], needed: Mapping[str, set[fx.Node]]) -> dict[str, list[str]]:
+    """Layer -> the tasks whose outputs use it."""
+    return {name: [task for task, nodes in needed.items() if nodes.intersection(layers[name].calls)]
+            for name in names}
+
+
+def _check_shared(names: list[str], users: Mapping[str, list[str]]) -> None:
+    for name in names:
+        if len(users[name]) < 2:
+            whose = f"only task {users[name][0]!r} uses it" if users[name] else "no task's output uses it"
+            raise LayerError(f"layer {name!r} cannot be split: {whose}, so it is already task-specific.")
+
+
+def _norms_in_branches(root, graph, layers: Mapping[str, Layer], names: list[str], paths) -> list[str]:
+    """Norm layers with running statistics, used by several tasks, all of whose calls lie in the fanned-out
+    region of ``names``."""
+    chosen = _chosen(layers, names)
+    tainted: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node in chosen or any(arg in tainted for arg in node.all_input_nodes):
+            tainted.add(node)
+    norms = [name for name, layer in layers.items() if name not in names
+             and isinstance(attribute(root, name), _NORMS) and all(node in tainted for node in layer.calls)]
+    users = _users(layers, norms, needed_nodes(graph, paths))
+    return [name for name in norms if len(users[name]) > 1]
+
+
+def _keep_the_rest(split: SplitModule, root: nn.Module, replaced: list[str]) -> None:
+    """Give ``split`` every module, parameter and buffer of ``root`` it lacks, at the same path, except the
+    members of split layers (their copies replace them)."""
+    def replaced_path(path: str) -> bool:
+        return any(path == member or path.startswith(member + ".") for member in replaced)
+
+    for path, module in root.named_modules():
+        if not path or replaced_path(path) or _has(split, path):
+            continue
+        holds_replaced = any(member.startswith(path + ".") for member in replaced)
+        install(split, path, nn.Module() if holds_replaced else module)  # then its other children, one by one
+    for path, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        if not replaced_path(path) and not _has(split, path):
+            owner_path, _, name = path.rpartition(".")
+            if isinstance(tensor, nn.Parameter):
+                install(split, path, tensor)
+            else:
+                persistent = name not in root.get_submodule(owner_path)._non_persistent_buffers_set
+                container(split, owner_path).register_buffer(name, tensor, persistent=persistent)
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        attribute(module, path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _owners(split: SplitModule, uses: Mapping[str, set[str]], tasks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Every name of every parameter -> the tasks whose outputs use it, in task order (unused: every task)."""
+    by_id: dict[int, set[str]] = {}
+    for target, tasks_using in uses.items():
+        value = attribute(split, target)
+        parameters = [value] if isinstance(value, nn.Parameter) else \
+            list(value.parameters()) if isinstance(value, nn.Module) else []
+        for parameter in parameters:
+            by_id.setdefault(id(parameter), set()).update(tasks_using)
+    return {name: tuple(t for t in tasks if t in by_id.get(id(p), tasks))
+            for name, p in split.named_parameters(remove_duplicate=False)}
+
+
+def _plain_attributes(split: SplitModule, root: nn.Module) -> tuple[str, ...]:
+    """Public plain-data attributes of the model (``model.tasks = [...]``) that the split model can take as they
+    are: names it does not have already."""
+    names = []
+    for name, value in vars(root).items():
+        if not name.startswith("_") and name != "training" and isinstance(value, _PLAIN) and not hasattr(split, name):
+            setattr(split, name, value)
+            names.append(name)
+    return tuple(names)

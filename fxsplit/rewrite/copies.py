@@ -1,0 +1,65 @@
+"""Per-task copies of a layer: every module and parameter it is made of, copied together so that ties stay tied."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any, Union
+
+from torch import nn
+
+from ..errors import InitError
+from ..layers import Layer, attribute
+
+Init = Union[str, Callable[[Any, str, str], None]]
+
+
+def check_init(init: Init) -> None:
+    if not (callable(init) or init in ("copy", "reset")):
+        raise InitError(f"init must be 'copy', 'reset' or a callable init(copy, layer, task), got {init!r}.")
+
+
+def layer_copy(root: nn.Module, layer: Layer, task: str, init: Init) -> dict[str, nn.Module | nn.Parameter]:
+    """Member -> its copy for ``task``; members that share a parameter share its copy (one memo for all)."""
+    memo: dict[int, Any] = {}
+    copies = {member: _copy(attribute(root, member), memo) for member in layer.members}
+    main = copies[layer.name]
+    if callable(init):
+        init(main, layer.name, task)
+    elif init == "reset":
+        _reset(list(copies.values()), layer.name)
+    return copies
+
+
+def _copy(original, memo: dict[int, Any]):
+    if isinstance(original, nn.Parameter):  # deepcopy would keep .grad; a copy starts without one
+        if id(original) not in memo:
+            memo[id(original)] = nn.Parameter(original.detach().clone(), requires_grad=original.requires_grad)
+        return memo[id(original)]
+    return copy.deepcopy(original, memo)
+
+
+def _reset(copies: list, layer: str) -> None:
+    resettable = [m for c in copies if isinstance(c, nn.Module) for m in c.modules() if hasattr(m, "reset_parameters")]
+    if not resettable:
+        raise InitError(
+            f"layer {layer!r} ({type(copies[0]).__name__}) has no reset_parameters() to re-initialise its copies; "
+            f"use init='copy' or a callable init(copy, layer, task)."
+        )
+    for module in dict.fromkeys(resettable):
+        module.reset_parameters()
+
+
+def install(root: nn.Module, target: str, obj) -> None:
+    """Put ``obj`` at qualified name ``target`` under ``root``, creating empty containers on the way."""
+    path, _, name = target.rpartition(".")
+    setattr(container(root, path), name, obj)
+
+
+def container(root: nn.Module, path: str) -> nn.Module:
+    """The module at ``path`` under ``root``, made of empty modules where there is none yet."""
+    for part in path.split(".") if path else ():
+        if not hasattr(root, part):
+            root.add_module(part, nn.Module())
+        root = getattr(root, part)
+    return root

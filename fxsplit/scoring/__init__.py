@@ -1,0 +1,10 @@
+"""The scoring stage: each task's gradients of a step, their conflicts per layer, and the monitor that runs them
+inside any training loop (``ConflictMonitor``; ``fxsplit.analyze`` is a loop over it).
+
+rows (per-task gradient rows) -> scope (which layers are scored) -> counter (conflict counts on the device);
+distributed (reductions across processes) and methods (torchjd aggregators) serve the monitor.
+"""
+
+from .monitor import ConflictMonitor
+
+__all__ = ["ConflictMonitor"]

@@ -1,0 +1,42 @@
+"""Checks of what the user hands to the scoring stage: task names, thresholds, loss values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..errors import FxsplitError, TaskError
+
+
+def task_names(tasks: Iterable) -> list[str]:
+    """The task names as a list: two or more distinct strings."""
+    names = list(tasks) if not isinstance(tasks, (str, bytes)) else [tasks]
+    bad = [name for name in names if not isinstance(name, str)]
+    if bad:
+        raise TaskError(f"task names must be strings, got {bad[0]!r}.")
+    if len(set(names)) < 2:
+        raise TaskError(f"conflicts need at least two tasks, got {names}.")
+    if len(set(names)) != len(names):
+        raise TaskError(f"task names repeat: {names}.")
+    return names
+
+
+def thresholds(threshold) -> list[float]:
+    """S as a list of distinct cosines in [-1, 1], the primary one first."""
+    values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
+    bad = [v for v in values if not (isinstance(v, (int, float)) and -1.0 <= v <= 1.0)]
+    if not values or bad:
+        raise FxsplitError(f"threshold must be a cosine in [-1, 1] (or a list of them), got {threshold!r}.")
+    return [float(v) for v in dict.fromkeys(values)]
+
+
+def loss_value(task: str, value) -> torch.Tensor:
+    """A task's loss as a 0-d tensor that depends on parameters, or a TaskError that says what is wrong."""
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise TaskError(f"the loss of task {task!r} must be a scalar tensor, got {shape}; reduce it (e.g. .mean()).")
+    if not value.requires_grad:
+        raise TaskError(f"the loss of task {task!r} does not depend on the model's parameters (it has no gradient); "
+                        f"compute it from the model's output.")
+    return value if value.dim() == 0 else value.reshape(())

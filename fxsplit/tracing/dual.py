@@ -1,0 +1,110 @@
+"""``DualGraphModule``: a ``GraphModule`` with one graph per train/eval mode, switched by ``.train()`` / ``.eval()``.
+
+A trace fixes the Python code that reads ``self.training`` (``F.dropout(x, p, self.training)``, ``if self.training:``),
+so a model can trace to one graph in train mode and another in eval mode. A traced module that is used in both
+modes therefore keeps both graphs and swaps them when its mode changes; torchvision's feature extraction does the
+same (its ``DualGraphModule``). When both modes trace alike there is one graph and nothing is swapped. The second
+graph survives ``copy.deepcopy``, pickling and ``torch.save``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import fx, nn
+from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, reduce_graph_module
+
+
+class DualGraphModule(fx.GraphModule):
+    """A ``GraphModule`` whose graph follows its mode: ``graphs[True]`` in train mode, ``graphs[False]`` in eval mode.
+
+    A subclass whose ``__init__`` takes more keyword arguments names, in ``_REBUILD_ATTRIBUTES``, the attribute
+    that keeps each one, so that deep copies and unpickling can pass them again.
+
+    >>> import torch, fxsplit
+    >>> class Noisy(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x + 1 if self.training else x
+    >>> gm = fxsplit.trace(Noisy())
+    >>> gm(torch.zeros(1)).item(), gm.eval()(torch.zeros(1)).item()
+    (1.0, 0.0)
+    """
+
+    _REBUILD_ATTRIBUTES: dict[str, str] = {}
+
+    def __init__(self, root: nn.Module, graphs: Mapping[bool, fx.Graph], class_name: str = "GraphModule"):
+        training = root.training
+        super().__init__(root, graphs[training], class_name)
+        other = graphs[not training]
+        self._graph_training = training  # the mode self.graph belongs to
+        self._other_graph: fx.Graph | None = None
+        if other is not graphs[training] and _source(other) != _source(graphs[training]):
+            for node in other.nodes:
+                if node.op in ("get_attr", "call_module"):
+                    _copy_attr(root, self, node.target)
+            self._other_graph = other
+
+    @property
+    def has_two_graphs(self) -> bool:
+        """Whether train and eval mode run different graphs."""
+        return self._other_graph is not None
+
+    def graph_for(self, training: bool) -> fx.Graph:
+        """The graph that runs in train mode (``True``) or eval mode (``False``)."""
+        if self._other_graph is None or training == self._graph_training:
+            return self.graph
+        return self._other_graph
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._follow_mode()
+        return self
+
+    def __call__(self, *args, **kwargs):
+        self._follow_mode()  # also when .training was set directly, not through .train()
+        return super().__call__(*args, **kwargs)
+
+    def _follow_mode(self) -> None:
+        if getattr(self, "_other_graph", None) is not None and self.training != self._graph_training:
+            self.graph, self._other_graph = self._other_graph, self.graph  # the setter recompiles forward()
+            self._graph_training = self.training
+
+    def _deepcopy_init(self):
+        return _init_from_copy
+
+    def __reduce__(self):
+        self._follow_mode()
+        rebuild, (body, import_block) = super().__reduce__()
+        other = body.pop("_other_graph", None)
+        other_code = None if other is None else _source(other)
+        cls = next(c for c in type(self).__mro__ if "GraphModuleImpl" not in c.__qualname__)
+        return _rebuild, (cls, type(self).__name__, body, import_block, other_code)
+
+
+def _source(graph: fx.Graph) -> str:
+    return graph.python_code("self").src
+
+
+def _init_from_copy(module: DualGraphModule, root: nn.Module, graph: fx.Graph) -> None:
+    """``copy.deepcopy``'s way into ``__init__``: ``root`` holds a deep copy of the original's attributes."""
+    other = root.__dict__.pop("_other_graph", None)
+    mode = root.__dict__.pop("_graph_training")
+    graphs = {mode: graph, not mode: other if other is not None else graph}
+    type(module).__init__(module, root, graphs, type(module).__name__, **_arguments(type(module), root))
+
+
+def _rebuild(cls: type, class_name: str, body: dict, import_block: str, other_code: str | None) -> DualGraphModule:
+    """Unpickle: re-create each mode's graph from its code (as ``GraphModule`` does for its one graph)."""
+    graph = reduce_graph_module(dict(body), import_block).graph
+    other = graph if other_code is None else reduce_graph_module({**body, "_code": other_code}, import_block).graph
+    root = _CodeOnlyModule(dict(body))
+    module = cls.__new__(cls)
+    mode = root.__dict__.pop("_graph_training")
+    cls.__init__(module, root, {mode: graph, not mode: other}, class_name, **_arguments(cls, root))
+    return module
+
+
+def _arguments(cls: type, root: nn.Module) -> dict[str, Any]:
+    """The subclass's extra ``__init__`` arguments, read back from the attributes the original stored them in."""
+    return {name: root.__dict__[attribute] for name, attribute in cls._REBUILD_ATTRIBUTES.items()}

@@ -1,0 +1,141 @@
+"""Checking a traced or rewritten module against the model it came from, on example inputs.
+
+A trace is an assumption about the model (Python code runs once, with stand-ins for tensors); running both on the
+same inputs, from the same random state and with the same buffers, turns it into a checked fact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import keystr, tree_flatten_with_path
+
+from ..errors import TraceMismatchError
+
+TOLERANCE = 1e-4  # relative error (Frobenius norms) an output tensor may have: rounding, not a different function
+SEED = 20230211  # any fixed seed: both runs draw the same random numbers in the same order
+
+TRACE_CAUSES = (
+    "A trace records one run of the Python code with stand-ins for tensors, so it differs from the model where "
+    "that code does what a graph cannot record: isinstance(x, torch.Tensor) checks (a stand-in is no Tensor), "
+    "branches on Python state or on a tensor's values (frozen as they went while tracing), Python-side randomness, "
+    "or an autowrapped function or leaf module that drops an input. Make the module that holds such code a leaf "
+    "(tracer_kwargs={'leaf_modules': [...]}), or fix the Python value it reads with concrete_args."
+)
+
+
+Call = Callable[[nn.Module], Any]  # runs a module on the example: module -> output
+
+
+def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` from torch.export's convention: a tuple of positional inputs (or one input) and a dict."""
+    if example_inputs is None:
+        args = ()
+    else:
+        args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    return args, dict(example_kwargs or {})
+
+
+def calling(args: tuple, kwargs: dict) -> Call:
+    """The :data:`Call` that gives a module ``args`` and ``kwargs``."""
+    return lambda module: module(*args, **kwargs)
+
+
+def given_arguments(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
+    """Names of the ``forward`` arguments that an example call gives."""
+    names = [name for name, p in inspect.signature(model.forward).parameters.items()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names[:len(args)] + list(kwargs)
+
+
+@contextlib.contextmanager
+def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
+    """Put ``modules`` in train or eval mode, then give every submodule back its own mode."""
+    modules = list(modules)
+    saved = [{name: m.training for name, m in module.named_modules()} for module in modules]
+    for module in modules:
+        module.train(training)
+    try:
+        yield
+    finally:
+        for module, modes in zip(modules, saved):
+            module.train(modes[""])
+            for name, m in module.named_modules():
+                m.training = modes[name]
+
+
+def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: int = SEED) -> Any:
+    """``call(module)`` without gradients, from a fixed random state; ``buffers`` are put back after."""
+    buffers = list({id(b): b for b in buffers}.values())
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return call(module)
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, saved):
+                buffer.copy_(value)
+
+
+def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
+    """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``.
+
+    Outputs are matched by key path, so containers of another type with the same keys (an ``OrderedDict`` for a
+    ``dict``) are the same output.
+    """
+    expected_leaves, got_leaves = tree_flatten_with_path(expected)[0], tree_flatten_with_path(got)[0]
+    if _keys(expected_leaves) != _keys(got_leaves):
+        return "the output structure", f"{_keys(got_leaves)} instead of {_keys(expected_leaves)}"
+    for (path, a), (_, b) in zip(expected_leaves, got_leaves):
+        how = difference(a, b)
+        if how is not None:
+            return f"output{keystr(path)}", how
+    return None
+
+
+def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
+    """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode."""
+    buffers = [*model.buffers(), *traced.buffers()]
+    for training in modes:
+        with mode([model, traced], training):
+            expected = run(call, model, buffers)
+            try:
+                got = run(call, traced, buffers)
+            except Exception as error:
+                raise TraceMismatchError(
+                    f"the traced graph of {type(model).__name__} fails in {'train' if training else 'eval'} mode "
+                    f"where the model runs: {type(error).__name__}: {error}. {TRACE_CAUSES}") from error
+        found = first_difference(expected, got)
+        if found is not None:
+            where, how = found
+            raise TraceMismatchError(
+                f"the traced graph of {type(model).__name__} does not compute what the model computes in "
+                f"{'train' if training else 'eval'} mode: {where} differs ({how}). {TRACE_CAUSES}"
+            )
+
+
+def difference(expected: Any, got: Any) -> str | None:
+    """How one output value differs from the expected one (beyond :data:`TOLERANCE`), or ``None``."""
+    if not isinstance(expected, torch.Tensor):
+        return None if type(expected) is type(got) and expected == got else f"{got!r} instead of {expected!r}"
+    if not isinstance(got, torch.Tensor):
+        return f"a {type(got).__name__} instead of a tensor"
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return f"{got.dtype} {tuple(got.shape)} instead of {expected.dtype} {tuple(expected.shape)}"
+    if not expected.is_floating_point() and not expected.is_complex():
+        return None if torch.equal(expected, got) else "different values"
+    if not torch.equal(expected.isfinite(), got.isfinite()):
+        return "non-finite values in other places"
+    finite = expected.isfinite()
+    error = ((expected - got)[finite].norm() / expected[finite].norm().clamp_min(1e-30)).item()
+    return None if error <= TOLERANCE else f"relative error {error:.2g}, more than {TOLERANCE:g}"
+
+
+def _keys(leaves: list) -> list[str]:
+    return [keystr(path) for path, _ in leaves]

@@ -1,0 +1,66 @@
+"""Multi-task models on HuggingFace transformers, built from tiny configs (no weights); transformers is optional.
+
+Import this module only after ``pytest.importorskip("transformers")``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTModel
+
+VOCAB = 64
+WIDTH = 16
+
+
+def bert_config(dropout: float = 0.0) -> BertConfig:
+    return BertConfig(
+        vocab_size=VOCAB, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2, intermediate_size=2 * WIDTH,
+        max_position_embeddings=32, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
+    )
+
+
+class BertTwoHeads(nn.Module):
+    """A ``BertModel`` with a sentiment head on the pooled output and a topic head on the CLS token."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.bert = BertModel(bert_config(dropout))
+        self.sentiment = nn.Linear(WIDTH, 3)
+        self.topic = nn.Linear(WIDTH, 4)
+
+    def forward(self, input_ids, attention_mask):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        return {"sentiment": self.sentiment(out.pooler_output), "topic": self.topic(out.last_hidden_state[:, 0])}
+
+
+def bert_masked_lm() -> BertForMaskedLM:
+    """BERT with its language-model head, whose decoder weight is tied to the word embeddings."""
+    return BertForMaskedLM(bert_config())
+
+
+def token_batch(batch: int, length: int = 8, padded: tuple[int, ...] = (5, 3)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids and an attention mask whose first rows keep only ``padded[i]`` tokens (the rest padding)."""
+    ids = torch.randint(1, VOCAB, (batch, length))
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, kept in enumerate(padded[:batch]):
+        mask[row, kept:] = 0
+        ids[row, kept:] = 0
+    return ids, mask
+
+
+class ViTTwoHeads(nn.Module):
+    """A ``ViTModel`` (16x16 images, 4x4 patches) with a class head on the CLS token and a regression on the mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.vit = ViTModel(ViTConfig(
+            image_size=16, patch_size=4, hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=2 * WIDTH, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        ), add_pooling_layer=False)
+        self.label = nn.Linear(WIDTH, 5)
+        self.score = nn.Linear(WIDTH, 1)
+
+    def forward(self, pixel_values):
+        tokens = self.vit(pixel_values=pixel_values).last_hidden_state
+        return {"label": self.label(tokens[:, 0]), "score": self.score(tokens[:, 1:].mean(1))}

@@ -1,0 +1,203 @@
+"""Real multi-task code (tests/real_models.py) through the whole loop, and the traps that gave silent wrong splits.
+
+Each model: analyze -> rewrite(top-k, checked on an example) -> per-task equivalence in eval and train mode -> both
+exports (or the model's own export limit) -> an optimizer step with parameter groups, ties checked after it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fxsplit
+from fxsplit.layers import attribute
+from tests.models import assert_equivalent, assert_unchanged, count, snapshot, without_dropout
+from tests.real_models import CASES, Case, TiedLM, UncertaintyWeighted
+
+
+def _batches(case: Case, steps: int = 3) -> list:
+    return [(case.inputs(), None) for _ in range(steps)]
+
+
+def _tied(split: fxsplit.SplitModule, a: str, b: str) -> list[tuple[nn.Parameter, nn.Parameter]]:
+    """The pairs of tensors that must stay one: each task's copies where its branch uses both (the tie's layer was
+    split), else the originals."""
+    pairs = []
+    for prefix in [f"copies.{task}." for task in split.tasks] + [""]:
+        try:
+            pairs.append((attribute(split, prefix + a), attribute(split, prefix + b)))
+        except AttributeError:
+            continue
+    assert pairs, (a, b)
+    return pairs
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_real_model_analyze_rewrite_export_train(name, tmp_path):
+    case = CASES[name]
+    torch.manual_seed(0)
+    model, x = case.build(), case.inputs()
+    before = snapshot(model)
+    report = fxsplit.analyze(model, case.losses(), _batches(case), progress=False)
+    layers = report.top(case.top)
+    assert len(layers) == case.top
+    keys = case.outputs or {task: task for task in case.targets}
+    assert report.outputs == {task: [key] for task, key in keys.items()}  # read off the losses by autograd
+    split = fxsplit.rewrite(model, layers, example_inputs=(x,))  # the selection brings tasks and outputs
+    assert_unchanged(model, before)
+    kwargs = {"outputs": case.outputs} if case.outputs else {}
+    without_dropout(model, split)
+    for training in (False, True):
+        assert_equivalent(model.train(training), split.train(training), x, kwargs)
+    assert count(split.parameters()) == count(model.parameters()) + sum(report.cost(layer) for layer in layers)
+
+    for suffix in (".pt", ".pt2"):  # each file is loaded back and checked against the split
+        fxsplit.export(split, tmp_path / f"split{suffix}", (x,))
+
+    groups = [list(split.shared_parameters()), *(list(split.task_parameters(t)) for t in split.tasks)]
+    ids = [set(map(id, group)) for group in groups]
+    assert sum(map(len, ids)) == len(set().union(*ids)) == len(list(split.parameters()))
+    optimizer = torch.optim.SGD([{"params": group} for group in groups if group], lr=0.1)
+    out = split.train()(x)
+    sum(case.targets[task](out[task]) for task in split.tasks).backward()
+    optimizer.step()
+    for a, b in case.ties:
+        for first, second in _tied(split, a, b):
+            assert first is second and torch.equal(first, second)
+
+
+def test_tied_weights_are_one_layer_split_into_one_copy_per_task():
+    model = TiedLM()
+    graph = fxsplit.layer_graph(model)
+    assert "embed.weight" not in graph and "decoder" not in graph
+    assert graph.nodes["embed"]["members"] == ["embed", "decoder"]
+    assert graph.nodes["embed"]["params"] == model.embed.weight.numel()
+    split = fxsplit.rewrite(model, ["embed"], example_inputs=torch.randint(0, 24, (2, 5)))
+    assert count(split.parameters()) == count(model.parameters()) + 2 * model.embed.weight.numel()
+    for task in split.tasks:
+        copy_ = split.copy_of(task, "embed")
+        readers = [attribute(split, n.target) for n in split.graph.nodes
+                   if n.op in ("get_attr", "call_module") and n.meta.get("task") == task
+                   and n.target.startswith(f"copies.{task}.")]
+        weights = {id(r if isinstance(r, nn.Parameter) else r.weight) for r in readers}
+        assert weights == {id(copy_.weight)}  # embedding, F.linear(h, embed.weight) and the tied decoder
+    with pytest.raises(fxsplit.LayerError, match="'decoder' shares its parameters with 'embed'"):
+        fxsplit.rewrite(model, ["decoder"])
+
+
+def test_what_forward_does_not_use_is_kept_on_the_split_model():
+    model = UncertaintyWeighted()
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=torch.randn(2, 6))
+    assert split.log_vars is not model.log_vars and torch.equal(split.log_vars, model.log_vars)
+    assert {"log_vars", "steps", "ema.0.weight", "ema.2.bias"} <= set(split.state_dict())
+    assert any(p is split.log_vars for p in split.shared_parameters())
+    assert split.tasks == ("a", "b") and model.tasks == ["a", "b"]  # the attribute meets SplitModule.tasks
+    restored = copy.deepcopy(split)
+    assert torch.equal(restored.log_vars, split.log_vars) and hasattr(restored, "ema")
+    extra = count(p for name, p in model.named_parameters() if name.startswith("trunk.2"))
+    assert count(split.parameters()) == count(model.parameters()) + extra
+
+
+def test_plain_attributes_of_the_model_are_kept():
+    model = UncertaintyWeighted()
+    model.loss_weights = {"a": 1.0, "b": 0.5}
+    split = fxsplit.rewrite(model, ["trunk.0"])
+    assert split.loss_weights == {"a": 1.0, "b": 0.5}
+    assert copy.deepcopy(split).loss_weights == {"a": 1.0, "b": 0.5}
+
+
+class IsinstanceCheck(nn.Module):
+    """Code a trace cannot record: a stand-in for a tensor is no Tensor, so the trace skips the scaling."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 4)
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2), "b": nn.Linear(4, 2)})
+
+    def forward(self, x):
+        h = self.trunk(x)
+        if isinstance(h, torch.Tensor):
+            h = h * 3
+        return {task: head(h) for task, head in self.heads.items()}
+
+
+def test_a_trace_that_differs_from_the_model_is_stopped():
+    model, x = IsinstanceCheck(), torch.randn(3, 4)
+    with pytest.raises(fxsplit.TraceMismatchError, match=r"in train mode: output\['a'\] differs .*isinstance"):
+        fxsplit.trace(model, x)
+    with pytest.raises(fxsplit.TraceMismatchError, match=r"output\['a'\] differs"):
+        fxsplit.rewrite(model, ["trunk"], example_inputs=x)
+    fxsplit.rewrite(model, ["trunk"])  # without an example nothing is checked, as documented
+
+
+def test_a_traced_view_is_never_stale():
+    """The custom-tracing route of version 0.1 split the weights from before training."""
+    model = UncertaintyWeighted()
+    gm = fxsplit.trace(model, tracer_kwargs={"leaf_modules": [nn.ReLU]})
+    graph = fxsplit.layer_graph(gm)
+    tasks = {t: (lambda t: lambda out, batch: out[t].pow(2).mean())(t) for t in "ab"}
+    fxsplit.analyze(model, tasks, [torch.randn(4, 6) for _ in range(3)], graph=graph, progress=False,
+                    optimizer=torch.optim.SGD(model.parameters(), lr=0.5))
+    split = fxsplit.rewrite(gm, ["trunk.2"])
+    assert torch.equal(split.get_submodule("trunk.0").weight, model.trunk[0].weight)
+    assert torch.equal(split.copy_of("a", "trunk.2").weight, model.trunk[2].weight)
+
+
+def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):
+    case = CASES["dict-batch"]
+    model, x = case.build(), case.inputs()
+    with pytest.raises(fxsplit.TaskError, match=r"returns a tuple of 2.*outputs=\{'seg': 0, 'depth': 1\}"):
+        fxsplit.rewrite(model, ["body"], tasks=["seg", "depth"])
+    report = fxsplit.analyze(model, case.losses(), _batches(case), progress=False)
+    saved = fxsplit.ConflictReport.load(report.save(tmp_path / "report.json"))
+    assert saved.outputs == {"segmentation": [0], "depth": [1]} and saved.top(1).outputs["depth"] == (1,)
+    split = fxsplit.rewrite(model, ["body"], outputs=case.outputs, example_inputs=(x,))
+    path = fxsplit.export(split, tmp_path / "split.pt2", (x,))
+    bigger = {key: torch.cat([value, value[:1]]) for key, value in x.items()}  # every leaf has a dynamic batch
+    loaded = torch.export.load(path).module()(bigger)
+    split.eval()
+    assert all(torch.allclose(loaded[t], split(bigger)[t], atol=1e-6) for t in split.tasks)
+
+
+def test_data_dependent_branch_in_forward_gets_a_fix_that_applies_there():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x, scale: float = 1.0):
+            h = self.lin(x)
+            if h.sum() > 0:
+                h = -h
+            return {"a": h, "b": h * scale}
+
+    with pytest.raises(fxsplit.TraceError) as info:
+        fxsplit.trace(Branchy())
+    message = str(info.value)
+    assert "test_real_models.py" in message and "if h.sum() > 0" in message
+    assert "move that code into a submodule and make the submodule a leaf" in message
+    assert "autowrap_functions" in message and "argument of forward() (x)" in message  # scale=1.0 is bound
+
+
+def test_unknown_tracer_option_is_named():
+    with pytest.raises(fxsplit.TraceError, match=r"unknown option\(s\) \['leafs'\]"):
+        fxsplit.layer_graph(nn.Linear(2, 2), tracer_kwargs={"leafs": [nn.Linear]})
+
+
+@pytest.mark.parametrize("name, what", [("meta", "a traced module"), ("tasks", "a split model")])
+def test_a_top_level_name_the_graph_module_uses_is_refused(name, what):
+    """torch.fx's GraphModule keeps its own `meta`; a SplitModule has `tasks`: a model's module there would clash."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.add_module(name, nn.ModuleDict({"a": nn.Linear(2, 2), "b": nn.Linear(2, 2)}))
+
+        def forward(self, x):
+            return {task: head(x) for task, head in getattr(self, name).items()}
+
+    run = fxsplit.trace if name == "meta" else lambda model: fxsplit.rewrite(model, [], tasks=["a", "b"])
+    with pytest.raises(fxsplit.TraceError, match=rf"has '{name}' at its top level, a name that {what}"):
+        run(Named())
