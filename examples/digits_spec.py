@@ -9,7 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fxsplit.datasets import MultiDigits
-from fxsplit.demo import DigitNet, task_losses
+from fxsplit.demo import DigitNet
+from fxsplit.training import task_losses
 
 
 def spec():

@@ -93,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--quick", action="store_true", help="a smoke run of well under a minute")
     sub.add_argument("--top", type=int, help=f"K, layers to split (default {demo.DemoConfig.top_k})")
     sub.add_argument("--epochs", type=int, help="training epochs per network")
-    sub.add_argument("--seed", type=int, help="seed of data, initialisation and order")
+    sub.add_argument("--seed", type=int, help="seed of data, initialisation and order (the first one)")
+    sub.add_argument("--seeds", type=int, help="how many seeds to run, from --seed up (default 1, for speed): several "
+                     "give mean ± sd per network and per-seed paired differences")
     _output_flags(sub)
 
     sub = command("analyze", _analyze, "score every shared layer by how often its task gradients conflict",
@@ -148,10 +150,11 @@ def _print(args, data: Any, text: str) -> None:
 
 
 def _demo(args) -> None:
-    overrides = {k: v for k, v in (("top_k", args.top), ("epochs", args.epochs), ("seed", args.seed)) if v is not None}
+    options = (("top_k", args.top), ("epochs", args.epochs), ("seed", args.seed), ("seeds", args.seeds))
+    overrides = {k: v for k, v in options if v is not None}
     config = demo.DemoConfig.quick(**overrides) if args.quick else demo.DemoConfig(**overrides)
     results = demo.run(args.out, config, progress=None if not args.json else False).results
-    _print(args, results, demo.markdown(results) + f"\nfiles in {args.out}/")
+    _print(args, results, demo.markdown(results) + "\nfiles written:\n" + "\n".join(results["files"]))
 
 
 def _analyze(args) -> None:

@@ -1,4 +1,4 @@
-"""The demo: Recon's experiment in miniature on MultiDigits, from scratch, in a few minutes on a CPU.
+"""The demo: Recon's experiment in miniature on MultiDigits, from scratch, in about a minute per seed on a CPU.
 
 1. Train the joint network (one shared trunk, a head per task) while ``analyze`` scores every shared layer;
    this run is both the scoring run and the joint baseline (same seeds and budget, so one run serves both).
@@ -9,34 +9,37 @@
    in the still-shared parameters are measured.
 4. Report accuracy per task, parameters, and the occurrence of conflicting gradients; write JSON, a Markdown
    table, plots and the Recon network exported as TorchScript and ``torch.export`` files.
+
+With several seeds (``seeds``) every step runs once per seed, the table gives mean ± sd over the seeds and the
+per-seed paired differences (Recon minus joint, Recon minus random); plots and exported files are the first seed's.
 """
 
 from __future__ import annotations
 
 import json
-import random
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
 
-from .analyze import analyze
+from .arms import Experiment, run_seed
 from .datasets import MultiDigits
+from .errors import FxsplitError
 from .export import export
 from .report import ConflictReport
-from .rewrite import rewrite
+from .seeds import differences, paired, summarize, table
+from .training import Training
 
-THRESHOLDS = [0.0, -0.01, -0.05, -0.1]
+THRESHOLDS = (0.0, -0.01, -0.05, -0.1)
+TASKS = ("left", "right")
+PAIRS = (("recon", "joint"), ("recon", "random"))  # the paired differences reported: arm minus baseline
 
 
 @dataclass
 class DemoConfig:
-    """Sizes and budgets of one demo run."""
+    """Sizes and budgets of one demo run; ``seeds`` runs from ``seed`` to ``seed + seeds - 1``."""
 
     train_size: int = 8000
     test_size: int = 2000
@@ -46,16 +49,30 @@ class DemoConfig:
     top_k: int = 6
     width: int = 16
     seed: int = 0
+    seeds: int = 1
+
+    def __post_init__(self):
+        if not (isinstance(self.seeds, int) and self.seeds >= 1):
+            raise FxsplitError(f"the demo needs seeds >= 1 (how many seeds to run), got {self.seeds!r}.")
 
     @classmethod
     def quick(cls, **overrides) -> DemoConfig:
         """A smoke-test configuration that finishes in well under a minute."""
         return cls(**{"train_size": 768, "test_size": 256, "epochs": 1, **overrides})
 
+    def experiment(self) -> Experiment:
+        """The demo's experiment: DigitNet on MultiDigits, with BatchNorms split in the branches."""
+        return Experiment(
+            network=lambda: DigitNet(TASKS, width=self.width),
+            data=lambda seed: (MultiDigits("train", size=self.train_size, seed=seed),
+                               MultiDigits("test", size=self.test_size, seed=seed)),
+            tasks=TASKS, training=Training(self.epochs, self.batch_size, self.lr, THRESHOLDS), k=self.top_k,
+            split_norms=True)
+
 
 @dataclass
 class DemoRun:
-    """A finished demo: its figures (as saved in ``results.json``) and the three trained networks."""
+    """A finished demo: its figures (as saved in ``results.json``) and the first seed's three trained networks."""
 
     results: dict
     models: dict[str, nn.Module]
@@ -95,103 +112,51 @@ class DigitNet(nn.Module):
         return {task: head(features) for task, head in self.heads.items()}
 
 
-def task_losses(tasks) -> dict:
-    """Cross-entropy per task, reading the model's ``{task: logits}`` and the batch's target column."""
-    return {task: (lambda column, task: lambda out, batch: F.cross_entropy(out[task], batch[1][:, column]))(i, task)
-            for i, task in enumerate(tasks)}
-
-
-def accuracy(model: nn.Module, data: DataLoader, tasks) -> dict[str, float]:
-    """Per-task accuracy in eval mode (the model's mode is restored)."""
-    was_training, correct, total = model.training, dict.fromkeys(tasks, 0), 0
-    model.eval()
-    with torch.no_grad():
-        for images, targets in data:
-            out = model(images)
-            for i, task in enumerate(tasks):
-                correct[task] += (out[task].argmax(1) == targets[:, i]).sum().item()
-            total += len(targets)
-    model.train(was_training)
-    return {task: correct[task] / total for task in tasks}
-
-
 def run(out: Path, config: DemoConfig = DemoConfig(), progress: bool | None = None) -> DemoRun:
-    """Run the demo and write its files into ``out``."""
+    """Run the demo and write its files into ``out``; ``results["files"]`` lists them."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    train_set = MultiDigits("train", size=config.train_size, seed=config.seed)
-    test_set = MultiDigits("test", size=config.test_size, seed=config.seed)
-    tasks = list(train_set.tasks)
-    losses = task_losses(tasks)
-    test = DataLoader(test_set, batch_size=256)
-
-    def fresh() -> DigitNet:
-        torch.manual_seed(config.seed)
-        return DigitNet(tasks, width=config.width)
-
-    def train(model: nn.Module, name: str) -> ConflictReport:
-        torch.manual_seed(config.seed)
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(config.seed))
-        batches = (batch for _ in range(config.epochs) for batch in loader)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-        if progress is not False:
-            print(f"training {name} ({config.epochs} epochs of {len(loader)} steps)", file=sys.stderr, flush=True)
-        return analyze(model.train(), losses, batches, steps=config.epochs * len(loader), threshold=THRESHOLDS,
-                       optimizer=optimizer, progress=progress)
-
-    joint = fresh()
-    scoring = train(joint, "joint network (scoring run)")
-    recon_layers = scoring.top(config.top_k)
-    random_layers = random.Random(config.seed).sample(scoring.layers, min(config.top_k, len(scoring.layers)))
-    models, reports = {"joint": joint}, {"joint": scoring}
-    for name, layers in (("recon", recon_layers), ("random", random_layers)):
-        models[name] = rewrite(fresh(), layers, tasks, split_norms=True)
-        reports[name] = train(models[name], f"{name} network (top-{config.top_k} layers)")
-
-    base_params = sum(p.numel() for p in joint.parameters())
+    experiment = config.experiment()
+    seed_runs = (run_seed(experiment, seed, progress) for seed in range(config.seed, config.seed + config.seeds))
+    first = next(seed_runs)  # the later seeds' networks are not kept
+    figures = [first.figures, *(later.figures for later in seed_runs)]
+    example = MultiDigits("test", size=8, seed=config.seed).images
+    files = [export(first.models["recon"], out / f"recon{suffix}", example) for suffix in (".pt", ".pt2")]
+    files.append(first.reports["joint"].save(out / "scoring_report.json"))
+    files += _plots(out, first.reports)
     results = {
         "config": asdict(config),
-        "tasks": tasks,
-        "scoring": {"top": list(recon_layers), "random": random_layers, "scores": scoring.scores},
-        "models": {name: {
-            "accuracy": accuracy(model, test, tasks),
-            "params": sum(p.numel() for p in model.parameters()),
-            "increase": sum(p.numel() for p in model.parameters()) / base_params - 1,
-            "shared_layers": len(reports[name].layers),
-            "conflict_rate": {str(s): reports[name].conflict_rate(s)[tuple(tasks[:2])] for s in THRESHOLDS},
-        } for name, model in models.items()},
+        "tasks": list(TASKS),
+        "seeds": figures,
+        "summary": summarize(figures),
+        "paired": {f"{arm} - {base}": paired(figures, arm, base) for arm, base in PAIRS},
+        "seconds": round(time.perf_counter() - started, 1),
     }
-    example = next(iter(test))[0][:8]
-    for suffix in (".pt", ".pt2"):
-        export(models["recon"], out / f"recon{suffix}", example)
-    scoring.save(out / "scoring_report.json")
-    _plots(out, scoring, reports)
-    results["seconds"] = round(time.perf_counter() - started, 1)
+    files += [out / "results.json", out / "results.md"]
+    results["files"] = sorted(str(f) for f in files)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
-    return DemoRun(results, models)
+    return DemoRun(results, first.models)
 
 
 def markdown(results: dict) -> str:
-    """The results as a Markdown table."""
-    tasks, rates = results["tasks"], list(THRESHOLDS)
-    head = ["model", *(f"{t} acc." for t in tasks), "params", "increase", *(f"conflicts cos<{s}" for s in rates)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, m in results["models"].items():
-        cells = [name, *(f"{m['accuracy'][t]:.3f}" for t in tasks), f"{m['params']:,}", f"{m['increase']:+.1%}",
-                 *(f"{m['conflict_rate'][str(s)]:.1%}" for s in rates)]
-        lines.append("| " + " | ".join(cells) + " |")
-    config = results["config"]
-    return (f"MultiDigits, {config['train_size']} training pairs, {config['epochs']} epochs, seed {config['seed']}, "
-            f"top-{config['top_k']} layers: {', '.join(results['scoring']['top'])}.\n\n" + "\n".join(lines) + "\n\n"
-            "Conflicts: share of training steps whose task gradients over the still-shared parameters have "
-            "cosine below the threshold.\n")
+    """The results as Markdown: the table per arm, and with several seeds the paired differences."""
+    config, runs = results["config"], results["seeds"]
+    seeds = f"seed {config['seed']}" if len(runs) == 1 else f"seeds {config['seed']}-{config['seed'] + len(runs) - 1}"
+    parts = [f"MultiDigits, {config['train_size']} training pairs, {config['epochs']} epochs, {seeds}, "
+             f"top-{config['top_k']} layers (first seed): {', '.join(runs[0]['arms']['recon']['layers'])}.",
+             table(runs)]
+    if len(runs) > 1:
+        parts += ["Mean ± sd over the seeds. Paired differences, in points (accuracy) and percent points "
+                  "(conflicts):", *(differences(runs, arm, base) for arm, base in PAIRS)]
+    parts.append("Conflicts: share of training steps whose task gradients over the still-shared parameters have "
+                 "cosine below the threshold.")
+    return "\n\n".join(parts) + "\n"
 
 
-def _plots(out: Path, scoring: ConflictReport, reports: dict[str, ConflictReport]) -> None:
+def _plots(out: Path, reports: dict[str, ConflictReport]) -> list[Path]:
     """Scores per layer, and the distribution of whole-shared-vector cosines per model."""
-    scoring.plot(out / "scores.png")
+    reports["joint"].plot(out / "scores.png")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
@@ -205,3 +170,4 @@ def _plots(out: Path, scoring: ConflictReport, reports: dict[str, ConflictReport
     figure.tight_layout()
     figure.savefig(out / "cosines.png", dpi=120)
     plt.close(figure)
+    return [out / "scores.png", out / "cosines.png"]

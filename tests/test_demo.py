@@ -4,33 +4,42 @@ import pytest
 import torch
 
 from fxsplit import cli, demo
+from fxsplit.errors import FxsplitError
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # TorchScript files on purpose
-def test_quick_demo_writes_every_file_and_exports_match(tmp_path, monkeypatch, capsys):
+def test_quick_demo_over_two_seeds_writes_and_lists_every_file_and_exports_match(tmp_path, monkeypatch, capsys):
     runs = []
     original = demo.run
     monkeypatch.setattr(demo, "run", lambda *args, **kwargs: runs.append(original(*args, **kwargs)) or runs[-1])
-    assert cli.main(["demo", "--quick", "--out", str(tmp_path)]) == 0
-    assert {p.name for p in tmp_path.iterdir()} == {
-        "results.json", "results.md", "scores.png", "cosines.png", "recon.pt", "recon.pt2", "scoring_report.json"}
+    assert cli.main(["demo", "--quick", "--seeds", "2", "--out", str(tmp_path)]) == 0
+    written = {"results.json", "results.md", "scores.png", "cosines.png", "recon.pt", "recon.pt2",
+               "scoring_report.json"}
+    assert {p.name for p in tmp_path.iterdir()} == written
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results == json.loads(json.dumps(runs[0].results))
-    assert set(results["models"]) == {"joint", "recon", "random"}
+    assert results["files"] == sorted(str(tmp_path / name) for name in written)
+    assert [run["seed"] for run in results["seeds"]] == [0, 1]
     k = results["config"]["top_k"]
-    assert len(results["scoring"]["top"]) == len(results["scoring"]["random"]) == k
-    for name, model in runs[0].models.items():
-        figures = results["models"][name]
-        assert figures["params"] == sum(p.numel() for p in model.parameters())
-        assert all(0.0 <= acc <= 1.0 for acc in figures["accuracy"].values())
-        assert list(figures["conflict_rate"]) == ["0.0", "-0.01", "-0.05", "-0.1"]
-    assert results["models"]["recon"]["increase"] > 0
-    assert results["models"]["recon"]["shared_layers"] < results["models"]["joint"]["shared_layers"]
+    for run in results["seeds"]:
+        arms = run["arms"]
+        assert list(arms) == ["joint", "recon", "random"]
+        assert len(arms["recon"]["layers"]) == len(arms["random"]["layers"]) == k
+        assert arms["recon"]["increase"] > 0 and arms["recon"]["shared_layers"] < arms["joint"]["shared_layers"]
+        assert all(0.0 <= acc <= 1.0 for arm in arms.values() for acc in arm["accuracy"].values())
+        assert all(list(arm["conflict_rate"]) == ["0.0", "-0.01", "-0.05", "-0.1"] for arm in arms.values())
+    for arm, base in (("recon", "joint"), ("recon", "random")):
+        assert results["paired"][f"{arm} - {base}"]["accuracy"]["values"] == [
+            run["arms"][arm]["mean_accuracy"] - run["arms"][base]["mean_accuracy"] for run in results["seeds"]]
+    for name, model in runs[0].models.items():  # the first seed's networks
+        assert results["seeds"][0]["arms"][name]["params"] == sum(p.numel() for p in model.parameters())
 
     table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| ") == 4 and "| recon |" in table
-    assert capsys.readouterr().out.startswith(table)
+    assert table.count("\n| recon |") == 1 and table.count("\n| mean ± sd |") == 2
+    out, err = capsys.readouterr()
+    assert out == table + "\nfiles written:\n" + "\n".join(results["files"]) + "\n"
+    assert sum(line.endswith(" s)") and ": epoch 1/1, mean loss left " in line for line in err.splitlines()) == 6
 
     recon = runs[0].models["recon"].eval()
     images = torch.rand(5, 1, 12, 12)
@@ -40,3 +49,8 @@ def test_quick_demo_writes_every_file_and_exports_match(tmp_path, monkeypatch, c
         got = loaded(images)
         for task in expected:
             torch.testing.assert_close(got[task], expected[task], rtol=1e-5, atol=1e-6)
+
+
+def test_demo_needs_at_least_one_seed():
+    with pytest.raises(FxsplitError, match="seeds >= 1"):
+        demo.DemoConfig(seeds=0)
