@@ -5,4 +5,4 @@ Every ratio compares measurements taken in the same run; nothing asserts on time
 ``python -m benchmarks.zoo`` sweeps timm and torchvision models (docs/coverage.md).
 """
 
-BENCHMARKS = ("analyze_step", "operators", "split_network", "surgery", "memory")
+BENCHMARKS = ("analyze_step", "operators", "split_network", "surgery", "memory", "routes")

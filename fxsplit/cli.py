@@ -226,7 +226,7 @@ def _export(args) -> None:
 
 def _graph(args) -> None:
     spec = load_spec(args.spec)
-    graph = layer_graph(spec["model"], tracer_kwargs=spec.get("tracer_kwargs"))
+    graph = layer_graph(spec["model"], tracer_kwargs=spec.get("tracer_kwargs"), example_inputs=(_example(spec),))
     if args.dot:
         args.dot.write_text(graph.to_dot())
     if args.png:

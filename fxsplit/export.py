@@ -25,13 +25,21 @@ def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.S
     For a traced or split model, the arguments fixed while tracing (``task_name=None``) and their guards are left
     out, and ``example_inputs`` (a tuple of positional inputs) give the other arguments their types: TorchScript
     takes an argument it knows nothing of for a tensor, so a dict or a list input needs an example. Scripting a
-    fresh copy each time keeps a failed attempt from leaving a half-registered class behind.
+    fresh copy each time keeps a failed attempt from leaving a half-registered class behind. A model traced
+    through ``torch.export`` cannot be scripted: an :class:`~fxsplit.ExportError` says to save it as ``.pt2``.
 
     >>> import torch, fxsplit
     >>> gm = fxsplit.trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
     >>> fxsplit.script(gm)(torch.ones(1, 3)).shape
     torch.Size([1, 2])
     """
+    meta = model.meta if isinstance(model, fx.GraphModule) else {}
+    if meta.get("route") == "export":
+        raise ExportError(
+            f"the model was traced through torch.export ({meta.get('route_reason', 'asked for')}): its graph "
+            f"applies ATen operations, which TorchScript cannot compile. Save it as a .pt2 file instead "
+            f"(fxsplit.export(model, 'model.pt2', example_inputs), or format='export'), which torch.export loads."
+        )
     model = copy_module(model, share_tensors=False).eval()
     if isinstance(model, fx.GraphModule):
         _drop_bound_arguments(model)

@@ -24,22 +24,28 @@ import torch
 from torch import fx, nn
 
 from .errors import FxsplitError
-from .tracing import trace_graph
-from .tracing.symbolic import canonical_names
+from .tracing import as_example, trace_graph
+from .tracing.symbolic import canonical_names, torch_layer
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
+_METADATA_OPERATIONS = {  # as torch.export records reading a size (the batch's, which may vary) or checking a dtype
+    torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int,
+    torch.ops.aten.sym_storage_offset.default, torch.ops.aten._assert_tensor_metadata.default,
+}
 
 
 @dataclass(frozen=True)
 class Layer:
     """One layer of a traced module: its name, the graph targets copied together when it is split (module paths
-    and parameter paths), its parameters' names (as ``named_parameters()`` gives them) and the nodes that apply it."""
+    and parameter paths), its parameters' names (as ``named_parameters()`` gives them), the nodes that read it
+    (module calls and ``get_attr`` reads: a split points them at the copies) and the nodes that compute with it
+    (module calls, the operations that read its modules' tensors, a parameter read directly)."""
 
     name: str
     members: tuple[str, ...]
     parameters: tuple[str, ...]
+    reads: tuple[fx.Node, ...]
     calls: tuple[fx.Node, ...]
     kind: str
     size: int
@@ -48,36 +54,44 @@ class Layer:
 def find_layers(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, Layer]:
     """Every layer of ``gm`` (of its ``graph``, by default its own), in graph order of first call."""
     graph = gm.graph if graph is None else graph
-    calls: dict[str, list[fx.Node]] = {}
+    reads: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         member = _member(gm, node)
         if member is not None:
-            calls.setdefault(member, []).append(node)
-    groups = _tied_groups(gm, list(calls))
+            reads.setdefault(member, []).append(node)
     for node in graph.nodes:  # a buffer read directly (BatchNorm statistics) is applied with its module's layer
-        owner = _buffer_owner(gm, node, calls)
+        owner = _buffer_owner(gm, node, reads)
         if owner is not None:
-            calls[owner].append(node)
+            reads[owner].append(node)
+    calls = {member: _calls(nodes, member) for member, nodes in reads.items()}
+    position = _position(graph)
+    members = sorted(reads, key=lambda member: min(position(use) for node in reads[member]
+                                                    for use in (node.users if node.op == "get_attr" else ())
+                                                    or (node,)))
     canonical = gm.meta.get("canonical")
     canonical = canonical_names(gm) if canonical is None else canonical
     layers = {}
-    for members in groups:
-        tensors = {id(p): (canonical.get(name, name), p) for member in members for name, p in _parameters(gm, member)}
-        first = attribute(gm, members[0])
-        layers[members[0]] = Layer(
-            name=members[0],
-            members=tuple(members),
+    for group in _tied_groups(gm, members):
+        tensors = {id(p): (canonical.get(name, name), p) for member in group for name, p in _parameters(gm, member)}
+        first = attribute(gm, group[0])
+        layers[group[0]] = Layer(
+            name=group[0],
+            members=tuple(group),
             parameters=tuple(dict.fromkeys(name for name, _ in tensors.values())),
-            calls=tuple(sorted((n for m in members for n in calls[m]), key=_position(graph))),
+            reads=tuple(sorted((n for m in group for n in reads[m]), key=position)),
+            calls=tuple(sorted({n for m in group for n in calls[m]}, key=position)),
             kind="Parameter" if isinstance(first, nn.Parameter) else type(first).__name__,
             size=sum(p.numel() for _, p in tensors.values()),
         )
     return layers
 
 
-def layer_of(layers: Mapping[str, Layer]) -> dict[fx.Node, str]:
-    """Node -> the name of the layer it applies, for every node that applies one."""
-    return {node: layer.name for layer in layers.values() for node in layer.calls}
+def _calls(reads: list[fx.Node], member: str) -> list[fx.Node]:
+    """The nodes that compute with a member, from the nodes that read it: a module call computes; a read of one of
+    a module's tensors is computed with by its users (``aten.linear(x, weight, bias)``); a parameter read directly
+    is the value it adds (``tokens + pos_embed``)."""
+    return [user for node in reads for user in (node.users if node.op == "get_attr" and node.target != member
+                                                 else (node,))]
 
 
 class LayerGraph(nx.DiGraph):
@@ -85,16 +99,20 @@ class LayerGraph(nx.DiGraph):
     picture them.
 
     Node attributes: ``kind`` (module class, or ``"Parameter"``), ``params`` (count, tied weights once), ``order``
-    (graph order of the first call), ``calls`` (names of the ``torch.fx`` nodes that apply the layer),
-    ``parameters`` (qualified names, as ``named_parameters()`` gives them) and ``members`` (the modules and
-    parameters a split copies). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through
-    parameter-free operations only (reading a tensor's shape, dtype or device passes on no values: no edge).
+    (graph order of the first call), ``calls`` (names of the traced graph's nodes that compute with the layer:
+    module calls on the ``torch.fx`` route, ATen operations on the ``torch.export`` route), ``parameters``
+    (qualified names, as ``named_parameters()`` gives them) and ``members`` (the modules and parameters a split
+    copies). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through parameter-free operations
+    only (reading a tensor's shape, dtype or device passes on no values: no edge). Graph attributes: ``route``
+    (``"fx"`` or ``"export"``) and ``route_reason``, how the model was traced and why.
     """
 
     def __str__(self) -> str:
         rows = [f"{data['order']:>4}  {name:<48} {data['kind']:<18} {data['params']:>10,}"
                 for name, data in self.nodes(data=True)]
-        return "\n".join([f"{self.number_of_nodes()} layers, {self.number_of_edges()} edges", *rows])
+        route = f", traced through torch.export ({self.graph['route_reason']})" \
+            if self.graph.get("route") == "export" else ""
+        return "\n".join([f"{self.number_of_nodes()} layers, {self.number_of_edges()} edges{route}", *rows])
 
     def to_dot(self) -> str:
         """The graph in Graphviz DOT (``dot -Tpng layers.dot -o layers.png``)."""
@@ -126,31 +144,40 @@ class LayerGraph(nx.DiGraph):
         return Path(path)
 
 
-def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = None) -> LayerGraph:
-    """The layer graph of ``model``, traced in its current mode (``tracer_kwargs`` as :func:`fxsplit.trace` takes).
+def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = None, example_inputs: Any = None,
+                example_kwargs: dict[str, Any] | None = None, method: str = "auto") -> LayerGraph:
+    """The layer graph of ``model``, traced in its current mode (``method``, the example and ``tracer_kwargs`` as
+    :func:`fxsplit.trace` takes them; with an example, the trace is checked against the model on it).
+
+    Both routes give the same layers under the same names. ``graph.graph["route"]`` and
+    ``graph.graph["route_reason"]`` say which route traced the model and why.
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
     >>> g = fxsplit.layer_graph(net)
-    >>> list(g.edges), g.nodes["0"]["params"]
-    ([('0', '1')], 224)
+    >>> list(g.edges), g.nodes["0"]["params"], g.graph["route"]
+    ([('0', '1')], 224, 'fx')
     >>> print(g)
     2 layers, 1 edges
        0  0                                                Conv2d                    224
        1  1                                                BatchNorm2d                16
+    >>> g = fxsplit.layer_graph(net, example_inputs=torch.randn(2, 3, 8, 8), method="export")
+    >>> list(g.edges), g.nodes["0"]["params"], g.graph["route"]
+    ([('0', '1')], 224, 'export')
     """
-    return graph_of(trace_graph(model, tracer_kwargs))
+    return graph_of(trace_graph(model, tracer_kwargs, method=method, example=as_example(example_inputs,
+                                                                                         example_kwargs)))
 
 
 def graph_of(gm: fx.GraphModule) -> LayerGraph:
     """The layer graph of a traced module."""
     layers = find_layers(gm)
-    graph = LayerGraph()
+    graph = LayerGraph(route=gm.meta.get("route", "fx"), route_reason=gm.meta.get("route_reason", ""))
     for order, layer in enumerate(layers.values()):
         graph.add_node(layer.name, kind=layer.kind, params=layer.size, order=order,
                        calls=[node.name for node in layer.calls], parameters=list(layer.parameters),
                        members=list(layer.members))
-    graph.add_edges_from(_layer_edges(gm.graph, layer_of(layers)))
+    graph.add_edges_from(_layer_edges(gm.graph, layers))
     return graph
 
 
@@ -161,13 +188,7 @@ def _member(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if node.op != "get_attr" or not isinstance(attribute(gm, node.target), nn.Parameter):
         return None
     owner = node.target.rpartition(".")[0]
-    return owner if owner and _torch_layer(gm.get_submodule(owner)) else node.target
-
-
-def _torch_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is one of torch.nn's own layers (a Linear, a Conv2d, ...), as torch.fx counts leaves."""
-    return (type(module) is not nn.Module  # the empty holders GraphModule makes on a path
-            and fx.Tracer().is_leaf_module(module, "") and not isinstance(module, _CONTAINERS))
+    return owner if owner and torch_layer(gm.get_submodule(owner)) else node.target
 
 
 def _parameters(gm: fx.GraphModule, member: str) -> list[tuple[str, nn.Parameter]]:
@@ -213,21 +234,26 @@ def _position(graph: fx.Graph):
     return position.__getitem__
 
 
-def _layer_edges(graph: fx.Graph, layer_of_node: Mapping[fx.Node, str]) -> Iterator[tuple[str, str]]:
+def _layer_edges(graph: fx.Graph, layers: Mapping[str, Layer]) -> Iterator[tuple[str, str]]:
     """Edges between layers, following values through parameter-free nodes."""
+    applied: dict[fx.Node, frozenset[str]] = {}  # node -> the layers it computes with
+    for layer in layers.values():
+        for node in layer.calls:
+            applied[node] = applied.get(node, frozenset()) | {layer.name}
     sources: dict[fx.Node, frozenset[str]] = {}  # layers whose values reach a node without another layer between
     for node in graph.nodes:
         if reads_metadata(node):
             sources[node] = frozenset()
             continue
         reaching = frozenset().union(*(sources[arg] for arg in node.all_input_nodes))
-        layer = layer_of_node.get(node)
-        if layer is None:
+        here = applied.get(node)
+        if here is None:
             sources[node] = reaching
             continue
-        sources[node] = frozenset((layer,))
-        for source in reaching - {layer}:
-            yield source, layer
+        sources[node] = here
+        for layer in here:
+            for source in reaching - here:
+                yield source, layer
 
 
 def reads_metadata(node: fx.Node) -> bool:
@@ -235,7 +261,7 @@ def reads_metadata(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _METADATA_METHODS
     if node.op == "call_function":
-        return node.target is builtins.len or (
+        return node.target is builtins.len or node.target in _METADATA_OPERATIONS or (
             node.target is builtins.getattr and node.args[1] in _METADATA_ATTRIBUTES)
     return False
 

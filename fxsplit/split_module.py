@@ -21,13 +21,16 @@ from .tracing import DualGraphModule
 class Surgery:
     """What a rewrite did: ``tasks`` in output order, the ``layers`` split (graph order) with the ``members`` each
     copies (modules and parameters, under ``copies.<task>.<member>``), ``owners`` (every name of every parameter ->
-    the tasks whose outputs use it) and the model's plain ``attributes`` kept on the split model."""
+    the tasks whose outputs use it), the model's plain ``attributes`` kept on the split model, and the ``route``
+    that traced the model (``"fx"`` or ``"export"``) with the reason it was taken."""
 
     tasks: tuple[str, ...]
     layers: tuple[str, ...]
     members: Mapping[str, tuple[str, ...]]
     owners: Mapping[str, tuple[str, ...]]
     attributes: tuple[str, ...] = ()
+    route: str = "fx"
+    route_reason: str = ""
 
 
 class SplitModule(DualGraphModule):
@@ -40,7 +43,7 @@ class SplitModule(DualGraphModule):
     """
 
     __jit_unused_properties__ = [*fx.GraphModule.__jit_unused_properties__, "tasks", "split_layers",
-                                 "has_two_graphs"]
+                                 "has_two_graphs", "route", "route_reason"]
     _REBUILD_ATTRIBUTES = {"surgery": "_surgery"}
 
     def __init__(self, root: nn.Module, graphs: Mapping[bool, fx.Graph], class_name: str = "GraphModule", *,
@@ -60,6 +63,16 @@ class SplitModule(DualGraphModule):
     def split_layers(self) -> tuple[str, ...]:
         """Names of the layers that have one copy per task, in graph order."""
         return self._surgery.layers
+
+    @property
+    def route(self) -> str:
+        """How the model was traced: ``"fx"`` (``torch.fx``) or ``"export"`` (``torch.export``, one graph per mode)."""
+        return self._surgery.route
+
+    @property
+    def route_reason(self) -> str:
+        """Why that route was taken."""
+        return self._surgery.route_reason
 
     def copy_of(self, task: str, layer: str) -> nn.Module | nn.Parameter:
         """Task ``task``'s copy of the split layer ``layer`` (a module, or a parameter)."""

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertForMaskedLM, BertModel, ViTConfig, ViTModel
+from transformers import (
+    BertConfig, BertForMaskedLM, BertModel, DistilBertConfig, DistilBertModel, ViTConfig, ViTModel,
+)
 
 VOCAB = 64
 WIDTH = 16
@@ -32,6 +34,25 @@ class BertTwoHeads(nn.Module):
     def forward(self, input_ids, attention_mask):
         out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
         return {"sentiment": self.sentiment(out.pooler_output), "topic": self.topic(out.last_hidden_state[:, 0])}
+
+
+class DistilBertTwoHeads(nn.Module):
+    """A ``DistilBertModel`` (no pooler, no token types) with a class head on the first token and a regression on
+    the mean of the tokens that are not padding."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = DistilBertModel(DistilBertConfig(
+            vocab_size=VOCAB, dim=WIDTH, n_layers=2, n_heads=2, hidden_dim=2 * WIDTH, max_position_embeddings=32,
+            dropout=0.0, attention_dropout=0.0,
+        ))
+        self.intent = nn.Linear(WIDTH, 3)
+        self.rating = nn.Linear(WIDTH, 1)
+
+    def forward(self, input_ids, attention_mask):
+        tokens = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        kept = attention_mask.unsqueeze(-1).to(tokens.dtype)
+        return {"intent": self.intent(tokens[:, 0]), "rating": self.rating((tokens * kept).sum(1) / kept.sum(1))}
 
 
 def bert_masked_lm() -> BertForMaskedLM:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fxsplit
 from tests.reference import reference
-from tests.models import MultiHead, Twice, assert_unchanged, scoring_cases as cases, snapshot
+from tests.models import MultiHead, SmallCNN, Twice, assert_unchanged, scoring_cases as cases, snapshot
 
 THRESHOLDS = [0.0, -0.05, 0.1]
 
@@ -223,3 +223,17 @@ def test_unscored_threshold_is_a_report_error():
     report = fxsplit.analyze(model, tasks, batches, threshold=[0.0, -0.1], progress=False)
     with pytest.raises(fxsplit.ReportError, match=r"threshold 0.5 was not scored; the report has \[0.0, -0.1\]"):
         report.scores_at(0.5)
+
+
+def test_a_model_both_routes_trace_gets_the_same_report():
+    torch.manual_seed(0)
+    model = MultiHead(SmallCNN(), 16)
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    tasks = {"a": lambda out, batch: out["a"].pow(2).mean(), "b": lambda out, batch: -out["b"][:, 0].mean()}
+    reports = [fxsplit.analyze(model, tasks, batches, threshold=[0.0, -0.1], progress=False,
+                               graph=fxsplit.layer_graph(model, example_inputs=batches[0], method=method))
+               for method in ("fx", "export")]
+    assert [report.graph.graph["route"] for report in reports] == ["fx", "export"]
+    data = [{key: value for key, value in report.to_dict().items() if key != "graph"} for report in reports]
+    assert data[0] == data[1] and str(reports[0]) == str(reports[1])
+    assert reports[0].top(4) == reports[1].top(4) and len(reports[0].scores) == 12

@@ -104,3 +104,16 @@ def test_a_file_torchscript_cannot_save_is_an_export_error(tmp_path):
     with pytest.raises(fxsplit.ExportError, match=message):
         fxsplit.export(Ignored(), tmp_path / "model.pt", torch.ones(2, 3))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_split_traced_through_torch_export_saves_as_pt2_with_a_dynamic_batch(tmp_path):
+    model, x, kwargs = MODELS["twice"]
+    split = fxsplit.rewrite(model, SPLITS["twice"], example_inputs=x, method="export", **kwargs).eval()
+    with pytest.raises(fxsplit.ExportError, match=r"traced through torch.export \(asked for \(method='export'\)\): "
+                                                  r".*TorchScript cannot compile\. Save it as a \.pt2 file"):
+        fxsplit.export(split, tmp_path / "split.pt", x)
+    assert os.listdir(tmp_path) == []
+    loaded = torch.export.load(fxsplit.export(split, tmp_path / "split.pt2", x)).module()
+    bigger = torch.cat([x, x, x[:1]])
+    _assert_same(split(bigger), loaded(bigger))
+    _assert_same(model.eval()(bigger), loaded(bigger))

@@ -7,7 +7,7 @@ CI runs the "ci" hypothesis profile; ``HYPOTHESIS_PROFILE=slow python -m pytest 
 import copy
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxsplit
@@ -73,3 +73,25 @@ def test_random_architectures_score_like_the_reference_loop(program):
     for S in (0.0, -0.1):
         assert report.scores_at(S) == {layer: expected[S].get(layer, 0) for layer in report.scores_at(S)}
         assert set(report.scores_at(S)) == set(expected[S])
+
+
+@settings(max_examples=max(6, settings().max_examples // 4))  # each example traces through torch.export twice
+@given(programs(), st.data())
+def test_random_architectures_split_alike_on_both_routes(program, data):
+    """The torch.export route finds the same layers and splits them as the torch.fx route does: same outputs,
+    parameters, owners and buffers after a step in each mode."""
+    model, x, kwargs = program
+    model.train(data.draw(st.booleans()))
+    graphs = [fxsplit.layer_graph(model), fxsplit.layer_graph(model, example_inputs=x, method="export")]
+    assert [dict(g.nodes(data="members")) for g in graphs[1:]] == [dict(graphs[0].nodes(data="members"))]
+    assert list(graphs[1].nodes) == list(graphs[0].nodes) and set(graphs[1].edges) == set(graphs[0].edges)
+    shared = [layer for layer, users in layer_users(model, x, kwargs).items() if len(users) > 1]
+    layers = data.draw(st.lists(st.sampled_from(sorted(shared)), unique=True, max_size=3)) if shared else []
+    splits = [fxsplit.rewrite(model, layers, batch_branches=False, method="fx", **kwargs),
+              fxsplit.rewrite(model, layers, example_inputs=x, method="export", **kwargs)]
+    assert splits[1].route == "export" and splits[1].parameter_tasks() == splits[0].parameter_tasks()
+    for training in (True, False):
+        outputs = [split.train(training)(x) for split in splits]
+        assert all(torch.equal(outputs[0][task], outputs[1][task]) for task in outputs[0])
+    states = [split.state_dict() for split in splits]
+    assert set(states[0]) == set(states[1]) and all(torch.equal(states[0][k], states[1][k]) for k in states[0])

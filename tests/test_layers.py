@@ -1,9 +1,11 @@
 import networkx as nx
+import pytest
 import torch
 from torch import nn
 
 import fxsplit
-from tests.models import MultiHead, SmallCNN, Twice, TupleHeads
+from tests.models import MultiHead, SmallCNN, Twice, TupleHeads, small_models
+from tests.real_models import CASES
 
 
 def test_one_node_per_parametrised_module_in_graph_order():
@@ -75,3 +77,44 @@ def test_buffers_read_directly_are_not_layers():
             return self.lin(x) * self.scale
 
     assert list(fxsplit.layer_graph(WithBuffer()).nodes) == ["lin"]
+
+
+def _without_calls(graph: fxsplit.LayerGraph) -> dict:
+    """A layer graph's layers with their attributes but ``calls``, which name the route's own graph nodes."""
+    return {name: {key: value for key, value in data.items() if key != "calls"} for name, data in graph.nodes(data=True)}
+
+
+@pytest.mark.parametrize("name", ["cnn", "vit", "twice", "tied-lm", "dict-batch"])
+def test_both_routes_give_the_same_layer_graph(name):
+    """Same layers, names, kinds, parameters, members and order, and the same edges: on the torch.export route the
+    ATen operations that read a layer's weights compute with it, and reading the batch size (``sym_size``, as the
+    ViT's reshapes do) passes on no values."""
+    if name in CASES:
+        torch.manual_seed(0)
+        model, x = CASES[name].build(), CASES[name].inputs()
+    else:
+        model, x, _ = small_models()[name]
+    by_fx, by_export = fxsplit.layer_graph(model), fxsplit.layer_graph(model, example_inputs=(x,), method="export")
+    assert (by_fx.graph["route"], by_export.graph["route"]) == ("fx", "export")
+    assert list(by_export.nodes) == list(by_fx.nodes)
+    assert _without_calls(by_export) == _without_calls(by_fx)
+    assert set(by_export.edges) == set(by_fx.edges)
+
+
+def test_export_route_layers_are_computed_with_by_aten_operations():
+    model, x, _ = small_models()["cnn"]
+    graph = fxsplit.layer_graph(model, example_inputs=x, method="export")
+    assert graph.nodes["backbone.stem.0"]["calls"] == ["backbone_stem_0_conv2d"]
+    assert graph.nodes["backbone.stem.1"]["calls"] == ["backbone_stem_1_batch_norm"]
+    assert graph.nodes["heads.a"]["calls"] == ["heads_a_linear"]
+    assert graph.nodes["backbone.stem.1"]["kind"] == "BatchNorm2d"
+
+
+def test_reading_a_size_as_torch_export_records_it_is_no_edge():
+    root = nn.ModuleDict({name: nn.Linear(4, 4) for name in ("first", "second", "third")})
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    batch = graph.call_function(torch.ops.aten.sym_size.int, (graph.call_module("first", (x,)), 0))
+    second = graph.call_module("second", (x,))
+    graph.output(graph.call_module("third", (graph.call_function(torch.ops.aten.view.default, (second, [batch, -1])),)))
+    assert set(fxsplit.layer_graph(torch.fx.GraphModule(root, graph)).edges) == {("second", "third")}

@@ -124,13 +124,17 @@ class IsinstanceCheck(nn.Module):
         return {task: head(h) for task, head in self.heads.items()}
 
 
-def test_a_trace_that_differs_from_the_model_is_stopped():
+def test_a_trace_that_differs_from_the_model_is_stopped_or_traced_the_other_way():
     model, x = IsinstanceCheck(), torch.randn(3, 4)
     with pytest.raises(fxsplit.TraceMismatchError, match=r"in train mode: output\['a'\] differs .*isinstance"):
-        fxsplit.trace(model, x)
+        fxsplit.trace(model, x, method="fx")
     with pytest.raises(fxsplit.TraceMismatchError, match=r"output\['a'\] differs"):
-        fxsplit.rewrite(model, ["trunk"], example_inputs=x)
-    fxsplit.rewrite(model, ["trunk"])  # without an example nothing is checked, as documented
+        fxsplit.rewrite(model, ["trunk"], example_inputs=x, method="fx")
+    unchecked = fxsplit.rewrite(model, ["trunk"])  # without an example nothing is checked, as documented
+    assert unchecked.route == "fx" and not torch.equal(unchecked(x)["a"], model(x)["a"])
+    split = fxsplit.rewrite(model, ["trunk"], example_inputs=x)  # "auto": the torch.export route runs the real code
+    assert split.route == "export" and split.route_reason.startswith("the graph of IsinstanceCheck traced by the fx route does not")
+    assert all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
 
 
 def test_a_traced_view_is_never_stale():
@@ -201,3 +205,95 @@ def test_a_top_level_name_the_graph_module_uses_is_refused(name, what):
     run = fxsplit.trace if name == "meta" else lambda model: fxsplit.rewrite(model, [], tasks=["a", "b"])
     with pytest.raises(fxsplit.TraceError, match=rf"has '{name}' at its top level, a name that {what}"):
         run(Named())
+
+
+# The second route (torch.export): models torch.fx cannot trace, through the same loop.
+
+def _cross_entropy(task: str, classes: int):
+    return lambda out, batch: torch.nn.functional.cross_entropy(out[task], batch[1][:, 0] % classes)
+
+
+@pytest.fixture(scope="module")
+def bert():
+    """BERT with two heads, analyzed on padded batches with the layer graph of the torch.export route, split at the
+    report's top 3 (checked on an example)."""
+    pytest.importorskip("transformers", reason="HuggingFace models are an optional test dependency")
+    from tests.hf_models import BertTwoHeads, token_batch
+
+    torch.manual_seed(0)
+    model = BertTwoHeads()
+    example = token_batch(4)
+    graph = fxsplit.layer_graph(model, example_inputs=example, method="export")
+    data = [(token_batch(4, padded=(3, 6)), torch.randint(0, 12, (4, 1))) for _ in range(3)]
+    report = fxsplit.analyze(model, {"sentiment": _cross_entropy("sentiment", 3), "topic": _cross_entropy("topic", 4)},
+                             data, graph=graph, forward=lambda model, batch: model(*batch[0]), progress=False)
+    split = fxsplit.rewrite(model, report.top(3), example_inputs=example)
+    return model, report, split
+
+
+def test_bert_is_scored_layer_by_layer_and_split_on_the_export_route(bert):
+    model, report, split = bert
+    assert report.graph.graph["route"] == "export" and len(report.scores) >= 20
+    assert "bert.encoder.layer.1.attention.self.query" in report.scores and "bert" not in report.scores
+    assert split.route == "export" and "BertEmbeddings" in split.route_reason
+    assert list(split.split_layers) == [layer for layer in report.graph if layer in report.top(3)]
+    assert count(split.parameters()) == count(model.parameters()) + sum(report.cost(layer) for layer in report.top(3))
+
+
+def test_bert_split_follows_the_padding_mask_in_both_modes(bert):
+    from tests.hf_models import token_batch
+
+    model, _, split = bert
+    ids, mask = token_batch(5, padded=(2, 7, 4))
+    unpadded = torch.ones_like(mask)
+    for training in (False, True):  # the model's dropout is 0: train mode is exact too
+        reference, got = copy.deepcopy(model).train(training), copy.deepcopy(split).train(training)
+        for attention in (mask, unpadded):
+            expected = reference(ids, attention)
+            assert all(torch.equal(got(ids, attention)[task], expected[task]) for task in split.tasks), training
+        assert not torch.equal(reference(ids, mask)["topic"], reference(ids, unpadded)["topic"])
+
+
+def test_bert_split_round_trips_through_pt2_with_a_dynamic_batch(bert, tmp_path):
+    from tests.hf_models import token_batch
+
+    _, _, split = bert
+    loaded = torch.export.load(fxsplit.export(split, tmp_path / "bert.pt2", token_batch(4))).module()
+    ids, mask = token_batch(7, padded=(1, 8))
+    expected = copy.deepcopy(split).eval()(ids, mask)
+    assert all(torch.allclose(loaded(ids, mask)[task], expected[task], atol=1e-6) for task in split.tasks)
+
+
+def test_distilbert_splits_exactly():
+    pytest.importorskip("transformers", reason="HuggingFace models are an optional test dependency")
+    from tests.hf_models import DistilBertTwoHeads, token_batch
+
+    torch.manual_seed(0)
+    model = DistilBertTwoHeads()
+    example = token_batch(4)
+    graph = fxsplit.layer_graph(model, example_inputs=example)
+    assert graph.graph["route"] == "export" and graph.number_of_nodes() == 21
+    layers = ["encoder.transformer.layer.0.attention.out_lin", "encoder.transformer.layer.1.ffn.lin1"]
+    split = fxsplit.rewrite(model, layers, example_inputs=example)  # checked per task in both modes
+    ids, mask = token_batch(6, padded=(3, 5))
+    for training in (False, True):
+        expected, got = copy.deepcopy(model).train(training)(ids, mask), copy.deepcopy(split).train(training)(ids, mask)
+        assert all(torch.equal(got[task], expected[task]) for task in ("intent", "rating")), training
+
+
+def test_mtan_analyze_rewrite_both_modes():
+    from tests.mtan import MTAN
+
+    torch.manual_seed(0)
+    model, x = MTAN(), torch.randn(4, 3, 16, 16)
+    tasks = {"segmentation": lambda out, batch: out["segmentation"].pow(2).mean(),
+             "depth": lambda out, batch: (out["depth"] - 1).abs().mean()}
+    report = fxsplit.analyze(model, tasks, [torch.randn(4, 3, 16, 16) for _ in range(2)], progress=False,
+                             graph=fxsplit.layer_graph(model, example_inputs=x))
+    assert report.graph.graph["route"] == "export" and len(report.scores) == 12  # the shared encoder's layers
+    split = fxsplit.rewrite(model, report.top(3), example_inputs=x)
+    assert split.route == "export" and "TaskAttention" in split.route_reason
+    batch = torch.randn(6, 3, 16, 16)
+    for training in (True, False):
+        expected, outputs = copy.deepcopy(model).train(training)(batch), copy.deepcopy(split).train(training)(batch)
+        assert all(torch.equal(outputs[task], expected[task]) for task in tasks), training

@@ -274,3 +274,117 @@ def test_twice_called_layer_split_fans_out_at_its_first_call():
     assert sum(n.op == "call_module" and n.target.startswith("copies.") for n in split.graph.nodes) == 8
     assert_equivalent(model, split, x, kwargs)
     assert isinstance(split.copy_of("d", "backbone.shared"), nn.Linear)
+
+
+# The torch.export route: the same surgery on graphs of ATen operations, one graph per mode.
+
+def _cases() -> dict[str, tuple[nn.Module, object, dict, list[str]]]:
+    """name -> (model, example input, rewrite arguments, layers to split) for both routes."""
+    from tests.real_models import CASES
+
+    layers = {"cnn3": ["backbone.block1.conv2", "backbone.block1.bn1"], "vit": ["vit.pos_embed", "vit.blocks.1.qkv"],
+              "twice": ["backbone.shared", "backbone.mid"]}
+    cases = {name: (*MODELS[name], chosen) for name, chosen in layers.items()}
+    torch.manual_seed(0)
+    for name, layers in (("tied-lm", ["embed", "mix"]), ("log-vars", ["trunk.2"]), ("dict-batch", ["stem.1"])):
+        case = CASES[name]
+        cases[name] = (case.build(), case.inputs(), {"outputs": case.outputs} if case.outputs else {}, layers)
+    return cases
+
+
+EXPORT_CASES = _cases()
+
+
+@pytest.fixture(scope="module")
+def both_routes():
+    """name -> (fx route split, export route split) of every case, in train mode; the fx route unbatched, so that
+    outputs are bit for bit the model's, the export route with its default (batching, which does nothing there)."""
+    splits = {}
+    for name, (model, x, kwargs, layers) in EXPORT_CASES.items():
+        model = copy.deepcopy(model).train()
+        splits[name] = (fxsplit.rewrite(model, layers, batch_branches=False, method="fx", **kwargs),
+                        fxsplit.rewrite(model, layers, example_inputs=(x,), method="export", **kwargs))
+    return splits
+
+
+@pytest.mark.parametrize("name", sorted(EXPORT_CASES))
+def test_export_route_splits_as_the_fx_route_does(both_routes, name):
+    """Same copies, parameter groups, ties and kept state; bit-equal outputs in both modes, and BatchNorm statistics
+    updated alike (a shared BatchNorm in the branches counts and averages once per branch, in task order)."""
+    _, x, _, _ = EXPORT_CASES[name]
+    by_fx, by_export = (copy.deepcopy(split) for split in both_routes[name])
+    assert (by_fx.route, by_export.route) == ("fx", "export") and by_export.route_reason == "asked for (method='export')"
+    assert by_export.split_layers == by_fx.split_layers and by_export.has_two_graphs
+    assert not any(node.target is torch.cat for node in by_export.graph.nodes)  # batching: nothing to batch
+    assert _owners(by_export) == _owners(by_fx)
+    assert [id(p) for p in by_export.parameters()] != [id(p) for p in by_fx.parameters()]
+    assert count(by_export.parameters()) == count(by_fx.parameters())
+    for task in by_fx.tasks:
+        for layer in by_fx.split_layers:
+            assert type(by_export.copy_of(task, layer)) is type(by_fx.copy_of(task, layer)), (task, layer)
+    for training in (True, True, False, True):
+        outputs = [split.train(training)(x) for split in (by_fx, by_export)]
+        assert all(torch.equal(outputs[0][task], outputs[1][task]) for task in by_fx.tasks), training
+    states = [split.state_dict() for split in (by_fx, by_export)]
+    assert set(states[1]) == set(states[0])
+    assert all(torch.equal(states[0][key], states[1][key]) for key in states[0]), name
+
+
+def _owners(split: fxsplit.SplitModule) -> dict[str, tuple[tuple[str, ...], frozenset[str]]]:
+    """Every name of every parameter -> the tasks that use it, and all its names (tied parameters have several)."""
+    tasks = split.parameter_tasks()
+    names: dict[int, set[str]] = {}
+    for name, parameter in split.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), set()).add(name)
+    by_id = {id(p): tasks[name] for name, p in split.named_parameters()}
+    return {name: (by_id[id(p)], frozenset(names[id(p)])) for name, p in split.named_parameters(remove_duplicate=False)}
+
+
+def test_export_route_runs_the_prefix_once_each_branch_once_per_task_and_drops_dead_work(both_routes):
+    split = copy.deepcopy(both_routes["cnn3"][1])
+    train = split.graph_for(True)
+
+    def count_path(path: str) -> int:
+        return sum(node.meta.get("path") == path for node in train.nodes)
+
+    assert count_path("backbone.stem.0.conv2d") == 1 and count_path("backbone.block1.conv1.conv2d") == 1
+    assert count_path("backbone.block1.conv2.conv2d") == 3 and count_path("backbone.block2.bn2.batch_norm") == 3
+    assert [count_path(f"heads.{t}.linear") for t in "abc"] == [1, 1, 1]  # head b is never run on branch a
+    reads = {node.target for node in train.nodes if node.op == "get_attr"}
+    assert {f"copies.{t}.backbone.block1.conv2.{name}" for t in "abc" for name in ("weight", "bias")} <= reads
+    assert "backbone.block1.conv2.weight" not in reads
+    assert sum(node.op == "call_module" for node in train.nodes) == 1  # torch.export's checks of the input
+    nbt = "backbone.block2.bn1.num_batches_tracked"
+    assert split.state_dict()[nbt] == 0
+    split(EXPORT_CASES["cnn3"][1])
+    assert split.state_dict()[nbt] == 3  # a shared BatchNorm in the branches counts each branch's batch
+
+
+def test_export_route_copies_batchnorm_statistics_per_task(both_routes):
+    split = copy.deepcopy(both_routes["cnn3"][1]).train()
+    split(EXPORT_CASES["cnn3"][1])
+    norms = [split.copy_of(task, "backbone.block1.bn1") for task in split.tasks]
+    assert all(isinstance(norm, nn.BatchNorm2d) and norm.num_batches_tracked == 1 for norm in norms)
+    assert len(norms) == 3 and "backbone.block1.bn1.running_mean" not in split.state_dict()
+    assert norms[0].running_mean is not norms[1].running_mean
+    assert not torch.equal(norms[0].running_mean, torch.zeros_like(norms[0].running_mean))
+
+
+def test_export_route_split_switches_modes_takes_any_batch_and_survives_pickling(both_routes):
+    model, x, kwargs, _ = EXPORT_CASES["cnn3"]
+    split = both_routes["cnn3"][1]
+    batch = torch.randn(7, *x.shape[1:])  # traced with a batch of 4
+    for restored in (copy.deepcopy(split), pickle.loads(pickle.dumps(split)), _saved_and_loaded(split)):
+        assert restored.route == "export" and restored.meta["route"] == "export"
+        for training in (False, True):
+            assert_equivalent(copy.deepcopy(model).train(training), restored.train(training), batch, kwargs,
+                              tolerance=0.0)
+    with pytest.raises(AssertionError, match=r"Guard failed: x.size\(\)\[2\] == 16"):
+        split(torch.randn(2, 3, 8, 8))  # sizes other than the batch are fixed at the example's
+
+
+def _saved_and_loaded(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

@@ -1,5 +1,6 @@
 import copy
 import pickle
+import re
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from torch import nn
 
 import fxsplit
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
+from tests.mtan import MTAN
 
 
 class DataDependent(nn.Module):
@@ -141,3 +143,100 @@ def test_a_model_holding_tensors_from_an_earlier_forward_traces():
     graph = fxsplit.layer_graph(model)
     split = fxsplit.rewrite(model, [list(graph)[-2]], tasks=["a", "b"], example_inputs=x)
     assert torch.equal(split(x)["a"], model(x))
+
+
+# Route choice: method="auto" | "fx" | "export".
+
+def test_auto_takes_torch_fx_where_it_traces_and_records_why():
+    model, x = MultiHead(SmallCNN(), 16), torch.randn(2, 3, 8, 8)
+    checked, unchecked = fxsplit.trace(model, x), fxsplit.trace(model)
+    assert (checked.meta["route"], checked.meta["route_reason"]) == (
+        "fx", "torch.fx traced it, and its graph matches the model")
+    assert unchecked.meta["route_reason"] == "torch.fx traced it; not checked: no example input"
+    assert not any(isinstance(n.target, torch._ops.OpOverload) for n in checked.graph.nodes)
+    reread = fxsplit.trace(checked)  # a traced module keeps its route
+    assert reread.meta["route"] == "fx" and reread.meta["route_reason"] == checked.meta["route_reason"]
+
+
+def test_auto_takes_torch_export_where_torch_fx_fails_and_records_why():
+    model, x = MTAN(), torch.randn(2, 3, 16, 16)
+    with pytest.raises(fxsplit.TraceError, match=r"'attention.segmentation.1' \(TaskAttention\).* Or give an example "
+                                                 r"input, and fxsplit tries the torch.export route.*to analyze, "
+                                                 r"graph=fxsplit.layer_graph\(model, example_inputs=\.\.\.\)"):
+        fxsplit.analyze(model, {task: lambda out, batch: out[task].sum() for task in ("segmentation", "depth")}, [x])
+    graph = fxsplit.layer_graph(model, example_inputs=x)
+    assert graph.graph["route"] == "export"
+    assert re.match(r"torch.fx cannot trace module 'attention.segmentation.1' \(TaskAttention\): .*mtan.py:\d+: "
+                    r"if previous.size\(\)\[-2:\] != middle.size\(\)\[-2:\]", graph.graph["route_reason"])
+    assert str(graph).startswith(f"50 layers, {graph.number_of_edges()} edges, traced through torch.export (torch.fx")
+
+
+def test_when_both_routes_fail_the_error_says_why_for_each():
+    with pytest.raises(fxsplit.TraceError, match=r"torch.fx cannot trace module 'inner.1' .* The torch.export route, "
+                                                 r"tried next on the example, fails too: torch.export cannot trace "
+                                                 r"module 'inner.1' \(DataDependent\)"):
+        fxsplit.trace(Wrapper(), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: fxsplit.trace(MTAN(), method="export"), r"method='export' traces the model by running it on an "
+                                                    r"example: give one \(example_inputs=\.\.\., example_kwargs"),
+    (lambda: fxsplit.trace(SmallCNN(), torch.randn(2, 3, 8, 8), method="onnx"),
+     r"method must be one of \['auto', 'fx', 'export'\], got 'onnx'"),
+    (lambda: fxsplit.trace(Wrapper(), torch.randn(3, 4), method="export",
+                           tracer_kwargs={"leaf_modules": [DataDependent]}),
+     r"tracer_kwargs \['leaf_modules'\] are options of the torch.fx route"),
+    (lambda: fxsplit.trace(fxsplit.trace(SmallCNN()), torch.randn(2, 3, 8, 8), method="export"),
+     r"already a GraphModule traced by the fx route: method='export' applies to the nn.Module"),
+    (lambda: fxsplit.trace(MTAN(), method="fx"), r"torch.fx cannot trace module 'attention.segmentation.1'.*To fix: "
+                                                 r"make it a leaf[^O]*$"),
+])
+def test_method_errors(call, message):
+    with pytest.raises(fxsplit.TraceError, match=message):
+        call()
+
+
+def test_the_export_route_gives_a_checked_view_with_a_graph_per_mode():
+    model = MultiHead(SmallCNN(), 16).train()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    gm = fxsplit.trace(model, x, method="export")
+    assert_unchanged(model, before)
+    assert gm.meta["route"] == "export" and gm.has_two_graphs
+    shared = dict(model.named_parameters())
+    assert all(p is shared[name] for name, p in gm.named_parameters())
+    assert set(gm.state_dict()) == set(model.state_dict())
+    for training in (False, True, False):
+        model.train(training), gm.train(training)
+        expected, got = copy.deepcopy(model)(x), copy.deepcopy(gm)(x)
+        assert all(torch.equal(got[t], expected[t]) for t in "ab"), training
+
+
+def test_an_example_is_recorded_from_a_call_for_the_export_route():
+    """analyze calls the model through ``forward(model, batch)``: the model's own arguments are recorded from it."""
+    from fxsplit.tracing import trace_graph
+    from fxsplit.tracing.verify import recorded_example
+
+    model = MultiHead(SmallCNN(), 16).train()
+    x = torch.randn(2, 3, 8, 8)
+    before = snapshot(model)
+    args, kwargs = recorded_example(model, lambda module: module(x)["a"].softmax(1))
+    assert_unchanged(model, before)
+    assert len(args) == 1 and args[0] is x and kwargs == {}
+    graph = trace_graph(model, method="export", example=(args, kwargs))
+    assert graph.meta["route"] == "export" and graph.training  # the model's current mode, only
+    with pytest.raises(fxsplit.TraceError, match="traced through torch.export in train mode"):
+        graph.eval()
+    with pytest.raises(fxsplit.TraceError, match="the example call never calls MultiHead"):
+        recorded_example(model, lambda module: x)
+
+
+def test_the_export_route_refuses_modules_in_another_mode_than_the_model():
+    model = MultiHead(SmallCNN(), 16).train()
+    model.backbone.stem[1].eval()  # a frozen BatchNorm: a graph of the export route would fix it in train mode
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(fxsplit.TraceError, match=r"in train mode but its module 'backbone.stem.1' \(BatchNorm2d\) is "
+                                                 r"in eval mode: the torch.export route fixes every module's mode"):
+        fxsplit.rewrite(model, ["backbone.stem.0"], example_inputs=x, method="export")
+    split = fxsplit.rewrite(model, ["backbone.stem.0"], example_inputs=x)  # the fx route calls the module
+    assert split.route == "fx" and not split.get_submodule("backbone.stem.1").training

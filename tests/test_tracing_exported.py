@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxsplit
-from fxsplit.tracing.exported import trace_exported, trace_exported_for_reading
+from fxsplit.tracing.exported import counted_batch_norm, trace_exported, trace_exported_for_reading
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
 from tests.mtan import MTAN
 from tests.test_tracing import Wrapper
@@ -38,12 +38,11 @@ def cnn():
 def test_paths_names_and_parameter_reads(cnn):
     model, _, graphs = cnn
     gm = graphs[True]
-    assert gm.meta["fxsplit_route"] == "export"
+    assert gm.meta["route"] == "export"
     paths = {node.name: node.meta["path"] for node in gm.graph.nodes}
     assert all(name == path.replace(".", "_") for name, path in paths.items())
     calls = [node.meta["path"] for node in gm.graph.nodes if node.op == "call_function"]
-    assert calls[:4] == ["backbone.stem.0.conv2d", "backbone.stem.1.add", "backbone.stem.1.batch_norm",
-                         "backbone.stem.2.relu"]
+    assert calls[:3] == ["backbone.stem.0.conv2d", "backbone.stem.1.batch_norm", "backbone.stem.2.relu"]
     assert calls.count("backbone.block1.relu.relu") == 1 and "backbone.block1.relu.relu_1" in calls  # called twice
     assert "backbone.block1.add" in calls and calls[-2:] == ["heads.a.linear", "heads.b.linear"]
     reads = [node.target for node in gm.graph.nodes if node.op == "get_attr"]
@@ -58,9 +57,11 @@ def test_linear_and_batchnorm_nodes_read_their_module_parameters(cnn):
     assert linear.target is torch.ops.aten.linear.default
     assert [arg.target for arg in linear.args[1:]] == ["heads.a.weight", "heads.a.bias"]
     norm = next(n for n in gm.graph.nodes if n.meta["path"] == "backbone.stem.1.batch_norm")
-    assert [arg.target for arg in norm.args[1:5]] == [f"backbone.stem.1.{name}" for name in
-                                                      ("weight", "bias", "running_mean", "running_var")]
-    assert norm.args[5] is True  # the train flag is part of the graph
+    assert norm.target is counted_batch_norm  # counts the batch in num_batches_tracked, then normalises
+    assert [arg.target for arg in norm.args[1:6]] == [f"backbone.stem.1.{name}" for name in
+                                                      ("weight", "bias", "running_mean", "running_var",
+                                                       "num_batches_tracked")]
+    assert norm.args[6] is True  # the train flag is part of the graph
 
 
 @pytest.mark.parametrize("training", [False, True])
@@ -75,13 +76,12 @@ def test_exact_in_both_modes_with_buffer_updates_and_another_batch(cnn, training
     assert model_state["backbone.stem.1.num_batches_tracked"].item() == int(training)
 
 
-def test_batchnorm_updates_are_in_place_nodes_only_in_train_mode(cnn):
-    increments = {mode: [n for n in gm.graph.nodes if n.target is torch.ops.aten.add_.Tensor
-                         and n.args[0].op == "get_attr"] for mode, gm in cnn[2].items()}
-    assert all(node.args[0].target.endswith("num_batches_tracked") for node in increments[True])
-    norms = [module for module in cnn[0].modules() if isinstance(module, nn.BatchNorm2d)]
-    assert len(increments[True]) == len(norms) == 6 and increments[False] == []
-    assert all(not node.users and node.is_impure() for node in increments[True])
+def test_batchnorm_counts_batches_in_its_own_node_only_in_train_mode(cnn):
+    norms = {mode: [n.target for n in gm.graph.nodes if "batch_norm" in n.name] for mode, gm in cnn[2].items()}
+    assert norms[True] == [counted_batch_norm] * 6 and norms[False] == [torch.ops.aten.batch_norm.default] * 6
+    increments = [n for gm in cnn[2].values() for n in gm.graph.nodes if n.target is torch.ops.aten.add_.Tensor
+                  and n.args[0].op == "get_attr"]
+    assert increments == []  # torch.export's separate count, with no users, is gone
 
 
 def test_model_untouched_and_tensors_copied_or_shared():

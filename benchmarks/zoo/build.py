@@ -1,8 +1,9 @@
 """How the zoo's models are built: a backbone with ``FEATURES`` outputs (its own classifier, so that the classifier
 is the last shared layer), without randomness, at the smallest input it accepts, under task heads.
 
-Names are ``"timm/<name>"`` or ``"torchvision/<name>"``. Models are built with ``pretrained=False`` (no weights are
-downloaded); :func:`parameter_count` builds on the meta device, where only the structure is needed.
+Names are ``"timm/<name>"``, ``"torchvision/<name>"`` or ``"transformers/<model type>"`` (small configs: see
+:mod:`benchmarks.zoo.hugging_face`). Models are built with ``pretrained=False`` (no weights are downloaded);
+:func:`parameter_count` builds on the meta device, where only the structure is needed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import torchvision
 from torch import nn
 from torchvision.models import get_model, get_model_weights
 
-from benchmarks.common import MultiHead, make_batch
+from benchmarks.common import CLASSES, MultiHead, make_batch
+from benchmarks.zoo import hugging_face
 
 FEATURES = 10
 BATCH = 4  # with 64 px, BatchNorm in train mode normalises over >= 16 values: 2 at 1x1 would be ill-conditioned
@@ -38,6 +40,8 @@ def backbone(name: str, **kwargs) -> nn.Module:
     library, model = name.split("/")
     if library == "torchvision":
         return get_model(model, weights=None, num_classes=FEATURES, **TORCHVISION_KWARGS.get(model, {}), **kwargs)
+    if library == "transformers":
+        return hugging_face.backbone(model, FEATURES)
     return timm.create_model(model, pretrained=False, num_classes=FEATURES, **kwargs)
 
 
@@ -47,6 +51,8 @@ def parameter_count(name: str) -> int:
     library, model = name.split("/")
     if library == "torchvision":
         return get_model_weights(model).DEFAULT.meta["num_params"]
+    if library == "transformers":
+        return sum(p.numel() for p in backbone(name).parameters())
     with torch.device("meta"):
         return sum(p.numel() for p in backbone(name).parameters())
 
@@ -97,11 +103,18 @@ def sized_backbone(name: str) -> tuple[nn.Module, int]:
         return backbone(name), net.pretrained_cfg["input_size"][-1]
 
 
-def build(name: str, tasks: int = 2) -> tuple[MultiHead, tuple[torch.Tensor, torch.Tensor], bool]:
+def build(name: str, tasks: int = 2) -> tuple[MultiHead, tuple, bool]:
     """``name``'s backbone under ``tasks`` linear heads, without randomness, with calibrated BatchNorm, in train
-    mode; a batch ``(images, labels)`` of ``BATCH`` images at the size of :func:`sized_backbone`; and whether train
-    mode is deterministic."""
-    net, size = sized_backbone(name)
+    mode; a batch ``(inputs, labels)`` of ``BATCH`` images at the size of :func:`sized_backbone` (or the inputs of a
+    transformers model); and whether train mode is deterministic."""
+    library, model_type = name.split("/")
+    if library == "transformers":
+        torch.manual_seed(0)
+        net, generator = backbone(name), torch.Generator().manual_seed(0)
+        batch = (hugging_face.inputs(model_type, BATCH, generator),
+                 torch.randint(0, CLASSES, (BATCH, tasks), generator=generator))
+    else:
+        net, size = sized_backbone(name)
+        batch = make_batch(tasks, BATCH, size)
     model = MultiHead(no_randomness(net), FEATURES, tasks)
-    batch = make_batch(tasks, BATCH, size)
     return model, batch, calibrate(model, batch[0])

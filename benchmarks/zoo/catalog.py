@@ -14,12 +14,14 @@ import torchvision
 from torchvision.models import list_models
 from tqdm import tqdm
 
+from benchmarks.zoo import hugging_face
 from benchmarks.zoo.build import parameter_count
 
-# A fixed sample across families and kinds (CNN, ViT, MLP-mixer, hybrid with timm leaf modules, torchvision),
-# small enough for CI.
+# A fixed sample across families and kinds (CNN, ViT, MLP-mixer, hybrid with timm leaf modules, torchvision, a
+# transformers model that only the torch.export route traces), small enough for CI.
 CI_SAMPLE = ("timm/resnet10t", "timm/vit_tiny_patch16_224", "timm/mixer_s16_224", "timm/efficientvit_m0",
-             "torchvision/squeezenet1_1")
+             "torchvision/squeezenet1_1", "transformers/bert")
+TRANSFORMERS_SAMPLE = tuple(f"transformers/{model_type}" for model_type in hugging_face.MODELS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,11 +36,13 @@ class Model:
 
 
 def names() -> dict[str, str]:
-    """Every model's name and family, timm's then torchvision's."""
+    """Every model's name and family, timm's, torchvision's, then the transformers sample's."""
     families = {f"timm/{name}": module for module in timm.list_modules()
                 for name in timm.list_models(module=module)}
     for name in list_models(module=torchvision.models):
         families[f"torchvision/{name}"] = torchvision_family(name)
+    for name in TRANSFORMERS_SAMPLE:
+        families[name] = name.split("/")[1]
     return families
 
 

@@ -1,6 +1,7 @@
 """One model through fxsplit's whole pipeline, stage by stage: ``python -m benchmarks.zoo.check NAME``.
 
-Stages: build (backbone, two task heads, an input), trace (the layer graph), analyze (two steps of random data,
+Stages: build (backbone, two task heads, an input), trace (the layer graph, by the route ``method="auto"`` takes
+on the input, recorded as ``route``), analyze (two steps of random data,
 scores against the plain per-task loop), rewrite (at the first backbone layer, a middle one, the last, and three
 spread out), equivalence (every rewrite against the original, per task, in eval and train mode), torchscript and
 export (the spread rewrite written to a ``.pt`` / ``.pt2`` file, loaded back and compared, by ``fxsplit.export``).
@@ -20,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 import fxsplit
 from benchmarks.common import task_losses
@@ -75,12 +77,17 @@ class Check:
         start = time.perf_counter()
         try:
             model, batch, deterministic = self.stage("build", build, self.name)
-            self.row["size"] = batch[0].shape[-1]
-            graph = self.stage("trace", fxsplit.layer_graph, model)
+            self.row["size"] = tree_leaves(batch[0])[0].shape[-1]  # pixels, or tokens
+            graph = self.stage("trace", self.trace, model, batch[0])
             layers = [layer for layer in graph if not layer.startswith("heads.")]
             self.row["layers"] = len(layers)
-            self.stage("analyze", self.analyze, model, batch, graph)
-            splits = self.stage("rewrite", lambda: {c: fxsplit.rewrite(model, choose(layers, c)) for c in CHOICES})
+            scored = self.stage("analyze", self.analyze, model, batch, graph)
+            shared = [layer for layer in layers if layer in scored]  # not a layer no task uses (BERT's pooler here)
+            route = {"method": graph.graph["route"]}
+            if route["method"] == "export":  # which needs the example (and checks every rewrite on it)
+                route["example_inputs"] = (batch[0],)
+            splits = self.stage("rewrite", lambda: {c: fxsplit.rewrite(model, choose(shared, c), **route)
+                                                    for c in CHOICES})
             modes = ("eval", "train") if deterministic else ("eval",)
             self.stage("equivalence", self.equivalence, model, splits, batch[0], modes)
             with tempfile.TemporaryDirectory() as out:
@@ -106,9 +113,15 @@ class Check:
         self.row[stage] = "ok"
         return result
 
-    def analyze(self, model, batch, graph) -> None:
+    def trace(self, model, x) -> fxsplit.LayerGraph:
+        """The layer graph, traced by the route ``method="auto"`` takes on ``x`` (which also checks the trace)."""
+        graph = fxsplit.layer_graph(model, example_inputs=(x,))
+        self.row["route"] = graph.graph["route"]
+        return graph
+
+    def analyze(self, model, batch, graph) -> dict[str, int]:
         """Two probing steps; the scores must equal those of the plain per-task loop, layer by layer, except where a
-        cosine lies within ``NEAR`` of the threshold (there float rounding decides either way)."""
+        cosine lies within ``NEAR`` of the threshold (there float rounding decides either way). The scores."""
         losses, batches = task_losses(2), [batch, batch]
         report = fxsplit.analyze(model, losses, batches, graph=graph, progress=False)
         cosines = reference_cosines(copy.deepcopy(model), losses, batches, graph)
@@ -124,6 +137,7 @@ class Check:
                     raise Mismatch(f"layer {layer!r} scores {report.scores[layer]}, the plain loop {expected}")
                 near += 1
         self.row["plain_loop"] = f"equal except {near} near S" if near else "equal"
+        return report.scores
 
     def equivalence(self, model, splits, x, modes) -> None:
         """Each rewrite's output per task against the original's, within ``TOLERANCE`` relative error."""

@@ -16,8 +16,8 @@ from benchmarks.zoo.catalog import Model
 from benchmarks.zoo.check import STAGES
 
 ROOT = Path(__file__).resolve().parents[2]
-FIELDS = ("name", "family", "params", "size", *STAGES, "max_error", "layers", "scored", "plain_loop", "seconds",
-          "causes")
+FIELDS = ("name", "family", "params", "size", "route", *STAGES, "max_error", "layers", "scored", "plain_loop",
+          "seconds", "causes")
 
 
 def read(path: Path) -> list[dict]:

@@ -16,9 +16,9 @@ from ..errors import LayerError, ReportError, unknown_layer
 from ..layers import Layer, attribute, find_layers
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
-from ..tracing import trace_modes
+from ..tracing import as_example, trace_modes
 from ..tracing.symbolic import check_names, copy_module
-from ..tracing.verify import calling, example_call, given_arguments
+from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, container, install, layer_copy
@@ -43,12 +43,15 @@ def rewrite(
     example_inputs: Any = None,
     example_kwargs: dict[str, Any] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    method: str = "auto",
 ) -> SplitModule:
     """A copy of ``model`` in which each of ``layers`` has one copy per task, and all that follows fans out.
 
     Args:
-        model: any ``nn.Module``; it is never modified. It is traced now, in train and eval mode, with
-            ``tracer_kwargs`` (as :func:`fxsplit.trace` takes them).
+        model: any ``nn.Module``; it is never modified. It is traced now, in train and eval mode, by ``method``
+            with ``tracer_kwargs`` (as :func:`fxsplit.trace` takes them): ``"auto"`` takes the ``torch.fx``
+            route, or the ``torch.export`` route on the example when ``torch.fx`` fails or mis-traces; the split
+            model's ``route`` and ``route_reason`` say which and why.
         layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
             a conflict report (``report.top(k)``), which also brings the tasks and which output is whose.
         tasks: task names; optional when the model returns a mapping (its keys are the tasks) or ``layers``
@@ -64,11 +67,14 @@ def rewrite(
             modules that follow it: activations, pooling, LayerNorm, ...) once on the branches' batches
             concatenated, instead of once per branch. Mathematically the same (each sample is computed alone),
             but kernels round differently at a larger batch: deep networks can drift by ~1e-5 relative
-            (``False`` reproduces the original bit for bit). BatchNorm always runs per branch.
+            (``False`` reproduces the original bit for bit). BatchNorm always runs per branch. Only the
+            ``torch.fx`` route batches (its graphs call modules; the ``torch.export`` route's apply ATen
+            operations, with the batch size read once from the input): there it does nothing.
         example_inputs, example_kwargs: an example call (``torch.export``'s convention: a tuple of positional
-            inputs, or one input, and a dict). When given, the split model is run against the original, task by
-            task, in eval and in train mode (dropout off), and a :class:`~fxsplit.TraceMismatchError` or
-            :class:`~fxsplit.SplitMismatchError` stops a split that differs. Without one, nothing is checked.
+            inputs, or one input, and a dict). When given, the trace and then the split model are run against the
+            original, task by task, in eval and in train mode (dropout off), and a
+            :class:`~fxsplit.TraceMismatchError` or :class:`~fxsplit.SplitMismatchError` stops a split that
+            differs. Without one, nothing is checked. The ``torch.export`` route needs one.
 
     Returns:
         A :class:`SplitModule` whose ``forward`` returns ``{task: output}``.
@@ -98,10 +104,9 @@ def rewrite(
         tasks = layers.tasks if tasks is None else tasks
         outputs = getattr(layers, "outputs", None) if outputs is None else outputs
     names = _layer_names(layers)
-    args, kwargs = example_call(example_inputs, example_kwargs)
-    given = () if isinstance(model, fx.GraphModule) else given_arguments(model, args, kwargs)
+    example = as_example(example_inputs, example_kwargs)
     root = copy_module(model, share_tensors=False)
-    traced = trace_modes(root, tracer_kwargs, given, private=True)
+    traced = trace_modes(root, tracer_kwargs, private=True, method=method, example=example)
     graphs = {training: traced.graph_for(training) for training in (True, False)}
     current = graphs[model.training]
     paths = task_paths(output_node(current).args[0], tasks, outputs)
@@ -111,7 +116,7 @@ def rewrite(
         names += _norms_in_branches(traced, current, found[id(current)], names, paths)
     split_layers = [layer for layer in found[id(current)] if layer in names]  # graph order
     plan = {id(graph): _chosen(found[id(graph)], split_layers) for graph in graphs.values()}
-    users = _users(found[id(current)], split_layers, needed_nodes(current, paths))
+    users = _users(found[id(current)], split_layers, needed_nodes(traced, current, paths))
     _check_shared(names, users)
 
     fanned = {id(graph): fan_out(traced, graph, paths, plan[id(graph)]) for graph in graphs.values()}
@@ -127,13 +132,15 @@ def rewrite(
         for target, tasks_using in result.uses.items():
             uses.setdefault(target, set()).update(tasks_using)
     members = {layer: found[id(current)][layer].members for layer in split_layers}
+    route = traced.meta["route"], traced.meta["route_reason"]
     split = SplitModule(traced, {training: fanned[id(graph)].graph for training, graph in graphs.items()},
                         type(model).__name__, surgery=Surgery(tuple(paths), tuple(split_layers), members, {}))
     _keep_the_rest(split, root, [m for layer in members.values() for m in layer])
     split._surgery = Surgery(tuple(paths), tuple(split_layers), members, _owners(split, uses, tuple(paths)),
-                             _plain_attributes(split, root))
-    if example_inputs is not None or example_kwargs:
-        check_split(model, traced, split, paths, calling(args, kwargs))
+                             _plain_attributes(split, root), *route)
+    split.meta.update(route=route[0], route_reason=route[1])
+    if example is not None:
+        check_split(model, traced, split, paths, calling(*example))
     return split
 
 
@@ -177,13 +184,13 @@ def _check_layers(names: list[str], layers: Mapping[str, Layer], from_report: bo
 
 
 def _chosen(layers: Mapping[str, Layer], names: list[str]) -> set[fx.Node]:
-    """The nodes that apply the chosen layers in one graph (a layer absent from this mode's graph has none)."""
-    return {node for name in names if name in layers for node in layers[name].calls}
+    """The nodes that read the chosen layers in one graph (a layer absent from this mode's graph has none)."""
+    return {node for name in names if name in layers for node in layers[name].reads}
 
 
 def _users(layers: Mapping[str, Layer], names: list[str], needed: Mapping[str, set[fx.Node]]) -> dict[str, list[str]]:
     """Layer -> the tasks whose outputs use it."""
-    return {name: [task for task, nodes in needed.items() if nodes.intersection(layers[name].calls)]
+    return {name: [task for task, nodes in needed.items() if nodes.intersection(layers[name].reads)]
             for name in names}
 
 
@@ -204,7 +211,7 @@ def _norms_in_branches(root, graph, layers: Mapping[str, Layer], names: list[str
             tainted.add(node)
     norms = [name for name, layer in layers.items() if name not in names
              and isinstance(attribute(root, name), _NORMS) and all(node in tainted for node in layer.calls)]
-    users = _users(layers, norms, needed_nodes(graph, paths))
+    users = _users(layers, norms, needed_nodes(root, graph, paths))
     return [name for name in norms if len(users[name]) > 1]
 
 

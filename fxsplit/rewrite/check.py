@@ -6,11 +6,13 @@ import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
-from torch import nn
+from torch import fx, nn
 
 from ..errors import SplitMismatchError
-from ..tracing.verify import SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run
+from ..tracing.exported import drop_probability
 from ..outputs import Path, select
+from ..tracing.exported import drop_probability
+from ..tracing.verify import SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run
 
 _DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDepth; timm's DropPath
 
@@ -25,38 +27,70 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     for training in (False, True):
         with mode(modules, training), _no_dropout(modules):
             expected = run(call, model, model.buffers())
-            if training and first_difference(expected, run(call, model, model.buffers(), SEED + 1)):
+            if training and _random(call, model, expected):
                 warnings.warn(f"{type(model).__name__} is random in train mode even without dropout, so the split "
                               f"model was checked in eval mode only.", stacklevel=3)
                 continue
             got = run(call, split, split.buffers())
-            for task, path in paths.items():
-                how = difference(select(expected, path, task), got[task])
-                if how is not None:
-                    check_trace(model, traced, call, modes=(training,))
-                    raise SplitMismatchError(
-                        f"the split model's output for task {task!r} differs from the original's in "
-                        f"{'train' if training else 'eval'} mode ({how}), though the trace matches the model. "
-                        f"Beyond {TOLERANCE:g} this is no rounding: please report it as an fxsplit bug, with the "
-                        f"model. batch_branches=False computes bit for bit, if it helps meanwhile."
-                    )
+            task, how = next(((task, how) for task, path in paths.items()
+                              if (how := difference(select(expected, path, task), got[task])) is not None),
+                             (None, None))
+            if how is None:
+                continue
+            if training and _random(call, split, got):  # drop-path in a torch.export graph: a number
+                warnings.warn(f"the split {type(model).__name__} is random in train mode even without dropout, so "
+                              f"it was checked in eval mode only.", stacklevel=3)
+                continue
+            check_trace(model, traced, call, modes=(training,))
+            route = getattr(split, "meta", {}).get("route", "fx")
+            raise SplitMismatchError(
+                f"the split model's output for task {task!r} differs from the original's in "
+                f"{'train' if training else 'eval'} mode ({how}), though the trace (by the {route} route) matches "
+                f"the model. Beyond {TOLERANCE:g} this is no rounding: please report it as an fxsplit bug, with the "
+                f"model. batch_branches=False computes bit for bit, if it helps meanwhile."
+            )
+
+
+def _random(call: Call, module: nn.Module, first) -> bool:
+    """Whether ``module`` gives another output than ``first`` from another random state."""
+    return first_difference(first, run(call, module, module.buffers(), SEED + 1)) is not None
 
 
 @contextlib.contextmanager
 def _no_dropout(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Dropout probabilities 0 in every module, then back as they were."""
-    saved = []
+    """Dropout probabilities 0 in every module, and in the dropout operations of graphs traced through
+    torch.export (which hold the probability as a number), then back as they were."""
+    saved, nodes = [], []
     for module in {id(m): m for root in modules for m in root.modules()}.values():
         for name in _DROP_ATTRIBUTES:
             value = getattr(module, name, None)
             if isinstance(value, float) and value > 0 and _drops(module):
                 saved.append((module, name, value))
                 setattr(module, name, 0.0)
+    graphs = [m for m in modules if isinstance(m, fx.GraphModule)]
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            where, p = drop_probability(node) or (None, 0.0)
+            if p > 0:
+                nodes.append((node, where, p))
+                _set_argument(node, where, 0.0)
+        graph.recompile()
     try:
         yield
     finally:
         for module, name, value in saved:
             setattr(module, name, value)
+        for node, where, p in nodes:
+            _set_argument(node, where, p)
+        for graph in graphs:
+            graph.recompile()
+
+
+def _set_argument(node: fx.Node, where: int | str, value) -> None:
+    if isinstance(where, int):
+        node.update_arg(where, value)
+    else:
+        node.update_kwarg(where, value)
 
 
 def _drops(module: nn.Module) -> bool:

@@ -3,26 +3,36 @@
 Every node gets ``node.meta["path"]``: the dotted path of the module whose ``forward`` created it, then the
 operation (``"layer1.0.conv1"``, ``"layer1.0.add"``, ``"layer1.0.add_1"``). A traced module shares the model's
 parameters and buffers (as ``torch.fx.symbolic_trace`` does): it is a view of the model, never a stale copy.
+
+Two routes lead there (``method``): ``torch.fx`` symbolic tracing (:mod:`.symbolic`), and ``torch.export`` on an
+example input (:mod:`.exported`), for models whose Python reads tensor sizes or values. ``"auto"`` takes the first,
+and the second when the first fails or, given an example, computes something else than the model. The traced
+module records the route taken and why in ``gm.meta["route"]`` and ``gm.meta["route_reason"]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from torch import fx, nn
 
-from ..errors import TraceError
+from ..errors import TraceError, TraceMismatchError
 from .dual import DualGraphModule
-from .exported import ExportedGraphModule, trace_exported, trace_exported_for_reading
+from .exported import (
+    ExportedGraphModule, add_attributes, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
+)
 from .mutations import follow_mutations, mutated_input
 from .symbolic import (
     OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
 )
 from .verify import calling, check_trace, example_call, given_arguments
 
-__all__ = ["DualGraphModule", "ExportedGraphModule", "OPTIONS", "PathTracer", "mutated_input", "trace",
-           "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes"]
+__all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PathTracer", "as_example",
+           "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes"]
+
+METHODS = ("auto", "fx", "export")
+Example = tuple[tuple, dict]  # (args, kwargs) of one call of the model
 
 
 def trace(
@@ -31,6 +41,7 @@ def trace(
     *,
     example_kwargs: dict[str, Any] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    method: str = "auto",
 ) -> DualGraphModule:
     """Trace ``model`` in train and in eval mode into one module that runs the graph of its current mode.
 
@@ -40,66 +51,196 @@ def trace(
     as ``torch.export`` takes them, both modes are run against the model (same random state, buffers put back)
     and a :class:`~fxsplit.TraceMismatchError` names the first output that differs.
 
-    ``tracer_kwargs`` (as torchvision's feature extraction takes them): ``leaf_modules`` (classes, or qualified
-    names of single modules, called whole), ``autowrap_functions`` (called whole) and ``concrete_args`` (argument
-    values fixed while tracing). Arguments of ``forward`` whose default is not a tensor (``task_name=None``) and
-    that the example does not give are fixed to their defaults. timm's registry of untraceable modules and
-    functions is honoured when timm is installed. In-place operations alias their input, so later readers of the
-    input are made to read the in-place result: the graph shows the real data flow.
+    ``method``: ``"fx"`` traces with ``torch.fx``; ``"export"`` with ``torch.export`` on the example (which it
+    needs), for Python that reads tensor sizes or values (HuggingFace transformers, shape-dependent branches);
+    ``"auto"`` (default) with ``torch.fx``, and with ``torch.export`` when ``torch.fx`` fails or, given an example,
+    mis-traces. ``gm.meta["route"]`` and ``gm.meta["route_reason"]`` say which route was taken and why.
+
+    ``tracer_kwargs`` (``torch.fx``'s route; as torchvision's feature extraction takes them): ``leaf_modules``
+    (classes, or qualified names of single modules, called whole), ``autowrap_functions`` (called whole) and
+    ``concrete_args`` (argument values fixed while tracing). Arguments of ``forward`` whose default is not a
+    tensor (``task_name=None``) and that the example does not give are fixed to their defaults. timm's registry of
+    untraceable modules and functions is honoured when timm is installed. In-place operations alias their input,
+    so later readers of the input are made to read the in-place result: the graph shows the real data flow.
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     >>> gm = fxsplit.trace(net, torch.randn(3, 4))
-    >>> [n.meta["path"] for n in gm.graph.nodes]
-    ['input', '0', '1', '2', 'output']
+    >>> [n.meta["path"] for n in gm.graph.nodes], gm.meta["route"]
+    (['input', '0', '1', '2', 'output'], 'fx')
     >>> gm.get_submodule("0").weight is net[0].weight
     True
+    >>> gm = fxsplit.trace(net, torch.randn(3, 4), method="export")
+    >>> [n.meta["path"] for n in gm.graph.nodes if n.op == "call_function"]
+    ['0.linear', '1.relu', '2.linear']
     """
     _check_module(model)
-    args, kwargs = example_call(example_inputs, example_kwargs)
-    given = () if isinstance(model, fx.GraphModule) else given_arguments(model, args, kwargs)
-    traced = trace_modes(model, tracer_kwargs, given)
-    if example_inputs is not None or example_kwargs:
-        check_trace(model, traced, calling(args, kwargs), modes=(True, False))
-    return traced
+    return trace_modes(model, tracer_kwargs, method=method, example=as_example(example_inputs, example_kwargs))
 
 
-def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None, given: tuple[str, ...] = (), *,
-                private: bool = False) -> DualGraphModule:
-    """``model`` traced in both modes; with ``private``, ``model`` is a copy nobody else holds, and the traced
-    module takes its modules over instead of a view of them."""
+def as_example(example_inputs: Any, example_kwargs: dict[str, Any] | None) -> Example | None:
+    """``(args, kwargs)`` of an example call in torch.export's convention, or ``None`` when none is given."""
+    if example_inputs is None and not example_kwargs:
+        return None
+    return example_call(example_inputs, example_kwargs)
+
+
+def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None, given: Iterable[str] | None = None,
+                *, private: bool = False, method: str = "auto", example: Example | None = None) -> DualGraphModule:
+    """``model`` traced in both modes by ``method`` (checked on ``example``, when given); with ``private``,
+    ``model`` is a copy nobody else holds, which the traced module may take over rather than copy.
+
+    ``given``: the ``forward`` arguments the example gives (by default read from ``example``).
+    """
     options = check_options(tracer_kwargs)
     if isinstance(model, fx.GraphModule):
-        if options:
-            raise TraceError(f"model is already a GraphModule: tracer options {sorted(options)} apply to the "
-                             f"nn.Module it was traced from.")
-        traced = model if private else _view(model)
-        if isinstance(traced, DualGraphModule):
-            return traced
-        single = DualGraphModule(traced, {True: traced.graph, False: traced.graph}, type(model).__name__)
-        single.meta = {**traced.meta, "canonical": canonical_names(traced)}
-        return single
+        return _traced_already(model, options, method, private, both_modes=True)
     _check_module(model)
     check_names(model, DualGraphModule, "a traced module")
-    root = model if private else _view(model)
-    graphs = {training: symbolic_graph(root, training, options, given) for training in (True, False)}
-    traced = DualGraphModule(root, graphs, type(model).__name__)
-    traced.meta["canonical"] = canonical_names(root)
+    given = _given(model, given, example)
+
+    def by_fx() -> DualGraphModule:
+        view = _view(model)  # tracing runs Python code that may change a module's attributes: never the model's
+        graphs = {training: symbolic_graph(view, training, options, given) for training in (True, False)}
+        return DualGraphModule(view, graphs, type(model).__name__)
+
+    def by_export() -> DualGraphModule:
+        root = model if private else _view(model)
+        graphs, extras = {}, {}
+        for training in (True, False):
+            graphs[training], more = exported_graph(root, *example, training)
+            extras.update(more)
+        add_attributes(root, extras)
+        traced = DualGraphModule(root, graphs, type(model).__name__)
+        keep_state(traced, root)
+        return traced
+
+    traced = _route(model, method, example, options, (True, False), by_fx, by_export)
+    traced.meta["canonical"] = canonical_names(model)
     return traced
 
 
 def trace_graph(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None,
-                given: tuple[str, ...] = ()) -> fx.GraphModule:
-    """The graph of ``model`` in its current mode only (one trace), sharing its parameters and buffers."""
-    if isinstance(model, fx.GraphModule):
-        return trace_modes(model, tracer_kwargs)
+                given: Iterable[str] | None = None, *, method: str = "auto",
+                example: Example | None = None) -> fx.GraphModule:
+    """The graph of ``model`` in its current mode only (one trace), sharing its parameters and buffers: the trace
+    stage's one entry point for reading a model. ``method`` and ``example`` (``(args, kwargs)``) as :func:`trace`
+    takes them; given an example, the graph is checked against the model on it. ``gm.meta["route"]`` and
+    ``gm.meta["route_reason"]`` say which route traced it and why."""
     options = check_options(tracer_kwargs)
+    if isinstance(model, fx.GraphModule):
+        return _traced_already(model, options, method, private=False, both_modes=False)
     _check_module(model)
     check_names(model, fx.GraphModule, "a traced module")
-    root = _view(model)
-    traced = fx.GraphModule(root, symbolic_graph(root, model.training, options, given), type(model).__name__)
-    traced.meta["canonical"] = canonical_names(root)
+    given = _given(model, given, example)
+
+    def by_fx() -> fx.GraphModule:
+        root = _view(model)
+        return fx.GraphModule(root, symbolic_graph(root, model.training, options, given), type(model).__name__)
+
+    def by_export() -> fx.GraphModule:
+        return trace_exported_for_reading(model, *example, training=model.training)
+
+    traced = _route(model, method, example, options, (model.training,), by_fx, by_export)
+    traced.meta["canonical"] = canonical_names(model)
     return traced
+
+
+def _route(model: nn.Module, method: str, example: Example | None, options: Mapping[str, Any],
+           modes: tuple[bool, ...], by_fx: Callable[[], fx.GraphModule],
+           by_export: Callable[[], fx.GraphModule]) -> fx.GraphModule:
+    """The model traced by the route ``method`` picks, checked on ``example`` in ``modes`` when there is one."""
+    if method not in METHODS:
+        raise TraceError(f"method must be one of {list(METHODS)}, got {method!r}.")
+    if method == "export":
+        if example is None:
+            raise TraceError("method='export' traces the model by running it on an example: give one "
+                             "(example_inputs=..., example_kwargs=...).")
+        if options:
+            raise TraceError(f"tracer_kwargs {sorted(options)} are options of the torch.fx route; the torch.export "
+                             f"route (method='export') takes none.")
+        return _checked(model, by_export(), "export", "asked for (method='export')", example, modes)
+    try:
+        traced = by_fx()
+    except TraceError as error:
+        if method == "fx":
+            raise
+        if example is None:
+            raise TraceError(f"{error} Or give an example input, and fxsplit tries the torch.export route, which "
+                             f"runs the model's Python on it: example_inputs=... (and example_kwargs=...) to trace, "
+                             f"layer_graph and rewrite; to analyze, graph=fxsplit.layer_graph(model, "
+                             f"example_inputs=...).") from error
+        return _second_route(model, by_export, error, example, modes, options)
+    if example is None:
+        return _recorded(traced, "fx", "asked for (method='fx'), not checked: no example input" if method == "fx"
+                         else "torch.fx traced it; not checked: no example input")
+    reason = "asked for (method='fx')" if method == "fx" else "torch.fx traced it, and its graph matches the model"
+    try:
+        return _checked(model, traced, "fx", reason, example, modes)
+    except TraceMismatchError as error:
+        if method == "fx":
+            raise
+        return _second_route(model, by_export, error, example, modes, options)
+
+
+def _second_route(model: nn.Module, by_export: Callable[[], fx.GraphModule], error: TraceError, example: Example,
+                  modes: tuple[bool, ...], options: Mapping[str, Any]) -> fx.GraphModule:
+    """The torch.export route, after torch.fx failed with ``error``."""
+    reason = _gist(error) + (f" (tracer_kwargs {sorted(options)}, torch.fx's options, do not apply)" if options
+                             else "")
+    try:
+        traced = by_export()
+    except TraceError as second:
+        raise TraceError(f"{error} The torch.export route, tried next on the example, fails too: {second}") \
+            from second
+    return _checked(model, traced, "export", reason, example, modes)
+
+
+def _checked(model: nn.Module, traced: fx.GraphModule, route: str, reason: str, example: Example,
+             modes: tuple[bool, ...]) -> fx.GraphModule:
+    _recorded(traced, route, reason)
+    check_trace(model, traced, calling(*example), modes=modes)
+    return traced
+
+
+def _recorded(traced: fx.GraphModule, route: str, reason: str) -> fx.GraphModule:
+    traced.meta.update(route=route, route_reason=reason)
+    return traced
+
+
+def _gist(error: TraceError) -> str:
+    """The first part of an error's message: what failed and where, without the advice."""
+    return str(error).split(" To fix:")[0].split(" A trace records")[0].strip()
+
+
+def _traced_already(model: fx.GraphModule, options: Mapping[str, Any], method: str, private: bool,
+                    both_modes: bool) -> fx.GraphModule:
+    """A model that is already a traced module, with its route: as a :class:`DualGraphModule` for ``both_modes``."""
+    if options:
+        raise TraceError(f"model is already a GraphModule: tracer options {sorted(options)} apply to the "
+                         f"nn.Module it was traced from.")
+    route = model.meta.get("route", "fx")
+    if method not in ("auto", route):
+        raise TraceError(f"model is already a GraphModule traced by the {route} route: method={method!r} applies "
+                         f"to the nn.Module it was traced from.")
+    traced = model if private else _view(model)
+    if both_modes and not isinstance(traced, DualGraphModule):
+        if isinstance(traced, ExportedGraphModule):
+            raise TraceError("model is a graph traced through torch.export in one mode only: trace the nn.Module "
+                             "it came from with fxsplit.trace(model, example, method='export') for both modes.")
+        single = DualGraphModule(traced, {True: traced.graph, False: traced.graph}, type(model).__name__)
+        single.meta = dict(traced.meta)
+        traced = single
+    traced.meta.setdefault("canonical", canonical_names(traced))
+    traced.meta.setdefault("route", route)
+    traced.meta.setdefault("route_reason", "traced before: the model given is a GraphModule")
+    return traced
+
+
+def _given(model: nn.Module, given: Iterable[str] | None, example: Example | None) -> tuple[str, ...]:
+    if given is not None:
+        return tuple(given)
+    return tuple(given_arguments(model, *example)) if example is not None else ()
 
 
 def _view(model: nn.Module) -> nn.Module:

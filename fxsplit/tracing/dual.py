@@ -9,11 +9,15 @@ graph survives ``copy.deepcopy``, pickling and ``torch.save``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
 from torch import fx, nn
-from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, reduce_graph_module
+from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
+from torch.package import sys_importer
+
+from .symbolic import torch_layer
 
 
 class DualGraphModule(fx.GraphModule):
@@ -44,6 +48,7 @@ class DualGraphModule(fx.GraphModule):
                 if node.op in ("get_attr", "call_module"):
                     _copy_attr(root, self, node.target)
             self._other_graph = other
+        adopt_layers(self, root, [graphs[training], other])
 
     @property
     def has_two_graphs(self) -> bool:
@@ -77,7 +82,11 @@ class DualGraphModule(fx.GraphModule):
         self._follow_mode()
         rebuild, (body, import_block) = super().__reduce__()
         other = body.pop("_other_graph", None)
-        other_code = None if other is None else _source(other)
+        other_code = None
+        if other is not None:  # its code may call functions the current graph does not: import them too
+            code = other.python_code("self")
+            other_code = code.src
+            import_block = f"{import_block}\n{_format_import_block(code.globals, sys_importer)}"
         cls = next(c for c in type(self).__mro__ if "GraphModuleImpl" not in c.__qualname__)
         return _rebuild, (cls, type(self).__name__, body, import_block, other_code)
 
@@ -96,15 +105,50 @@ def _init_from_copy(module: DualGraphModule, root: nn.Module, graph: fx.Graph) -
 
 def _rebuild(cls: type, class_name: str, body: dict, import_block: str, other_code: str | None) -> DualGraphModule:
     """Unpickle: re-create each mode's graph from its code (as ``GraphModule`` does for its one graph)."""
-    graph = reduce_graph_module(dict(body), import_block).graph
-    other = graph if other_code is None else reduce_graph_module({**body, "_code": other_code}, import_block).graph
     root = _CodeOnlyModule(dict(body))
+    graph = _graph_from_code(root, body, import_block)
+    other = graph if other_code is None else _graph_from_code(root, {**body, "_code": other_code}, import_block)
     module = cls.__new__(cls)
     mode = root.__dict__.pop("_graph_training")
     cls.__init__(module, root, {mode: graph, not mode: other}, class_name, **_arguments(cls, root))
+    module.meta = dict(body.get("meta", {}))
     return module
+
+
+def _graph_from_code(root: nn.Module, body: dict, import_block: str) -> fx.Graph:
+    """The graph that ``body``'s code traces to, its constants put on ``root`` under names of their own: tracing
+    code runs what reads no input (``torch.arange(8)``) and keeps the result as a constant."""
+    traced = reduce_graph_module(dict(body), import_block)
+    owned = {*body, *body["_modules"], *body["_parameters"], *body["_buffers"]}
+    for node in traced.graph.find_nodes(op="get_attr"):
+        if node.target.split(".")[0] not in owned:
+            name = next(name for i in itertools.count() if (name := f"_code_constant{i}") not in root._buffers)
+            root.register_buffer(name, getattr(traced, node.target), persistent=False)
+            node.target = name
+    return traced.graph
 
 
 def _arguments(cls: type, root: nn.Module) -> dict[str, Any]:
     """The subclass's extra ``__init__`` arguments, read back from the attributes the original stored them in."""
     return {name: root.__dict__[attribute] for name, attribute in cls._REBUILD_ATTRIBUTES.items()}
+
+
+def adopt_layers(module: fx.GraphModule, root: nn.Module, graphs: list[fx.Graph]) -> None:
+    """Where ``GraphModule`` made an empty module to hold a tensor that a ``get_attr`` reads, put the module of
+    ``root`` that owns it, when that one is a torch.nn layer (a ``Linear``, a ``BatchNorm2d``...): layers keep their
+    kind, and the copies a split makes of them are real modules. Buffers stay as persistent as ``root`` has them."""
+    for graph in graphs:
+        for node in graph.find_nodes(op="get_attr"):
+            path, _, name = node.target.rpartition(".")
+            try:
+                owner = root.get_submodule(path)
+            except AttributeError:
+                continue
+            holder = module.get_submodule(path)
+            if holder is owner:
+                continue
+            if path and torch_layer(owner):
+                parent, _, child = path.rpartition(".")
+                setattr(module.get_submodule(parent), child, owner)
+            elif name in owner._non_persistent_buffers_set:
+                holder._non_persistent_buffers_set.add(name)

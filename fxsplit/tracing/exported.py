@@ -2,15 +2,17 @@
 
 ``torch.fx`` symbolic tracing stops at Python that reads tensor shapes or values (HuggingFace transformers,
 ``if x.size()[-2:] != y.size()[-2:]`` in MTAN's attention blocks); ``torch.export`` runs the real Python on an
-example input and records the ATen operations it ran. :func:`trace_exported` calls
+example input and records the ATen operations it ran. :func:`exported_graph` calls
 ``torch.export.export(model, args, kwargs, strict=False)`` and ``.module()`` (``strict=True`` gives the same graph
 and paths on the test models, two to four times slower), then rebuilds the graph to meet the contract of the
-``torch.fx`` route (:mod:`fxsplit.tracing.symbolic`):
+``torch.fx`` route (:mod:`fxsplit.tracing.symbolic`); the trace stage (:mod:`fxsplit.tracing`) builds a
+``DualGraphModule`` from the train-mode and the eval-mode graph, :func:`trace_exported` a module of one mode:
 
 - it computes what the model computes at the example's sizes, with a dynamic batch (dimension 0 of every tensor
   of the example, in dicts and nested structures too) where the model allows it, in the train/eval mode it was
   traced in. The mode is part of the graph (dropout's ``train`` flag, BatchNorm's batch statistics): switching it
-  raises :class:`~fxsplit.errors.TraceError`, so a model needs one graph per mode;
+  raises :class:`~fxsplit.errors.TraceError` on an :class:`ExportedGraphModule`, so a model needs one graph per
+  mode;
 - one placeholder per ``forward`` parameter the example gives, in ``forward``'s order (the others keep their
   defaults); a non-tensor argument (a task name, a flag, ``None``) is fixed at its example value and asserted on
   each call; the output has the model's structure (dict keys, tuple positions; a HuggingFace ``ModelOutput``
@@ -20,11 +22,13 @@ and paths on the test models, two to four times slower), then rebuilds the graph
   ``embed.weight``, the tied head ``head.weight``; ``torch.export`` itself reads one name everywhere), under its
   first name when the model's own ``forward`` reads it. Every parameter and buffer of the model stays on the graph
   module at its name, read or not (an eval graph reads no ``num_batches_tracked``): ``state_dict()`` has the
-  model's keys;
+  model's keys; a torch.nn layer whose tensors the graph reads is the model's module itself (``adopt_layers``), so
+  layers keep their kind. What the graph reads besides (torch.export's input checks, constants) is named for the
+  mode (``_guards_fn_train``);
 - every node has ``node.meta["path"]``, the dotted path of the module whose ``forward`` created it (from
   ``nn_module_stack``) and the operation, numbered when repeated (``"encoder.layer.0.attention.self.query.linear"``,
   ``"block1.add_1"``); ``get_attr`` nodes have the tensor's name; node names are the paths with underscores;
-  ``gm.meta["fxsplit_route"] == "export"``.
+  ``gm.meta["route"] == "export"``.
 
 What the graph looks like (torch 2.14, the training IR: no ``run_decompositions``):
 
@@ -32,11 +36,12 @@ What the graph looks like (torch 2.14, the training IR: no ``run_decompositions`
   reading ``get_attr`` weight and bias (no ``addmm``/transpose), a ``Conv2d`` ``aten.conv2d.default``, an
   ``Embedding`` ``aten.embedding.default(weight, ids)``, a ``LayerNorm`` ``aten.layer_norm.default``; HF attention
   is ``aten.scaled_dot_product_attention.default`` with the padding mask as an argument.
-- BatchNorm in train mode: ``aten.add_.Tensor(num_batches_tracked, 1)`` (no users, impure), then
-  ``aten.batch_norm.default(x, weight, bias, running_mean, running_var, True, momentum, eps, cudnn)``, which
-  updates the running statistics in place as eager does (so a BatchNorm applied to several streams updates them
-  once per stream, in graph order). ``torch.fx`` does not count ``batch_norm`` as impure: a pass that drops unused
-  nodes drops the update with it. Eval mode: ``training`` is ``False`` and there is no ``add_``.
+- BatchNorm in train mode: torch.export records ``aten.add_.Tensor(num_batches_tracked, 1)`` (no users, impure),
+  then ``aten.batch_norm.default(x, weight, bias, running_mean, running_var, True, momentum, eps, cudnn)``, which
+  updates the running statistics in place as eager does. The two become one :func:`counted_batch_norm` node, so
+  that a BatchNorm applied to several streams counts and averages once per stream, in graph order, as the module
+  does. ``torch.fx`` does not count ``batch_norm`` as impure: a pass that drops unused nodes drops the update with
+  it (as it drops an unused BatchNorm module's call). Eval mode: ``training`` is ``False`` and there is no count.
   (``run_decompositions`` would make BatchNorm functional with ``copy_`` writes at the end of the graph, a Linear
   ``permute`` + ``addmm``: not used.)
 - In-place operations on activations stay in place: ``out += x`` is ``aten.add_.Tensor``, ``ReLU(inplace=True)``
@@ -44,27 +49,30 @@ What the graph looks like (torch 2.14, the training IR: no ``run_decompositions`
   fx route), but the operation still writes into its input. An ``OpOverload`` says which argument it writes:
   ``target._schema.arguments[i].alias_info.is_write`` (its ``__name__`` is ``"relu_.default"``).
 - Stochastic nodes: ``aten.dropout.default(x, p, train)`` with literal ``p`` and ``train``
-  (``aten.feature_dropout`` / ``aten.alpha_dropout`` for those modules).
+  (``aten.feature_dropout`` / ``aten.alpha_dropout`` for those modules), and attention's ``dropout_p`` of
+  ``aten.scaled_dot_product_attention``: :func:`drop_probability` finds them (setting the module's ``p`` later
+  changes nothing).
 - Sizes: ``aten.sym_size.int(x, 0)`` reads the dynamic batch (its ``meta["val"]`` is a ``SymInt``: metadata, not
   data); other sizes are literal ints (BERT's head reshape is ``[sym_size, 8, -1, 8]``).
 - Checks: a ``call_module`` of ``_guards_fn`` after the inputs asserts the sizes the graph was traced for (static
   dimensions, equal batch dimensions, numbers and strings given; a different sequence length fails with
-  ``AssertionError: Guard failed: input_ids.size()[1] == 8``); ``aten._assert_tensor_metadata`` checks dtypes;
+  ``AssertionError: Guard failed: input_ids.size()[1] == 8``): fxsplit keeps its code in an :class:`InputGuards`
+  module, which pickles (torch's does not); ``aten._assert_tensor_metadata`` checks dtypes;
   ``torch._assert`` nodes check the non-tensor inputs (torch's guards miss ``None``). All have no users and are
   impure: dead-code elimination keeps them. Python-level checks of the model are gone (BatchNorm's "expected more
   than 1 value per channel"); a batch of 1 runs.
 
 After tracing: ``torch.export.export`` of the graph again works with a dynamic batch, after edits too, and so does
 ``fxsplit.export`` to ``.pt2``. ``torch.jit.script`` cannot compile the graph (``fxsplit.script`` raises
-:class:`~fxsplit.errors.ExportError`), and ``torch.save``/pickle fail on torch's guard module: ``.pt2`` is how
-this route's graphs are saved. Cost, on a loaded 2-core CPU: 0.8 s for the 2-layer BERT of the tests, 1.8 s for
-the MTAN of the tests, about 5 s for a BERT-base (12 layers, width 768) at sequence length 128; the fx route traces
-the small CNN of the tests in 0.04 s, this route in 0.5 s. Data-dependent Python control flow (``if x.sum() > 0``)
-fails with a :class:`~fxsplit.errors.TraceError` naming the module and the line.
+:class:`~fxsplit.errors.ExportError`, saying to save a ``.pt2`` file); graphs pickle (unpickling re-traces their
+code, which keeps what reads no input, ``torch.arange(8)``, as a constant). Cost: see docs/guide.md ("The second
+route") and ``python -m benchmarks --only routes``. Data-dependent Python control flow (``if x.sum() > 0``) fails
+with a :class:`~fxsplit.errors.TraceError` naming the module and the line.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import traceback
@@ -73,13 +81,24 @@ from typing import Any
 import torch
 from torch import fx, nn
 from torch.export import Dim
+from torch.export import _unlift
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
+from .dual import adopt_layers
 from .symbolic import _user_line, copy_module
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_aten = torch.ops.aten
+# The operations that drop at random, as torch.export records them, and the argument that holds the probability
+# (a number in the graph: setting the module's attribute later changes nothing).
+_DROP_PROBABILITIES = {
+    **{getattr(_aten, name).default: "p" for name in (
+        "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+        "feature_alpha_dropout", "feature_alpha_dropout_")},
+    _aten.scaled_dot_product_attention.default: "dropout_p",
+}
 
 
 class ExportedGraphModule(fx.GraphModule):
@@ -93,6 +112,48 @@ class ExportedGraphModule(fx.GraphModule):
                 f"in the graph: it cannot switch to {asked} mode. Trace the model again with training={mode}."
             )
         return self
+
+
+class InputGuards(nn.Module):
+    """``torch.export``'s checks of a call's inputs (the sizes the graph was traced for, and how they relate),
+    kept as their code, so that the module pickles: torch's own holds only a function compiled at run time."""
+
+    _is_impure = True  # it has no users: passes that drop unused nodes must keep it
+
+    def __init__(self, code: list[str], paths: list[pytree.KeyPath]):
+        super().__init__()
+        self.code, self.paths = list(code), list(paths)
+        self._check = _unlift._convert_guards_code_to_fn(self.code, self.paths).forward
+
+    def forward(self, *inputs: Any) -> None:
+        self._check(*inputs)
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_check"}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._check = _unlift._convert_guards_code_to_fn(self.code, self.paths).forward
+
+
+def counted_batch_norm(input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+                       cudnn_enabled):
+    """``aten.batch_norm`` after counting the batch in ``num_batches_tracked``, as ``nn.BatchNorm``'s ``forward``
+    does: one node where ``torch.export`` records two (the count, with no users, and the normalisation), so that a
+    pass that applies the normalisation once per branch counts once per branch, as the module would."""
+    num_batches_tracked.add_(1)
+    return _aten.batch_norm.default(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                                    cudnn_enabled)
+
+
+def drop_probability(node: fx.Node) -> tuple[int | str, float] | None:
+    """Where a node of a torch.export graph holds the probability it drops with (an argument's index, or its
+    keyword) and that probability; ``None`` for a node that does not drop."""
+    name = _DROP_PROBABILITIES.get(node.target)
+    if name is None:
+        return None
+    index = [argument.name for argument in node.target._schema.arguments].index(name)
+    return (index, node.args[index]) if index < len(node.args) else (name, node.kwargs.get(name, 0.0))
 
 
 def trace_exported(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None, *,
@@ -110,29 +171,93 @@ def trace_exported(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | No
     >>> gm(torch.randn(5, 4)).shape  # the batch is dynamic
     torch.Size([5, 2])
     """
-    return _trace(model, args, kwargs, training, share_tensors=False)
+    return _single_mode(model, args, kwargs, training, share_tensors=False)
 
 
 def trace_exported_for_reading(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None, *,
                                training: bool | None = None) -> ExportedGraphModule:
     """Like :func:`trace_exported`, but the graph reads the model's own parameters and buffers: only to be read."""
-    return _trace(model, args, kwargs, training, share_tensors=True)
+    return _single_mode(model, args, kwargs, training, share_tensors=True)
 
 
-def _trace(model, args, kwargs, training, share_tensors: bool) -> ExportedGraphModule:
+def _single_mode(model, args, kwargs, training, share_tensors: bool) -> ExportedGraphModule:
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxsplit traces an nn.Module, got {type(model).__name__}.")
+    training = model.training if training is None else training
+    root = copy_module(model, share_tensors)
+    graph, extras = exported_graph(root, args, kwargs, training)
+    add_attributes(root, extras)
+    gm = ExportedGraphModule(root, graph, type(model).__name__)
+    adopt_layers(gm, root, [graph])
+    keep_state(gm, root)
+    nn.Module.train(gm, training)
+    gm.meta["route"] = "export"
+    return gm
+
+
+def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, training: bool
+                   ) -> tuple[fx.Graph, dict[str, Any]]:
+    """The graph of ``root`` through ``torch.export`` in train or eval mode, and what it reads that ``root`` lacks
+    (torch.export's input checks, constants), named for the mode (``_guards_fn_train``).
+
+    The graph reads ``root``'s parameters and buffers by their names; ``root`` itself is not run (a copy that
+    shares its tensors is). ``args`` that is not a tuple is one positional argument.
+    """
     args = args if isinstance(args, tuple) else (args,)
     kwargs = dict(kwargs or {})
-    training = model.training if training is None else training
-    root = copy_module(model, share_tensors).train(training)
-    given = _argument_names(root, args, kwargs)
+    _check_one_mode(root)
+    copy = copy_module(root, share_tensors=True).train(training)
+    given = _argument_names(copy, args, kwargs)
     dynamic = {name: pytree.tree_map(_batch_dim, value) for name, value in given.items()}
+    guards: list[tuple[list[str], list]] = []
     try:
-        program = torch.export.export(root, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        program = torch.export.export(copy, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        with _recording_guards(guards):
+            exported = program.module()
     except Exception as error:
-        raise _export_error(root, error) from error
-    return _contract_module(program.module(), root, (args, kwargs), list(given), training)
+        raise _export_error(copy, error) from error
+    return _contract_graph(exported, copy, (args, kwargs), list(given), "train" if training else "eval", guards)
+
+
+def _check_one_mode(root: nn.Module) -> None:
+    """Refuse a model whose modules are not all in its mode (a BatchNorm frozen in eval mode in a model in train
+    mode): each graph fixes every module's mode, so the graph would not compute what the model computes."""
+    other = next((name for name, module in root.named_modules() if module.training != root.training), None)
+    if other is not None:
+        module = root.get_submodule(other)
+        raise TraceError(
+            f"{type(root).__name__} is in {'train' if root.training else 'eval'} mode but its module {other!r} "
+            f"({type(module).__name__}) is in {'train' if module.training else 'eval'} mode: the torch.export route "
+            f"fixes every module's mode in its graph (one graph per mode of the whole model). Put the model in one "
+            f"mode, or trace it with torch.fx (method='fx'), whose graph calls modules that keep their own mode."
+        )
+
+
+@contextlib.contextmanager
+def _recording_guards(record: list):
+    """Record the code of the input checks that ``ExportedProgram.module()`` makes (torch keeps only the function
+    compiled from it, which does not pickle)."""
+    convert = _unlift._convert_guards_code_to_fn
+
+    def recording(code, paths):
+        record.append((list(code), list(paths)))
+        return convert(code, paths)
+
+    _unlift._convert_guards_code_to_fn = recording
+    try:
+        yield
+    finally:
+        _unlift._convert_guards_code_to_fn = convert
+
+
+def add_attributes(root: nn.Module, attributes: dict[str, Any]) -> None:
+    """Put what a graph reads besides the model's own state on ``root``: modules, and tensors as buffers that
+    ``state_dict()`` leaves out (they are the trace's constants, not the model's state)."""
+    for name, value in attributes.items():
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            root.register_buffer(name, value, persistent=False)
+        else:
+            setattr(root, name, value)
 
 
 def _argument_names(root: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -183,11 +308,16 @@ def _export_error(root: nn.Module, error: Exception) -> TraceError:
     )
 
 
-def _contract_module(exported: fx.GraphModule, root: nn.Module, example: tuple[tuple, dict], given: list[str],
-                     training: bool) -> ExportedGraphModule:
-    """The graph of ``exported`` (flat inputs and outputs, pytree code) rebuilt to meet fxsplit's contract."""
+def _contract_graph(exported: fx.GraphModule, root: nn.Module, example: tuple[tuple, dict], given: list[str],
+                    mode: str, guards: list[tuple[list[str], list]]) -> tuple[fx.Graph, dict[str, Any]]:
+    """The graph of ``exported`` (flat inputs and outputs, pytree code) rebuilt to meet fxsplit's contract, and what
+    it reads that ``root`` does not own, named for the ``mode``."""
     graph, paths, modules = fx.Graph(), _PathNames(), {name for name, _ in root.named_modules()}
+    owned = modules | {name for name, _ in (*root.named_parameters(remove_duplicate=False),
+                                            *root.named_buffers(remove_duplicate=False))}
     values = _structured_inputs(graph, exported.graph, root, example, given, paths)
+    extras: dict[str, Any] = {}
+    counts: dict[str, fx.Node] = {}  # BatchNorm path -> its count of batches, fused into its normalisation
     for node in exported.graph.nodes:
         if node.op == "placeholder" or node.op == "get_attr" and not node.users:  # export reads every parameter
             continue
@@ -196,22 +326,41 @@ def _contract_module(exported: fx.GraphModule, root: nn.Module, example: tuple[t
             out = graph.output(pytree.tree_unflatten(list(flat), exported.graph._codegen.pytree_info.out_spec))
             out.meta["path"] = "output"
             continue
+        target, args = node.target, fx.map_arg(node.args, values.__getitem__)
+        owner = args[3].target.rpartition(".")[0] if target is _aten.batch_norm.default and \
+            isinstance(args[3], fx.Node) else None
+        if owner in counts:
+            count = counts.pop(owner)
+            target, args = counted_batch_norm, (*args[:5], count.args[0], *args[5:])
+            graph.erase_node(count)
         if node.op in ("get_attr", "call_module"):
-            path = node.target
+            if target not in owned:
+                target = f"{target.replace('.', '_')}_{mode}"
+                extras[target] = _guards(guards) if node.target == "_guards_fn" and guards else \
+                    operator.attrgetter(node.target)(exported)
+            path = target
         else:
             path = paths(_scope(node, modules), _op_name(node.target))
-        new = graph.create_node(node.op, node.target, fx.map_arg(node.args, values.__getitem__),
-                                fx.map_arg(node.kwargs, values.__getitem__), path.replace(".", "_"), node.type)
+        new = graph.create_node(node.op, target, args, fx.map_arg(node.kwargs, values.__getitem__),
+                                path.replace(".", "_"), node.type)
         new.meta = {**node.meta, "path": path}
         values[node] = new
+        if _counts_batches(node):
+            counts[node.args[0].target.rpartition(".")[0]] = new
     _read_ties_by_owner(graph, root, modules)
-    targets = {node.target for node in graph.nodes if node.op in ("get_attr", "call_module")}
-    gm = ExportedGraphModule({t: _attribute((root, exported), t) for t in targets}, graph, type(root).__name__)
-    _keep_state(gm, root)
-    nn.Module.train(gm, training)
-    gm.meta["fxsplit_route"] = "export"
-    gm.graph.lint()
-    return gm
+    graph.lint()
+    return graph, extras
+
+
+def _counts_batches(node: fx.Node) -> bool:
+    """Whether ``node`` is a BatchNorm's ``num_batches_tracked += 1`` (in train mode, before it normalises)."""
+    return (node.target is _aten.add_.Tensor and not node.users and node.args[0].op == "get_attr"
+            and node.args[0].target.rpartition(".")[2] == "num_batches_tracked" and node.args[1] == 1)
+
+
+def _guards(recorded: list[tuple[list[str], list]]) -> InputGuards:
+    code, paths = recorded[-1]
+    return InputGuards(code, paths)
 
 
 def _structured_inputs(graph: fx.Graph, exported: fx.Graph, root: nn.Module, example: tuple[tuple, dict],
@@ -295,7 +444,7 @@ def _read_ties_by_owner(graph: fx.Graph, root: nn.Module, modules: set[str]) -> 
             graph.erase_node(node)
 
 
-def _keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
+def keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
     """Every parameter and buffer of the model at its qualified name, read by the graph or not (an eval graph
     reads no ``num_batches_tracked``), buffers as persistent as in the model: ``state_dict()`` has the model's keys."""
     for path, module in root.named_modules(remove_duplicate=False):
@@ -308,16 +457,6 @@ def _keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
             holder.register_parameter(name, parameter)
         for name, buffer in module.named_buffers(recurse=False):
             holder.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
-
-
-def _attribute(roots: tuple[nn.Module, ...], target: str) -> Any:
-    """The object at the qualified name ``target`` of the first of ``roots`` that has it."""
-    for root in roots:
-        try:
-            return operator.attrgetter(target)(root)
-        except AttributeError:
-            continue
-    raise TraceError(f"the exported graph reads {target!r}, which the model does not have.")
 
 
 def _scope(node: fx.Node, modules: set[str]) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 from torch import fx, nn
 
 _INPLACE_OPERATORS = {
@@ -28,7 +29,11 @@ def mutated_input(root: nn.Module, node: fx.Node) -> fx.Node | None:
     """The input node an in-place operation writes to, or ``None``."""
     if not node.args or not isinstance(node.args[0], fx.Node):
         return None
-    if node.op == "call_function":
+    if isinstance(node.target, torch._ops.OpOverload):  # an ATen operation says which argument it writes
+        written = [i for i, argument in enumerate(node.target._schema.arguments)
+                   if argument.alias_info is not None and argument.alias_info.is_write]
+        inplace = written == [0]
+    elif node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         inplace = node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
             name.endswith("_") and not name.startswith("_"))

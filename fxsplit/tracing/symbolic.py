@@ -24,6 +24,7 @@ from .mutations import follow_mutations
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 OPTIONS = ("leaf_modules", "autowrap_functions", "concrete_args")
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
 def _registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
@@ -140,6 +141,12 @@ def canonical_names(root: nn.Module) -> dict[str, str]:
     for name, parameter in root.named_parameters(remove_duplicate=False):
         aliases[name] = first.setdefault(id(parameter), name)
     return {alias: name for alias, name in aliases.items() if alias != name}
+
+
+def torch_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch.nn's own layers (a Linear, a Conv2d, ...), as torch.fx counts leaves."""
+    return (type(module) is not nn.Module  # the empty holders GraphModule makes on a path
+            and fx.Tracer().is_leaf_module(module, "") and not isinstance(module, _CONTAINERS))
 
 
 def check_names(model: nn.Module, cls: type, what: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from ..errors import TraceMismatchError
+from ..errors import TraceError, TraceMismatchError
 
 TOLERANCE = 1e-4  # relative error (Frobenius norms) an output tensor may have: rounding, not a different function
 SEED = 20230211  # any fixed seed: both runs draw the same random numbers in the same order
@@ -26,6 +26,11 @@ TRACE_CAUSES = (
     "branches on Python state or on a tensor's values (frozen as they went while tracing), Python-side randomness, "
     "or an autowrapped function or leaf module that drops an input. Make the module that holds such code a leaf "
     "(tracer_kwargs={'leaf_modules': [...]}), or fix the Python value it reads with concrete_args."
+)
+EXPORT_CAUSES = (
+    "torch.export records one run of the Python code on the example, so the graph differs from the model where "
+    "that code does what a graph cannot record: Python-side randomness, or Python state that changes between "
+    "calls (a counter, a cache, a module attribute set after tracing). Make the model compute it from tensors."
 )
 
 
@@ -44,6 +49,20 @@ def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tupl
 def calling(args: tuple, kwargs: dict) -> Call:
     """The :data:`Call` that gives a module ``args`` and ``kwargs``."""
     return lambda module: module(*args, **kwargs)
+
+
+def recorded_example(model: nn.Module, call: Call) -> tuple[tuple, dict]:
+    """The ``(args, kwargs)`` that ``call`` gives ``model``'s ``forward`` (its first call), from one run without
+    gradients; buffers are put back. An example for the torch.export route from a ``forward(model, batch)``."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
+    try:
+        run(call, model, model.buffers())
+    finally:
+        hook.remove()
+    if not seen:
+        raise TraceError(f"the example call never calls {type(model).__name__}: give the call that runs the model.")
+    return seen[0]
 
 
 def given_arguments(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
@@ -102,6 +121,8 @@ def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
 def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
     """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode."""
     buffers = [*model.buffers(), *traced.buffers()]
+    route = getattr(traced, "meta", {}).get("route", "fx")
+    causes = EXPORT_CAUSES if route == "export" else TRACE_CAUSES
     for training in modes:
         with mode([model, traced], training):
             expected = run(call, model, buffers)
@@ -109,14 +130,15 @@ def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable
                 got = run(call, traced, buffers)
             except Exception as error:
                 raise TraceMismatchError(
-                    f"the traced graph of {type(model).__name__} fails in {'train' if training else 'eval'} mode "
-                    f"where the model runs: {type(error).__name__}: {error}. {TRACE_CAUSES}") from error
+                    f"the graph of {type(model).__name__} traced by the {route} route fails in "
+                    f"{'train' if training else 'eval'} mode where the model runs: {type(error).__name__}: {error}. "
+                    f"{causes}") from error
         found = first_difference(expected, got)
         if found is not None:
             where, how = found
             raise TraceMismatchError(
-                f"the traced graph of {type(model).__name__} does not compute what the model computes in "
-                f"{'train' if training else 'eval'} mode: {where} differs ({how}). {TRACE_CAUSES}"
+                f"the graph of {type(model).__name__} traced by the {route} route does not compute what the model "
+                f"computes in {'train' if training else 'eval'} mode: {where} differs ({how}). {causes}"
             )
 
 
