@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=_positive, help=f"image side in pixels (default {defaults.image_size})")
     parser.add_argument("--split-norms", action="store_true", default=None,
                         help="also split the BatchNorms in the branches (default: shared, as the authors' code)")
+    parser.add_argument("--methods", nargs="*", metavar="NAME", help="gradient methods, torchjd aggregators by class "
+                        "name, each run alone and with Recon (default: " + " ".join(defaults.methods) + "; none "
+                        "after --methods alone)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's own choice; 1 "
                         "runs faster on a machine that other jobs keep busy)")

@@ -7,7 +7,7 @@ import statistics
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxsplit.seeds import differences, paired, summarize, table
+from fxsplit.experiment.statistics import differences, paired, summarize, table
 
 unit = st.floats(0, 1, allow_nan=False)
 

@@ -1,6 +1,6 @@
 """Figures over seeds: mean ± sd of each arm's figures, and the per-seed paired differences between two arms.
 
-The input is a list of seed runs' figures, as ``fxsplit.arms.run_seed`` records them (``{"seed", "arms": {name:
+The input is a list of seed runs' figures, as ``fxsplit.experiment.arms.run_seed`` records them (``{"seed", "arms": {name:
 figures}}``). Differences are paired: arm minus baseline within each seed, which share data, order and initial
 weights, so the seed-to-seed spread that both arms share cancels out.
 """
@@ -56,6 +56,11 @@ def paired(runs: Sequence[dict], arm: str, baseline: str) -> dict[str, dict]:
     """
     pairs = [(metrics(run["arms"][arm]), metrics(run["arms"][baseline])) for run in runs]
     return {name: spread([figures[name] - base[name] for figures, base in pairs]) for name in pairs[0][0]}
+
+
+def comparisons(runs: Sequence[dict], pairs: Sequence[tuple[str, str]]) -> dict[str, dict]:
+    """``"arm - baseline"`` -> :func:`paired` differences, for each (arm, baseline) of ``pairs``."""
+    return {f"{arm} - {baseline}": paired(runs, arm, baseline) for arm, baseline in pairs}
 
 
 def show(figure: dict, percent: bool = False, sign: bool = False) -> str:
