@@ -91,3 +91,11 @@ def test_markdown_holds_the_table_the_differences_and_the_set_up(tiny, capsys):
         f"| {arm}" for arm in ARMS]  # the paper's layout: each method's row, then with Recon
     assert text.count("\n| mean ± sd |") == len(PAIRS)
     assert all(f"({arm} − {base})" in text for arm, base in PAIRS)
+
+
+def test_an_unknown_method_is_refused_before_any_training(tmp_path, capsys):
+    pytest.importorskip("torchjd", reason="method names are torchjd's aggregators (fxsplit[methods])")
+    with pytest.raises(SystemExit):
+        command.main(["--methods", "PCGrad", "PCgrad", "--out", str(tmp_path)])
+    assert "torchjd has no aggregator 'PCgrad'" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fxsplit.experiment.arms import Experiment, pairs, run_seed
-from fxsplit.experiment.statistics import comparisons, differences, grid, summarize, table
+from fxsplit.experiment.statistics import comparisons, differences, grid, paired_table, summarize, table
 from fxsplit.experiment.training import Training
 
 from . import paper
@@ -92,8 +92,9 @@ def markdown(results: dict) -> str:
         f"seeds, {results['environment']['device']}; joint network: "
         f"{joint['params']:,} parameters, {joint['shared_layers']} shared layers.",
         "Mean ± sd over the seeds:", table(runs),
-        "Paired differences, in points (accuracy) and percent points (conflicts):",
-        *(differences(runs, arm, base) for arm, base in pairs(config["methods"])),
+        "Paired differences (arm minus baseline within each seed), in points (accuracy) and percent points "
+        "(conflicts), mean ± sd over the seeds:", paired_table(runs, pairs(config["methods"])),
+        "Per seed:", *(differences(runs, arm, base) for arm, base in pairs(config["methods"])),
         "Conflicts: share of training steps whose task gradients over the still-shared parameters have cosine "
         f"below S. Recon splits the top-{k} layers at S = {primary}; how many of them the top-{k} at another S "
         "would also split:",

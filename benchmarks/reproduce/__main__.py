@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fxsplit.errors import FxsplitError
+
 from . import Config, markdown, run
 
 
@@ -40,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     config = defaults.quick() if args.quick else defaults
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
     config = replace(config, **{"device": "cuda" if torch.cuda.is_available() else "cpu", **given})
+    try:
+        config.experiment()  # the methods are checked (torchjd installed, names known) before any training
+    except FxsplitError as error:
+        parser.error(str(error))
     results = run(config, args.out)
     text = markdown(results)
     (args.out / "results.md").write_text(text)

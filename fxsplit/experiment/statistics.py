@@ -97,6 +97,21 @@ def differences(runs: Sequence[dict], arm: str, baseline: str) -> str:
     return grid(head, rows)
 
 
+def paired_table(runs: Sequence[dict], pairs: Sequence[tuple[str, str]]) -> str:
+    """A Markdown table of each (arm, baseline) of ``pairs``: the paired differences' mean ± sd (accuracy in
+    points, conflict rates in percent points) and in how many seeds the arm's accuracy is the higher."""
+    rates = _rates(runs)
+    names = ["accuracy", *(f"conflicts cos<{s}" for s in rates)]
+    head = ["arm − baseline", "Δ mean acc.", "acc. higher in", *(f"Δ {name}" for name in names[1:])]
+    rows = []
+    for arm, baseline in pairs:
+        diff = paired(runs, arm, baseline)
+        higher = sum(value > 0 for value in diff["accuracy"]["values"])
+        rows.append([f"{arm} − {baseline}", show(diff["accuracy"], percent=True, sign=True),
+                     f"{higher}/{len(runs)} seeds", *(show(diff[name], percent=True, sign=True) for name in names[1:])])
+    return grid(head, rows)
+
+
 def grid(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A Markdown table.
 
