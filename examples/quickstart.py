@@ -33,9 +33,9 @@ def main(out: Path) -> None:
     print(f"{graph.number_of_nodes()} layers, e.g. {list(graph)[:3]}")
 
     layers = ["backbone.layer3.1.conv2", "backbone.layer4.0.bn1", "backbone.layer4.1.conv1"]
-    split = fxsplit.rewrite(model, layers).eval()
-
     x = torch.randn(4, 3, 64, 64)
+    split = fxsplit.rewrite(model, layers, example_inputs=x).eval()  # checked against the model on x, both modes
+
     with torch.no_grad():
         before, after = model(x), split(x)
     error = max(((before[t] - after[t]).norm() / before[t].norm()).item() for t in split.tasks)
