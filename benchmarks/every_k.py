@@ -14,7 +14,8 @@ from torch.utils.data import DataLoader
 
 import fxsplit
 from fxsplit.datasets import MultiDigits
-from fxsplit.demo import DigitNet, task_losses
+from fxsplit.experiment.demo import DigitNet
+from fxsplit.experiment.training import task_losses
 
 EVERY = (1, 2, 4, 8)
 TOP = 6

@@ -9,8 +9,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fxsplit.datasets import MultiDigits
-from fxsplit.demo import DigitNet
-from fxsplit.training import task_losses
+from fxsplit.experiment.demo import DigitNet
+from fxsplit.experiment.training import task_losses
 
 
 def spec():

@@ -21,8 +21,9 @@ from typing import Any
 
 import torch
 
-from . import analyze, demo, export, layer_graph, rewrite
+from . import analyze, export, layer_graph, rewrite
 from .errors import FxsplitError
+from .experiment import demo
 from .report import ConflictReport
 
 SPEC_HELP = ("Python file (its function `spec`), file.py:function or module:function returning model, tasks and "

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fxsplit
-from fxsplit.arms import Experiment, run_seed
+from fxsplit.experiment.arms import Experiment, run_seed
 from fxsplit.datasets import MultiDigits
-from fxsplit.demo import DigitNet
-from fxsplit.training import Training, accuracy, train
+from fxsplit.experiment.demo import DigitNet
+from fxsplit.experiment.training import Training, accuracy, train
 
 TASKS = ("left", "right")
 K = 3
@@ -69,7 +69,7 @@ def test_a_seed_reproduces_itself_and_every_arm_starts_from_the_joint_networks_f
             initial.append(model.eval()(images))
         return train(model, *args)
 
-    monkeypatch.setattr("fxsplit.arms.train", recording)
+    monkeypatch.setattr("fxsplit.experiment.arms.train", recording)
     again = run_seed(experiment(), seed=5, progress=False).figures
     assert without_seconds(again) == without_seconds(seed_run.figures)
     assert len(initial) == 3

@@ -3,8 +3,9 @@ import json
 import pytest
 import torch
 
-from fxsplit import cli, demo
+from fxsplit import cli
 from fxsplit.errors import FxsplitError
+from fxsplit.experiment import demo
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # TorchScript files on purpose

@@ -84,6 +84,9 @@ def test_aggregators_by_name_and_bad_names():
         fxsplit.ConflictMonitor(split, tasks, aggregator="UpGrad")
     with pytest.raises(fxsplit.FxsplitError, match="must be a torchjd aggregator"):
         fxsplit.ConflictMonitor(split, tasks, aggregator=3)
+    with pytest.raises(fxsplit.FxsplitError, match=r"torchjd's CAGrad cannot be built from its name alone .*'c'.*"
+                       r"aggregator=torchjd.aggregation.CAGrad\(...\)"):
+        fxsplit.ConflictMonitor(split, tasks, aggregator="CAGrad")
 
 
 def test_without_torchjd_fxsplit_imports_and_monitors_and_says_what_to_install():

@@ -1,17 +1,18 @@
-"""Training one network: the same parameters as a plain Adam loop on the summed loss, a progress line per epoch
-with that loop's mean losses, and per-task accuracy."""
+"""Training one network: the same parameters as a plain Adam loop on the summed loss (or, with a gradient method,
+on torchjd's own update), a progress line per epoch with that loop's mean losses, and per-task accuracy."""
 
 from __future__ import annotations
 
 import copy
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fxsplit.training import Training, accuracy, task_losses, train
+from fxsplit.experiment.training import METHOD_ARGUMENTS, Training, accuracy, task_losses, train
 from tests.models import MultiHead
 
 TASKS = ["a", "b"]
@@ -61,6 +62,34 @@ def test_train_equals_plain_adam_loop_and_logs_each_epoch(capsys):
     for epoch, (match, want) in enumerate(zip(epochs, means), 1):
         assert int(match[1]) == epoch
         assert (float(match[2]), float(match[3])) == (round(want["a"], 3), round(want["b"], 3))
+
+
+@pytest.mark.parametrize("method", ["PCGrad", "CAGrad", "UPGrad"])
+def test_train_with_a_method_equals_adam_on_torchjds_mtl_backward(method):
+    torchjd = pytest.importorskip("torchjd", reason="gradient methods come from the optional torchjd")
+    from torchjd.autojac import jac_to_grad, mtl_backward
+
+    model, data = toy()
+    expected = copy.deepcopy(model)
+    training = Training(epochs=2, batch_size=16, lr=0.05, thresholds=(0.0,))
+    train(model, data, TASKS, training, seed=3, name="toy", progress=False, method=method)
+
+    aggregator = getattr(torchjd.aggregation, method)(**METHOD_ARGUMENTS.get(method, {}))
+    optimizer = torch.optim.Adam(expected.parameters(), lr=training.lr)
+    loader = DataLoader(data, batch_size=16, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(3))
+    shared = list(expected.backbone.parameters())
+    torch.manual_seed(3)  # PCGrad draws the order of the tasks
+    for _ in range(training.epochs):
+        for x, y in loader:
+            features = expected.backbone(x)
+            losses = [F.cross_entropy(expected.heads[t](features), y[:, i]) for i, t in enumerate(TASKS)]
+            optimizer.zero_grad()
+            mtl_backward(losses, features=features, shared_params=shared,
+                         tasks_params=[list(expected.heads[t].parameters()) for t in TASKS])
+            jac_to_grad(shared, aggregator)
+            optimizer.step()
+    for (name, got), want in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 def test_train_is_silent_without_progress(capsys):

@@ -1,7 +1,8 @@
 """The Recon paper's MultiMNIST experiment on MultiDigits: ``python -m benchmarks.reproduce [--quick]``.
 
 Arms, per seed: the joint ResNet-18 (whose training is also the scoring run, at S = -0.1 as the paper uses for
-this data; the other S are reported too), its top-K layers split (Recon, K = 25 as in the paper), and K random
+this data; the other S are reported too), its top-K layers split (Recon, K = 25 as in the paper), each gradient
+method alone and with Recon (torchjd's aggregators on the shared parameters: the paper's main table), and K random
 shared layers split (the paper's control). Results: docs/reproduction.md.
 """
 
@@ -16,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from fxsplit.arms import Experiment, run_seed
-from fxsplit.seeds import differences, grid, paired, summarize, table
-from fxsplit.training import Training
+from fxsplit.experiment.arms import Experiment, pairs, run_seed
+from fxsplit.experiment.statistics import comparisons, differences, grid, paired_table, summarize, table
+from fxsplit.experiment.training import Training
 
 from . import paper
 
 THRESHOLDS = (-0.1, 0.0, -0.01, -0.05)  # the first is the primary S, the one that ranks the layers
-PAIRS = (("recon", "joint"), ("recon", "random"))  # the paired differences reported: arm minus baseline
+METHODS = ("PCGrad", "CAGrad", "UPGrad")
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Config:
     lr: float = 1e-3
     image_size: int = paper.IMAGE_SIZE
     split_norms: bool = False
+    methods: tuple[str, ...] = METHODS
     device: str = "cpu"
 
     def quick(self) -> Config:
@@ -50,7 +52,7 @@ class Config:
             network=paper.MultiMnistResNet,
             data=lambda seed: paper.data(seed, self.train_size, self.test_size, self.image_size),
             tasks=paper.TASKS, training=Training(self.epochs, self.batch_size, self.lr, THRESHOLDS, self.device),
-            k=self.k, split_norms=self.split_norms)
+            k=self.k, split_norms=self.split_norms, methods=tuple(self.methods))
 
 
 def run(config: Config, out: Path, progress: bool | None = None) -> dict:
@@ -70,7 +72,7 @@ def run(config: Config, out: Path, progress: bool | None = None) -> dict:
         results["seeds"].append(run_seed(experiment, seed, progress).figures)
         runs = results["seeds"]
         results["summary"] = summarize(runs)
-        results["paired"] = {f"{arm} - {base}": paired(runs, arm, base) for arm, base in PAIRS}
+        results["paired"] = comparisons(runs, pairs(config.methods))
         results["seconds"] = round(time.perf_counter() - started, 1)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         plot(results, out / "results.png")
@@ -86,11 +88,13 @@ def markdown(results: dict) -> str:
     return "\n\n".join([
         f"MultiDigits at {config['image_size']}x{config['image_size']}, {config['train_size']:,} training and "
         f"{config['test_size']:,} test pairs, {config['epochs']} epochs, Adam {config['lr']:g}, batch "
-        f"{config['batch_size']}, K = {k}, {len(runs)} seeds, {results['environment']['device']}; joint network: "
+        f"{config['batch_size']}, K = {k}, gradient methods: {', '.join(config['methods']) or 'none'}, {len(runs)} "
+        f"seeds, {results['environment']['device']}; joint network: "
         f"{joint['params']:,} parameters, {joint['shared_layers']} shared layers.",
         "Mean ± sd over the seeds:", table(runs),
-        "Paired differences, in points (accuracy) and percent points (conflicts):",
-        *(differences(runs, arm, base) for arm, base in PAIRS),
+        "Paired differences (arm minus baseline within each seed), in points (accuracy) and percent points "
+        "(conflicts), mean ± sd over the seeds:", paired_table(runs, pairs(config["methods"])),
+        "Per seed:", *(differences(runs, arm, base) for arm, base in pairs(config["methods"])),
         "Conflicts: share of training steps whose task gradients over the still-shared parameters have cosine "
         f"below S. Recon splits the top-{k} layers at S = {primary}; how many of them the top-{k} at another S "
         "would also split:",

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fxsplit.errors import FxsplitError
+
 from . import Config, markdown, run
 
 
@@ -26,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=_positive, help=f"image side in pixels (default {defaults.image_size})")
     parser.add_argument("--split-norms", action="store_true", default=None,
                         help="also split the BatchNorms in the branches (default: shared, as the authors' code)")
+    parser.add_argument("--methods", nargs="*", metavar="NAME", help="gradient methods, torchjd aggregators by class "
+                        "name, each run alone and with Recon (default: " + " ".join(defaults.methods) + "; none "
+                        "after --methods alone)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--threads", type=_positive, help="torch.set_num_threads (default: torch's own choice; 1 "
                         "runs faster on a machine that other jobs keep busy)")
@@ -37,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
     config = defaults.quick() if args.quick else defaults
     given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
     config = replace(config, **{"device": "cuda" if torch.cuda.is_available() else "cpu", **given})
+    try:
+        config.experiment()  # the methods are checked (torchjd installed, names known) before any training
+    except FxsplitError as error:
+        parser.error(str(error))
     results = run(config, args.out)
     text = markdown(results)
     (args.out / "results.md").write_text(text)

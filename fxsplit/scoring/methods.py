@@ -15,8 +15,9 @@ from ..errors import FxsplitError
 Aggregator = Callable[[torch.Tensor], torch.Tensor]
 
 
-def aggregator_of(aggregator: Aggregator | str | None) -> Aggregator | None:
-    """The aggregator itself, or a new torchjd aggregator of that class name (e.g. ``"UPGrad"``)."""
+def aggregator_of(aggregator: Aggregator | str | None, **arguments) -> Aggregator | None:
+    """The aggregator itself, or a new torchjd aggregator of that class name (e.g. ``"UPGrad"``) built with
+    ``arguments`` (e.g. ``c=0.4`` for ``"CAGrad"``)."""
     if aggregator is None or callable(aggregator):
         return aggregator
     if not isinstance(aggregator, str):
@@ -31,7 +32,11 @@ def aggregator_of(aggregator: Aggregator | str | None) -> Aggregator | None:
                    and getattr(aggregation, name) is not aggregation.Aggregator)
     if aggregator not in names:
         raise FxsplitError(f"torchjd has no aggregator {aggregator!r}; it has {names}.")
-    return getattr(aggregation, aggregator)()
+    try:
+        return getattr(aggregation, aggregator)(**arguments)
+    except TypeError as error:  # CAGrad has no default for c
+        raise FxsplitError(f"torchjd's {aggregator} cannot be built from its name alone ({error}): pass an aggregator "
+                           f"object, e.g. aggregator=torchjd.aggregation.{aggregator}(...).") from error
 
 
 def aggregate(aggregator: Aggregator, jacobian: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor | None:

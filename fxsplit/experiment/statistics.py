@@ -1,6 +1,6 @@
 """Figures over seeds: mean ± sd of each arm's figures, and the per-seed paired differences between two arms.
 
-The input is a list of seed runs' figures, as ``fxsplit.arms.run_seed`` records them (``{"seed", "arms": {name:
+The input is a list of seed runs' figures, as ``fxsplit.experiment.arms.run_seed`` records them (``{"seed", "arms": {name:
 figures}}``). Differences are paired: arm minus baseline within each seed, which share data, order and initial
 weights, so the seed-to-seed spread that both arms share cancels out.
 """
@@ -58,6 +58,11 @@ def paired(runs: Sequence[dict], arm: str, baseline: str) -> dict[str, dict]:
     return {name: spread([figures[name] - base[name] for figures, base in pairs]) for name in pairs[0][0]}
 
 
+def comparisons(runs: Sequence[dict], pairs: Sequence[tuple[str, str]]) -> dict[str, dict]:
+    """``"arm - baseline"`` -> :func:`paired` differences, for each (arm, baseline) of ``pairs``."""
+    return {f"{arm} - {baseline}": paired(runs, arm, baseline) for arm, baseline in pairs}
+
+
 def show(figure: dict, percent: bool = False, sign: bool = False) -> str:
     """``mean ± sd`` (or the mean alone for one seed), as a fraction or in percent.
 
@@ -89,6 +94,21 @@ def differences(runs: Sequence[dict], arm: str, baseline: str) -> str:
     rows = [[str(run["seed"]), *(f"{diff[name]['values'][i] * 100:+.1f}" for name in names)]
             for i, run in enumerate(runs)]
     rows.append(["mean ± sd", *(show(diff[name], percent=True, sign=True) for name in names)])
+    return grid(head, rows)
+
+
+def paired_table(runs: Sequence[dict], pairs: Sequence[tuple[str, str]]) -> str:
+    """A Markdown table of each (arm, baseline) of ``pairs``: the paired differences' mean ± sd (accuracy in
+    points, conflict rates in percent points) and in how many seeds the arm's accuracy is the higher."""
+    rates = _rates(runs)
+    names = ["accuracy", *(f"conflicts cos<{s}" for s in rates)]
+    head = ["arm − baseline", "Δ mean acc.", "acc. higher in", *(f"Δ {name}" for name in names[1:])]
+    rows = []
+    for arm, baseline in pairs:
+        diff = paired(runs, arm, baseline)
+        higher = sum(value > 0 for value in diff["accuracy"]["values"])
+        rows.append([f"{arm} − {baseline}", show(diff["accuracy"], percent=True, sign=True),
+                     f"{higher}/{len(runs)} seeds", *(show(diff[name], percent=True, sign=True) for name in names[1:])])
     return grid(head, rows)
 
 

@@ -7,7 +7,7 @@ import statistics
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxsplit.seeds import differences, paired, summarize, table
+from fxsplit.experiment.statistics import differences, paired, paired_table, summarize, table
 
 unit = st.floats(0, 1, allow_nan=False)
 
@@ -57,4 +57,10 @@ def test_tables_show_mean_and_sd_and_each_seed():
         "| 3 | +5.0 | -30.0 | -15.0 |",
         "| 4 | +5.0 | -20.0 | -10.0 |",
         "| mean ± sd | +5.0 ± 0.0 | -25.0 ± 7.1 | -12.5 ± 3.5 |",
+    ]
+    assert paired_table(runs, [("recon", "joint"), ("joint", "recon")]).splitlines() == [
+        "| arm − baseline | Δ mean acc. | acc. higher in | Δ conflicts cos<0.0 | Δ conflicts cos<-0.1 |",
+        "|---|---|---|---|---|",
+        "| recon − joint | +5.0 ± 0.0 | 2/2 seeds | -25.0 ± 7.1 | -12.5 ± 3.5 |",
+        "| joint − recon | -5.0 ± 0.0 | 0/2 seeds | +25.0 ± 7.1 | +12.5 ± 3.5 |",
     ]

@@ -1,11 +1,11 @@
 """The demo: Recon's experiment in miniature on MultiDigits, from scratch, in about a minute per seed on a CPU.
 
-1. Train the joint network (one shared trunk, a head per task) while ``analyze`` scores every shared layer;
+1. Train the joint network (one shared trunk, a head per task) while ``ConflictMonitor`` scores every shared layer;
    this run is both the scoring run and the joint baseline (same seeds and budget, so one run serves both).
 2. Split the top-K layers (``rewrite``), and, as the paper's control, K random shared layers; in both, every
    BatchNorm in the branches gets a copy per task (``split_norms``), so that eval-mode statistics fit each
    branch (shared ones would average branches that have drifted apart).
-3. Train both from scratch with the same seeds and budget, again under ``analyze`` so that the conflicts left
+3. Train both from scratch with the same seeds and budget, again through the monitor so that the conflicts left
    in the still-shared parameters are measured.
 4. Report accuracy per task, parameters, and the occurrence of conflicting gradients; write JSON, a Markdown
    table, plots and the Recon network exported as TorchScript and ``torch.export`` files.
@@ -24,17 +24,16 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
-from .arms import Experiment, run_seed
-from .datasets import MultiDigits
-from .errors import FxsplitError
-from .export import export
-from .report import ConflictReport
-from .seeds import differences, paired, summarize, table
+from ..datasets import MultiDigits
+from ..errors import FxsplitError
+from ..export import export
+from ..report import ConflictReport
+from .arms import Experiment, pairs, run_seed
+from .statistics import comparisons, differences, summarize, table
 from .training import Training
 
 THRESHOLDS = (0.0, -0.01, -0.05, -0.1)
 TASKS = ("left", "right")
-PAIRS = (("recon", "joint"), ("recon", "random"))  # the paired differences reported: arm minus baseline
 
 
 @dataclass
@@ -129,7 +128,7 @@ def run(out: Path, config: DemoConfig = DemoConfig(), progress: bool | None = No
         "tasks": list(TASKS),
         "seeds": figures,
         "summary": summarize(figures),
-        "paired": {f"{arm} - {base}": paired(figures, arm, base) for arm, base in PAIRS},
+        "paired": comparisons(figures, pairs()),
         "seconds": round(time.perf_counter() - started, 1),
     }
     files += [out / "results.json", out / "results.md"]
@@ -148,7 +147,7 @@ def markdown(results: dict) -> str:
              table(runs)]
     if len(runs) > 1:
         parts += ["Mean ± sd over the seeds. Paired differences, in points (accuracy) and percent points "
-                  "(conflicts):", *(differences(runs, arm, base) for arm, base in PAIRS)]
+                  "(conflicts):", *(differences(runs, arm, base) for arm, base in pairs())]
     parts.append("Conflicts: share of training steps whose task gradients over the still-shared parameters have "
                  "cosine below the threshold.")
     return "\n\n".join(parts) + "\n"

@@ -1,15 +1,18 @@
 """The arms of Recon's experiment for one seed: the joint network (whose training is also the scoring run), its
-top-K scored layers split (Recon) and, as the paper's control, K random shared layers split.
+top-K scored layers split (Recon), K random shared layers split (the paper's control) and, for each gradient
+method, the joint network trained with it (the method alone) and Recon's network trained with it (Recon + method).
 
 Every arm starts from the same initial weights (a split copy starts equal to its shared layer), trains with the
-same budget and data order, and is evaluated on the same test set.
+same budget and data order, and is evaluated on the same test set. Recon's layers come from the one scoring run,
+the joint network's, for every method: the paper searches the conflict layers of a network once and uses the split
+network with every method.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -17,22 +20,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from . import rewrite
-from .report import ConflictReport
-from .training import Training, accuracy, train
+from .. import rewrite
+from ..report import ConflictReport
+from .training import Training, accuracy, aggregator, train
 
 
 @dataclass(frozen=True)
 class Arm:
-    """One network of the experiment: the layers it splits (``None``: the joint network, which also scores).
+    """One network of the experiment and how its step turns the task losses into ``.grad``.
 
-    An arm is a network and the rule by which its step turns the task losses into ``.grad``; every arm here
-    steps on the gradient of the summed losses, so the rule is not a field yet. A gradient method applied to
-    the shared parameters (an aggregator of the task gradients) would be one.
+    ``layers``: the layers it splits (``None``: the joint network); ``method``: the torchjd aggregator (its class
+    name) applied to the task gradients of the shared parameters (``None``: the gradient of the summed losses).
     """
 
     name: str
     layers: tuple[str, ...] | None = None
+    method: str | None = None
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,8 @@ class Experiment:
 
     ``network()`` builds a fresh joint network returning ``{task: logits}`` (it is called after
     ``torch.manual_seed(seed)``); ``data(seed)`` gives that seed's training and test sets, whose targets hold
-    one class column per task, in the order of ``tasks``.
+    one class column per task, in the order of ``tasks``; ``methods`` are torchjd aggregators' class names
+    (``"PCGrad"``), each adding two arms: the method alone and Recon + the method.
     """
 
     network: Callable[[], nn.Module]
@@ -50,6 +54,11 @@ class Experiment:
     training: Training
     k: int
     split_norms: bool = False
+    methods: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        for method in self.methods:  # an unknown name, or torchjd missing, fails now, not after hours of training
+            aggregator(method)
 
 
 @dataclass
@@ -61,8 +70,24 @@ class SeedRun:
     reports: dict[str, ConflictReport]
 
 
+def pairs(methods: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The paired differences reported, (arm, baseline): Recon against the joint network and the random control,
+    and Recon + each method against the method alone.
+
+    >>> pairs(["UPGrad"])
+    [('recon', 'joint'), ('recon', 'random'), ('recon + UPGrad', 'UPGrad')]
+    """
+    return [("recon", "joint"), ("recon", "random"), *((recon_with(m), m) for m in methods)]
+
+
+def recon_with(method: str) -> str:
+    """The name of the arm that trains Recon's network with ``method``."""
+    return f"recon + {method}"
+
+
 def run_seed(experiment: Experiment, seed: int, progress: bool | None = None) -> SeedRun:
-    """Train and evaluate the joint, Recon and random arms of ``experiment`` with ``seed``."""
+    """Train and evaluate every arm of ``experiment`` with ``seed``, in the paper's table order: the joint network,
+    Recon, each method alone and with Recon, then the random control."""
     train_set, test_set = experiment.data(seed)
     tasks, thresholds, k = list(experiment.tasks), experiment.training.thresholds, experiment.k
 
@@ -73,13 +98,17 @@ def run_seed(experiment: Experiment, seed: int, progress: bool | None = None) ->
             model = rewrite(model, arm.layers, tasks, split_norms=experiment.split_norms)
         started = time.perf_counter()
         name = f"{arm.name} network (seed {seed})"
-        report = train(model, train_set, tasks, experiment.training, seed, name, progress)
+        report = train(model, train_set, tasks, experiment.training, seed, name, progress, arm.method)
         return _Trained(arm, model, report, time.perf_counter() - started)
 
     runs = {"joint": trained(Arm("joint"))}
     scoring = runs["joint"].report
-    random_layers = random.Random(seed).sample(scoring.layers, min(k, len(scoring.layers)))
-    for arm in (Arm("recon", tuple(scoring.top(k))), Arm("random", tuple(random_layers))):
+    top = tuple(scoring.top(k))
+    arms = [Arm("recon", top)]
+    for method in experiment.methods:
+        arms += [Arm(method, method=method), Arm(recon_with(method), top, method)]
+    arms.append(Arm("random", tuple(random.Random(seed).sample(scoring.layers, min(k, len(scoring.layers))))))
+    for arm in arms:
         runs[arm.name] = trained(arm)
     base_params = _params(runs["joint"].model)
     figures = {
@@ -106,6 +135,7 @@ def _figures(run: _Trained, test_set: Dataset, tasks: list[str], base_params: in
     rates = [report.conflict_rate(s) for s in report.thresholds]
     return {
         "layers": list(arm.layers or []),
+        "method": arm.method,
         "accuracy": acc,
         "mean_accuracy": sum(acc.values()) / len(acc),
         "params": _params(model),
@@ -118,4 +148,3 @@ def _figures(run: _Trained, test_set: Dataset, tasks: list[str], base_params: in
 
 def _params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-

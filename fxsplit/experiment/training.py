@@ -1,14 +1,16 @@
 """Train and evaluate one network of a Recon experiment on a classification data set with one target per task.
 
-A network trains with Adam on the gradient of the summed task losses, under ``analyze``, which at every step also
-measures how often the task gradients conflict on the parameters the network still shares.
+A network trains with Adam in a plain loop through :class:`fxsplit.ConflictMonitor`: forward, the task losses,
+``monitor.backward(losses)`` (the gradient of the summed losses, or a gradient method's update of the shared
+parameters), ``optimizer.step()``. The monitor also measures, at every step, how often the task gradients conflict
+on the parameters the network still shares.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import analyze
-from .report import ConflictReport
+from ..report import ConflictReport
+from ..scoring import ConflictMonitor
+from ..scoring.methods import Aggregator, aggregator_of
+
+METHOD_ARGUMENTS = {"CAGrad": {"c": 0.2}}  # CAGrad's c as the Recon authors' MultiFashion+MNIST script sets it
 
 
 @dataclass(frozen=True)
@@ -47,10 +52,17 @@ def task_losses(tasks: Sequence[str]) -> dict:
             for i, task in enumerate(tasks)}
 
 
+def aggregator(method: str | None) -> Aggregator | None:
+    """A new torchjd aggregator of class ``method``, with its ``METHOD_ARGUMENTS``; ``None`` for ``None``."""
+    return None if method is None else aggregator_of(method, **METHOD_ARGUMENTS.get(method, {}))
+
+
 def train(model: nn.Module, data: Dataset, tasks: Sequence[str], training: Training, seed: int, name: str,
-          progress: bool | None = None) -> ConflictReport:
+          progress: bool | None = None, method: str | None = None) -> ConflictReport:
     """Train ``model`` in place on ``data`` (shuffled by ``seed``) and return the conflicts measured meanwhile.
 
+    ``method``: a torchjd aggregator's class name (``"UPGrad"``): the shared parameters step on its combination of
+    the task gradients, each task's own parameters on that task's gradient; ``None``: the summed losses' gradient.
     ``progress``: ``None`` shows a progress bar when stderr is a terminal and otherwise prints a line per epoch
     with the mean task losses; ``True`` always shows the bar; ``False`` prints nothing.
 
@@ -66,18 +78,38 @@ def train(model: nn.Module, data: Dataset, tasks: Sequence[str], training: Train
     >>> report.steps, report.layers
     (4, ['trunk'])
     """
-    model.to(training.device).train()
+    from tqdm.auto import tqdm
+
+    device = torch.device(training.device)
+    model.to(device).train()
     torch.manual_seed(seed)
     loader = DataLoader(data, batch_size=training.batch_size, shuffle=True, drop_last=True,
                         generator=torch.Generator().manual_seed(seed))
     bar = sys.stderr.isatty() if progress is None else progress
-    running = _RunningLosses(task_losses(tasks), name, training.epochs, len(loader),
-                             log=progress is not False and not bar)
     if progress is not False:
         print(f"training {name} ({training.epochs} epochs of {len(loader)} steps)", file=sys.stderr, flush=True)
+    losses_of = task_losses(tasks)
+    monitor = ConflictMonitor(model, tasks, threshold=list(training.thresholds), aggregator=aggregator(method))
     optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
-    return analyze(model, running.losses, _Epochs(loader, training.epochs, running.epoch_done),
-                   threshold=list(training.thresholds), optimizer=optimizer, progress=bar)
+    started = time.perf_counter()
+    with tqdm(total=training.epochs * len(loader), desc=name, unit="step", disable=not bar) as steps:
+        for epoch in range(1, training.epochs + 1):
+            sums = dict.fromkeys(tasks, 0.0)
+            for images, targets in loader:
+                batch = (images.to(device), targets.to(device))
+                out = model(batch[0])
+                losses = {task: loss(out, batch) for task, loss in losses_of.items()}
+                optimizer.zero_grad()
+                monitor.backward(losses)
+                optimizer.step()
+                for task, value in losses.items():
+                    sums[task] += value.detach()  # a tensor: no device synchronisation per step
+                steps.update()
+            if progress is not False and not bar:
+                means = ", ".join(f"{task} {float(total) / len(loader):.3f}" for task, total in sums.items())
+                print(f"  {name}: epoch {epoch}/{training.epochs}, mean loss {means} "
+                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    return monitor.report()
 
 
 def accuracy(model: nn.Module, data: Dataset, tasks: Sequence[str], batch_size: int = 256) -> dict[str, float]:
@@ -101,45 +133,3 @@ def accuracy(model: nn.Module, data: Dataset, tasks: Sequence[str], batch_size: 
             total += len(targets)
     model.train(was_training)
     return {task: correct[task] / total for task in tasks}
-
-
-class _Epochs:
-    """The loader's batches, epoch after epoch, calling ``epoch_done(epoch)`` once each epoch has been trained on.
-
-    Sized, so that ``analyze``'s progress bar knows the total; the call comes when ``analyze`` asks for the batch
-    after an epoch's last one, that is after that batch's step.
-    """
-
-    def __init__(self, loader: DataLoader, epochs: int, epoch_done):
-        self.loader, self.epochs, self.epoch_done = loader, epochs, epoch_done
-
-    def __len__(self) -> int:
-        return self.epochs * len(self.loader)
-
-    def __iter__(self) -> Iterator:
-        for epoch in range(1, self.epochs + 1):
-            yield from self.loader
-            self.epoch_done(epoch)
-
-
-class _RunningLosses:
-    """Task losses that also add up their values over the current epoch, for a progress line per epoch."""
-
-    def __init__(self, losses: dict, name: str, epochs: int, steps: int, log: bool):
-        self.name, self.epochs, self.steps, self.log, self.started = name, epochs, steps, log, time.perf_counter()
-        self.sums = dict.fromkeys(losses, 0.0)
-        self.losses = {task: self._recorded(task, loss) for task, loss in losses.items()}
-
-    def _recorded(self, task: str, loss):
-        def recorded(out, batch):
-            value = loss(out, batch)
-            self.sums[task] += value.detach()  # a tensor: no device synchronisation per step
-            return value
-        return recorded
-
-    def epoch_done(self, epoch: int) -> None:
-        if self.log:
-            means = ", ".join(f"{task} {float(total) / self.steps:.3f}" for task, total in self.sums.items())
-            print(f"  {self.name}: epoch {epoch}/{self.epochs}, mean loss {means} "
-                  f"({time.perf_counter() - self.started:.0f} s)", file=sys.stderr, flush=True)
-        self.sums = dict.fromkeys(self.sums, 0.0)
