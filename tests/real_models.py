@@ -117,6 +117,37 @@ class UncertaintyWeighted(nn.Module):
         return {task: self.heads[task](h) for task in self.tasks}
 
 
+class RunningStats(nn.Module):
+    """State updated in ``forward``, as feature normalisers and step counters keep it: a counter rebound
+    (``self.steps += 1``) and a running mean updated in place, both in train mode only."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("mean", torch.zeros(width))
+
+    def forward(self, h):
+        if self.training:
+            self.steps += 1
+            self.mean.mul_(0.9).add_(0.1 * h.detach().mean(0))
+        return h - self.mean
+
+
+class Stateful(nn.Module):
+    """A trunk that normalises its features by their running mean, under two task heads."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 8)
+        self.stats = RunningStats(8)
+        self.trunk = nn.Linear(8, 8)
+        self.heads = nn.ModuleDict({task: nn.Linear(8, 2) for task in "ab"})
+
+    def forward(self, x):
+        h = self.trunk(self.stats(self.stem(x)).relu())
+        return {task: head(h) for task, head in self.heads.items()}
+
+
 class DictBatch(nn.Module):
     """Reads a dict batch (image and metadata) and returns a tuple ``(segmentation, depth)``."""
 

@@ -15,7 +15,7 @@ from torch import nn
 import fxsplit
 from fxsplit.layers import attribute
 from tests.models import assert_equivalent, assert_unchanged, count, snapshot, without_dropout
-from tests.real_models import CASES, Case, TiedLM, UncertaintyWeighted
+from tests.real_models import CASES, Case, Stateful, TiedLM, UncertaintyWeighted
 
 
 def _batches(case: Case, steps: int = 3) -> list:
@@ -150,6 +150,63 @@ def test_a_traced_view_is_never_stale():
     assert torch.equal(split.copy_of("a", "trunk.2").weight, model.trunk[2].weight)
 
 
+def _stateful_model() -> tuple[Stateful, torch.Tensor]:
+    torch.manual_seed(0)
+    model = Stateful()
+    model.stats.mean.normal_()
+    return model, torch.randn(5, 6)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_tracing_and_splitting_leave_the_models_state_alone(method):
+    """Tracing runs forward's Python: a counter it bumped on the model's own buffer stayed bumped."""
+    model, x = _stateful_model()
+    before = snapshot(model)
+    fxsplit.trace(model, x, method=method)
+    fxsplit.layer_graph(model, example_inputs=x, method=method)
+    fxsplit.rewrite(model, ["trunk"], example_inputs=x, method=method)
+    if method == "fx":
+        fxsplit.trace(model)
+        fxsplit.rewrite(model, ["trunk"])
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_state_updated_in_forward_is_updated_by_the_trace_and_the_split(method):
+    """A buffer update the graph did not record left the split's running mean at its initial value for good."""
+    model, x = _stateful_model()
+    eager = copy.deepcopy(model)
+    traced = fxsplit.trace(copy.deepcopy(model), x, method=method)
+    split = fxsplit.rewrite(model, ["trunk"], example_inputs=x, method=method)  # the state is before the split
+    for module in (eager, traced, split):
+        module.train()
+    for step in range(2):
+        expected = eager(x)
+        for module in (traced, split):
+            got = module(x)
+            assert all(torch.allclose(got[t], expected[t], atol=1e-6) for t in "ab")
+    for module in (traced, split):
+        assert int(module.get_buffer("stats.steps")) == 2
+        assert torch.allclose(module.get_buffer("stats.mean"), eager.stats.mean, atol=1e-6)
+
+
+def test_a_trace_that_misses_a_state_update_is_stopped():
+    """An update through a plain attribute that aliases the buffer runs while tracing and is not recorded."""
+    model, x = _stateful_model()
+    model.stats.counter = model.stats.steps  # the same tensor, but not read as a buffer
+    model.stats.forward = lambda h: (model.stats.counter.add_(1), h)[1]
+    with pytest.raises(fxsplit.TraceMismatchError, match=r"in train mode: buffer stats\.steps after the call differs"):
+        fxsplit.trace(model, x, method="fx")
+
+
+def test_state_updated_in_the_branches_is_refused():
+    """Each task's branch would update the one running mean in turn: no split computes what the model does."""
+    model, x = _stateful_model()
+    for method in ("fx", "export"):
+        with pytest.raises(fxsplit.LayerError, match=r"stats\.mean.*after the split layer 'stem'"):
+            fxsplit.rewrite(model, ["stem"], example_inputs=x, method=method)
+
+
 def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):
     case = CASES["dict-batch"]
     model, x = case.build(), case.inputs()
@@ -235,7 +292,7 @@ def test_bert_is_scored_layer_by_layer_and_split_on_the_export_route(bert):
     model, report, split = bert
     assert report.graph.graph["route"] == "export" and len(report.scores) >= 20
     assert "bert.encoder.layer.1.attention.self.query" in report.scores and "bert" not in report.scores
-    assert split.route == "export" and "BertEmbeddings" in split.route_reason
+    assert split.route == "export" and "torch.fx cannot trace module 'bert' (BertModel)" in split.route_reason
     assert list(split.split_layers) == [layer for layer in report.graph if layer in report.top(3)]
     assert count(split.parameters()) == count(model.parameters()) + sum(report.cost(layer) for layer in report.top(3))
 

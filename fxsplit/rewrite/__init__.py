@@ -22,7 +22,7 @@ from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, container, install, layer_copy
-from .fanout import fan_out, needed_nodes, output_node
+from .fanout import fan_out, needed_nodes, output_node, tainted_by
 from ..outputs import OutputKey, Path, repeated_items, task_paths
 
 __all__ = ["rewrite"]
@@ -183,9 +183,10 @@ def _check_layers(names: list[str], layers: Mapping[str, Layer], from_report: bo
         raise unknown_layer(name, layers)
 
 
-def _chosen(layers: Mapping[str, Layer], names: list[str]) -> set[fx.Node]:
-    """The nodes that read the chosen layers in one graph (a layer absent from this mode's graph has none)."""
-    return {node for name in names if name in layers for node in layers[name].reads}
+def _chosen(layers: Mapping[str, Layer], names: list[str]) -> dict[fx.Node, str]:
+    """The nodes that read the chosen layers in one graph, each with its layer's name (a layer absent from this
+    mode's graph has none)."""
+    return {node: name for name in names if name in layers for node in layers[name].reads}
 
 
 def _users(layers: Mapping[str, Layer], names: list[str], needed: Mapping[str, set[fx.Node]]) -> dict[str, list[str]]:
@@ -204,11 +205,7 @@ def _check_shared(names: list[str], users: Mapping[str, list[str]]) -> None:
 def _norms_in_branches(root, graph, layers: Mapping[str, Layer], names: list[str], paths) -> list[str]:
     """Norm layers with running statistics, used by several tasks, all of whose calls lie in the fanned-out
     region of ``names``."""
-    chosen = _chosen(layers, names)
-    tainted: set[fx.Node] = set()
-    for node in graph.nodes:
-        if node in chosen or any(arg in tainted for arg in node.all_input_nodes):
-            tainted.add(node)
+    tainted = tainted_by(graph, _chosen(layers, names))
     norms = [name for name, layer in layers.items() if name not in names
              and isinstance(attribute(root, name), _NORMS) and all(node in tainted for node in layer.calls)]
     users = _users(layers, norms, needed_nodes(root, graph, paths))

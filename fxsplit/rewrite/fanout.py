@@ -11,14 +11,15 @@ read. Each emitted node records the original node it came from (``meta["origin"]
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import fx, nn
 
 from ..split_module import copy_target
-from ..tracing import mutated_input
+from ..errors import LayerError
+from ..tracing import mutated_input, viewed, written_tensor
 from ..outputs import Path, select
 
 @dataclass
@@ -62,28 +63,23 @@ def _side_effect(root: nn.Module, node: fx.Node, position: Mapping[fx.Node, int]
     an assertion), or a write that is read afterwards (into a buffer, an input, or a tensor read later)."""
     if node.op == "call_module":
         return getattr(root.get_submodule(node.target), "_is_impure", False) is True
-    if node.op != "call_function" or not node.is_impure(impure_random=False):
-        return False
     written = node.args[0] if node.target is operator.setitem else mutated_input(root, node)
-    while written is not None and written.op not in ("placeholder", "get_attr"):
+    if written is None:
+        return node.op == "call_function" and node.is_impure(impure_random=False)
+    while written.op not in ("placeholder", "get_attr"):
         if any(position[user] > position[node] for user in written.users):
             return True
-        written = _viewed(written)
+        written = mutated_input(root, written) or viewed(written)
         if written is None:  # a write into a tensor that nothing reads afterwards
             return False
     return True
 
 
-def _viewed(node: fx.Node) -> fx.Node | None:
-    """The tensor that ``node`` is a view of (an ATen operation whose result aliases its first input), if any."""
-    schema = getattr(node.target, "_schema", None)
-    aliased = schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
-    return node.args[0] if aliased and not schema.arguments[0].alias_info.is_write else None
-
-
-def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen: Collection[fx.Node]) -> FanOut:
-    """The graph in which every node in ``chosen`` applies a per-task copy and everything after it fans out."""
-    tainted, clone_first = _taint(root, graph, chosen)
+def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen: Mapping[fx.Node, str]) -> FanOut:
+    """The graph in which every node in ``chosen`` (node -> its layer's name) applies a per-task copy and
+    everything after it fans out."""
+    tainted = tainted_by(graph, chosen)
+    clone_first = _writes_into_shared(root, tainted)
     emitter = _Emitter(chosen, tainted, clone_first, needed_nodes(root, graph, paths))
     for node in graph.nodes:
         if node.op != "output":
@@ -95,18 +91,35 @@ def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen:
     return FanOut(emitter.graph, emitter.uses)
 
 
-def _taint(root: nn.Module, graph: fx.Graph, chosen: Collection[fx.Node]) -> tuple[set[fx.Node], set[fx.Node]]:
-    """Nodes that depend on a chosen layer, and the in-place ones among them that write to a shared tensor
-    (each branch must write to its own clone)."""
-    tainted: set[fx.Node] = set()
-    clone_first: set[fx.Node] = set()
+def tainted_by(graph: fx.Graph, sources: Mapping[fx.Node, str]) -> dict[fx.Node, str]:
+    """Every node that depends on one of ``sources`` (node -> a name), with the name of the first it depends on."""
+    tainted: dict[fx.Node, str] = {}
     for node in graph.nodes:
-        if node in chosen or any(arg in tainted for arg in node.all_input_nodes):
-            tainted.add(node)
-            mutated = mutated_input(root, node)
-            if mutated is not None and mutated not in tainted and mutated.op != "get_attr":  # a buffer's update
-                clone_first.add(node)  # sees every branch, as a BatchNorm's running statistics do
-    return tainted, clone_first
+        source = sources.get(node) or next((tainted[arg] for arg in node.all_input_nodes if arg in tainted), None)
+        if source is not None:
+            tainted[node] = source
+    return tainted
+
+
+def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str]) -> set[fx.Node]:
+    """The in-place nodes of the branches that write to a tensor of the shared part, each branch into its own
+    clone; a shared buffer that the branches would update is refused (BatchNorm statistics aside)."""
+    clone_first = set()
+    for node, layer in tainted.items():
+        mutated = mutated_input(root, node)
+        if mutated is None or mutated in tainted:
+            continue
+        written = written_tensor(root, node)
+        if written.op == "get_attr" and written not in tainted and not isinstance(
+                root.get_submodule(written.target.rpartition(".")[0]), nn.modules.batchnorm._NormBase):
+            raise LayerError(
+                f"buffer {written.target!r} is updated in forward after the split layer {layer!r} (at "
+                f"{node.meta.get('path', node.name)}): each task's branch would update the one buffer in turn, so "
+                f"no split computes what the model computes. Split only layers after that update, or keep the state "
+                f"in a split layer's own module (each task then gets its own copy).")
+        if mutated.op != "get_attr":  # a shared value: each branch writes into its own clone
+            clone_first.add(node)
+    return clone_first
 
 
 def _ancestors(value: Any) -> set[fx.Node]:

@@ -22,14 +22,15 @@ from .dual import DualGraphModule
 from .exported import (
     ExportedGraphModule, add_attributes, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
 )
-from .mutations import follow_mutations, mutated_input
+from .mutations import follow_mutations, mutated_input, viewed, written_tensor
 from .symbolic import (
     OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
 )
 from .verify import calling, check_trace, example_call, given_arguments
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PathTracer", "as_example",
-           "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes"]
+           "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes",
+           "viewed", "written_tensor"]
 
 METHODS = ("auto", "fx", "export")
 Example = tuple[tuple, dict]  # (args, kwargs) of one call of the model

@@ -44,3 +44,22 @@ def mutated_input(root: nn.Module, node: fx.Node) -> fx.Node | None:
     else:
         inplace = False
     return node.args[0] if inplace else None
+
+
+def written_tensor(root: nn.Module, node: fx.Node) -> fx.Node | None:
+    """The value whose memory an in-place operation writes to, past in-place results and views of it (the
+    buffer under ``self.mean.mul_(0.9).add_(x)``, or under ``aten.add_(aten.select(buffer, 0, 0), 1)``)."""
+    written = mutated_input(root, node)
+    while written is not None:
+        base = mutated_input(root, written) or viewed(written)
+        if base is None:
+            return written
+        written = base
+    return None
+
+
+def viewed(node: fx.Node) -> fx.Node | None:
+    """The tensor that ``node`` is a view of (an ATen operation whose result aliases its first input), if any."""
+    schema = getattr(node.target, "_schema", None)
+    aliased = schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
+    return node.args[0] if aliased and not schema.arguments[0].alias_info.is_write else None

@@ -40,7 +40,10 @@ class PathTracer(fx.Tracer):
     """A tracer that names each node after its dotted module path and honours leaf modules.
 
     ``leaf_modules`` holds module classes (every instance is a leaf) or qualified names (that one module is).
+    Buffers are read as graph values (``get_attr``), so that what ``forward`` does to them is recorded, not done.
     """
+
+    proxy_buffer_attributes = True
 
     def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable[Callable] = (),
                  bound: Iterable[str] = ()):
@@ -123,15 +126,63 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
     if training != root.training:
         root.train(training)
     tracer = PathTracer(options.get("leaf_modules", ()), options.get("autowrap_functions", ()), bound=concrete)
+    effects = _ForwardEffects(root)
     try:
         graph = tracer.trace(root, concrete or None)
     except Exception as error:
         raise _trace_error(root, tracer, error, concrete) from error
     finally:
+        rebound = effects.undo()
         for name, module in root.named_modules():
             module.training = modes[name]
+    _write_back(graph, rebound)
     follow_mutations(graph, root)
     return graph
+
+
+class _ForwardEffects:
+    """What running ``forward`` on stand-ins may do to a module tree, so that it can be undone: buffers rebound
+    to a traced value (``self.steps += 1``), attributes set to one (``self.cache = h``), tensors written in place
+    through a plain attribute. The tree's tensors are often the user's model's own."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.attributes = {module: dict(vars(module)) for module in root.modules()}
+        self.buffers = {module: dict(module._buffers) for module in root.modules()}
+        self.values = [(b, b.detach().clone()) for b in {id(b): b for b in root.buffers()}.values()]
+
+    def undo(self) -> dict[str, fx.Node]:
+        """Put everything back; return buffer path -> the traced value ``forward`` rebound it to."""
+        rebound = {}
+        for path, module in self.root.named_modules():
+            if module not in self.buffers:
+                continue
+            for name, value in list(module._buffers.items()):
+                if isinstance(value, fx.Proxy):
+                    rebound[f"{path}.{name}" if path else name] = value.node
+            module._buffers.clear()
+            module._buffers.update(self.buffers[module])
+            for name, value in list(vars(module).items()):
+                if isinstance(value, fx.Proxy):
+                    if name in self.attributes[module]:
+                        setattr(module, name, self.attributes[module][name])
+                    else:
+                        delattr(module, name)
+        with torch.no_grad():
+            for buffer, value in self.values:
+                buffer.copy_(value)
+        return rebound
+
+
+def _write_back(graph: fx.Graph, rebound: Mapping[str, fx.Node]) -> None:
+    """After every other node, copy the value ``forward`` rebound each buffer to into the buffer."""
+    output = next(node for node in reversed(graph.nodes) if node.op == "output")
+    with graph.inserting_before(output):
+        for path, value in rebound.items():
+            buffer = graph.get_attr(path)
+            buffer.meta["path"] = path
+            write = graph.call_method("copy_", (buffer, value))
+            write.meta["path"] = f"{path}.copy"
 
 
 def canonical_names(root: nn.Module) -> dict[str, str]:

@@ -24,7 +24,8 @@ TRACE_CAUSES = (
     "A trace records one run of the Python code with stand-ins for tensors, so it differs from the model where "
     "that code does what a graph cannot record: isinstance(x, torch.Tensor) checks (a stand-in is no Tensor), "
     "branches on Python state or on a tensor's values (frozen as they went while tracing), Python-side randomness, "
-    "or an autowrapped function or leaf module that drops an input. Make the module that holds such code a leaf "
+    "an autowrapped function or leaf module that drops an input, or a buffer written through another attribute "
+    "than its own. Make the module that holds such code a leaf "
     "(tracer_kwargs={'leaf_modules': [...]}), or fix the Python value it reads with concrete_args."
 )
 EXPORT_CAUSES = (
@@ -88,8 +89,10 @@ def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
                 m.training = modes[name]
 
 
-def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: int = SEED) -> Any:
-    """``call(module)`` without gradients, from a fixed random state; ``buffers`` are put back after."""
+def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: int = SEED,
+        after: list | None = None) -> Any:
+    """``call(module)`` without gradients, from a fixed random state; ``buffers`` are put back after (their values
+    after the call are appended to ``after`` first, when given)."""
     buffers = list({id(b): b for b in buffers}.values())
     saved = [b.detach().clone() for b in buffers]
     try:
@@ -97,6 +100,8 @@ def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: in
             torch.manual_seed(seed)
             return call(module)
     finally:
+        if after is not None:
+            after.extend(b.detach().clone() for b in buffers)
         with torch.no_grad():
             for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
@@ -119,27 +124,43 @@ def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
 
 
 def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
-    """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode."""
+    """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode: the
+    same outputs, and the same buffers after the call (state that ``forward`` updates)."""
     buffers = [*model.buffers(), *traced.buffers()]
     route = getattr(traced, "meta", {}).get("route", "fx")
     causes = EXPORT_CAUSES if route == "export" else TRACE_CAUSES
     for training in modes:
+        where = f"{'train' if training else 'eval'} mode"
+        states: tuple[list, list] = ([], [])
         with mode([model, traced], training):
-            expected = run(call, model, buffers)
+            expected = run(call, model, buffers, after=states[0])
             try:
-                got = run(call, traced, buffers)
+                got = run(call, traced, buffers, after=states[1])
             except Exception as error:
                 raise TraceMismatchError(
-                    f"the graph of {type(model).__name__} traced by the {route} route fails in "
-                    f"{'train' if training else 'eval'} mode where the model runs: {type(error).__name__}: {error}. "
-                    f"{causes}") from error
-        found = first_difference(expected, got)
+                    f"the graph of {type(model).__name__} traced by the {route} route fails in {where} where the "
+                    f"model runs: {type(error).__name__}: {error}. {causes}") from error
+        found = first_difference(expected, got) or _state_difference(model, traced, buffers, *states)
         if found is not None:
-            where, how = found
+            what, how = found
             raise TraceMismatchError(
                 f"the graph of {type(model).__name__} traced by the {route} route does not compute what the model "
-                f"computes in {'train' if training else 'eval'} mode: {where} differs ({how}). {causes}"
+                f"computes in {where}: {what} differs ({how}). {causes}"
             )
+
+
+def _state_difference(model: nn.Module, traced: nn.Module, buffers: list[torch.Tensor], expected: list,
+                      got: list) -> tuple[str, str] | None:
+    """The first buffer of ``model`` whose value after the model's call differs from its counterpart's (the buffer
+    at the same path of ``traced``) after the traced call."""
+    index = {id(b): i for i, b in enumerate({id(b): b for b in buffers}.values())}
+    theirs = dict(traced.named_buffers())
+    for name, buffer in model.named_buffers():
+        counterpart = theirs.get(name, buffer)
+        how = difference(expected[index[id(buffer)]], got[index[id(counterpart)]])
+        if how is not None:
+            return f"buffer {name} after the call", how
+    return None
 
 
 def difference(expected: Any, got: Any) -> str | None:
