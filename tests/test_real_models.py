@@ -207,6 +207,17 @@ def test_state_updated_in_the_branches_is_refused():
             fxsplit.rewrite(model, ["stem"], example_inputs=x, method=method)
 
 
+def test_a_leaf_module_that_updates_state_in_the_branches_is_stopped_by_the_check():
+    """A leaf is called whole, so its updates are invisible to the graph: each branch calls it and updates it."""
+    model, x = _stateful_model()
+    leaf = {"leaf_modules": ["stats"]}
+    with pytest.raises(fxsplit.SplitMismatchError, match=r"buffer stats\.(steps|mean) after the call differs .*"
+                                                          r"runs in the task branches, once per task"):
+        fxsplit.rewrite(model, ["stem"], example_inputs=x, tracer_kwargs=leaf, method="fx")
+    split = fxsplit.rewrite(model, ["trunk"], example_inputs=x, tracer_kwargs=leaf, method="fx")  # before: fine
+    assert split.route == "fx"
+
+
 def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):
     case = CASES["dict-batch"]
     model, x = case.build(), case.inputs()

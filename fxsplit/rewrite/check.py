@@ -9,45 +9,58 @@ from collections.abc import Iterable, Iterator, Mapping
 from torch import fx, nn
 
 from ..errors import SplitMismatchError
-from ..tracing.exported import drop_probability
 from ..outputs import Path, select
 from ..tracing.exported import drop_probability
-from ..tracing.verify import SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run
+from ..tracing.verify import (
+    SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run, run_with_state, state_difference,
+)
 
 _DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDepth; timm's DropPath
 
 
 def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Mapping[str, Path], call: Call) -> None:
-    """Raise unless every task's output of ``split`` equals its part of ``model``'s output, in eval and in train mode.
+    """Raise unless every task's output of ``split`` equals its part of ``model``'s output, and every buffer the
+    split keeps at the model's path has the model's value after the call, in eval and in train mode (norm layers'
+    statistics aside: a shared one in the branches updates once per branch, as documented).
 
     Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
     says that only eval mode was checked. When a task differs, the trace is checked too, to say whose fault it is.
     """
     modules = [model, traced, split]
+    norms = {name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._NormBase)}
     for training in (False, True):
+        where = f"{'train' if training else 'eval'} mode"
         with mode(modules, training), _no_dropout(modules):
-            expected = run(call, model, model.buffers())
+            expected, expected_state = run_with_state(call, model, dict(model.named_buffers()))
             if training and _random(call, model, expected):
                 warnings.warn(f"{type(model).__name__} is random in train mode even without dropout, so the split "
                               f"model was checked in eval mode only.", stacklevel=3)
                 continue
-            got = run(call, split, split.buffers())
+            got, got_state = run_with_state(call, split, dict(split.named_buffers()))
             task, how = next(((task, how) for task, path in paths.items()
                               if (how := difference(select(expected, path, task), got[task])) is not None),
                              (None, None))
-            if how is None:
+            state = state_difference(expected_state, got_state, skip=lambda name: name.rpartition(".")[0] in norms)
+            if how is None and state is None:
                 continue
-            if training and _random(call, split, got):  # drop-path in a torch.export graph: a number
+            if how is not None and training and _random(call, split, got):  # drop-path in a torch.export graph
                 warnings.warn(f"the split {type(model).__name__} is random in train mode even without dropout, so "
                               f"it was checked in eval mode only.", stacklevel=3)
                 continue
             check_trace(model, traced, call, modes=(training,))
+            if state is not None:
+                buffer, how = state
+                raise SplitMismatchError(
+                    f"the split model's {buffer} differs from the original's in {where} ({how}): the module that "
+                    f"owns it runs in the task branches, once per task, and updates it each time (a leaf module "
+                    f"that keeps state, say). Split only layers after that module, or keep the state in a split "
+                    f"layer's own module (each task then gets its own copy).")
             route = getattr(split, "meta", {}).get("route", "fx")
             raise SplitMismatchError(
-                f"the split model's output for task {task!r} differs from the original's in "
-                f"{'train' if training else 'eval'} mode ({how}), though the trace (by the {route} route) matches "
-                f"the model. Beyond {TOLERANCE:g} this is no rounding: please report it as an fxsplit bug, with the "
-                f"model. batch_branches=False computes bit for bit, if it helps meanwhile."
+                f"the split model's output for task {task!r} differs from the original's in {where} ({how}), though "
+                f"the trace (by the {route} route) matches the model. Beyond {TOLERANCE:g} this is no rounding: "
+                f"please report it as an fxsplit bug, with the model. batch_branches=False computes bit for bit, "
+                f"if it helps meanwhile."
             )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -93,8 +93,9 @@ def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: in
         after: list | None = None) -> Any:
     """``call(module)`` without gradients, from a fixed random state; ``buffers`` are put back after (their values
     after the call are appended to ``after`` first, when given)."""
-    buffers = list({id(b): b for b in buffers}.values())
-    saved = [b.detach().clone() for b in buffers]
+    buffers = list(buffers)
+    unique = list({id(b): b for b in buffers}.values())
+    saved = [b.detach().clone() for b in unique]
     try:
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(seed)
@@ -103,7 +104,7 @@ def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: in
         if after is not None:
             after.extend(b.detach().clone() for b in buffers)
         with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
+            for buffer, value in zip(unique, saved):
                 buffer.copy_(value)
 
 
@@ -123,44 +124,51 @@ def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
     return None
 
 
+def run_with_state(call: Call, module: nn.Module, state: Mapping[str, torch.Tensor],
+                   buffers: Iterable[torch.Tensor] = ()) -> tuple[Any, dict]:
+    """:func:`run` on ``module`` with ``state`` (name -> buffer) and ``buffers`` put back after, and the value each
+    buffer of ``state`` had after the call."""
+    after: list[torch.Tensor] = []
+    output = run(call, module, [*state.values(), *buffers], after=after)
+    return output, dict(zip(state, after))
+
+
+def state_difference(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
+                     skip: Callable[[str], bool] = lambda name: False) -> tuple[str, str] | None:
+    """``(buffer, how it differs)`` for the first buffer (by name, in both) whose value after a call differs."""
+    for name, value in expected.items():
+        if name in got and not skip(name):
+            how = difference(value, got[name])
+            if how is not None:
+                return f"buffer {name} after the call", how
+    return None
+
+
 def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
     """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode: the
     same outputs, and the same buffers after the call (state that ``forward`` updates)."""
+    model_state = dict(model.named_buffers())
+    traced_state = {**model_state, **dict(traced.named_buffers())}  # what the graph does not hold, it leaves alone
     buffers = [*model.buffers(), *traced.buffers()]
     route = getattr(traced, "meta", {}).get("route", "fx")
     causes = EXPORT_CAUSES if route == "export" else TRACE_CAUSES
     for training in modes:
         where = f"{'train' if training else 'eval'} mode"
-        states: tuple[list, list] = ([], [])
         with mode([model, traced], training):
-            expected = run(call, model, buffers, after=states[0])
+            expected, expected_state = run_with_state(call, model, model_state, buffers)
             try:
-                got = run(call, traced, buffers, after=states[1])
+                got, got_state = run_with_state(call, traced, traced_state, buffers)
             except Exception as error:
                 raise TraceMismatchError(
                     f"the graph of {type(model).__name__} traced by the {route} route fails in {where} where the "
                     f"model runs: {type(error).__name__}: {error}. {causes}") from error
-        found = first_difference(expected, got) or _state_difference(model, traced, buffers, *states)
+        found = first_difference(expected, got) or state_difference(expected_state, got_state)
         if found is not None:
             what, how = found
             raise TraceMismatchError(
                 f"the graph of {type(model).__name__} traced by the {route} route does not compute what the model "
                 f"computes in {where}: {what} differs ({how}). {causes}"
             )
-
-
-def _state_difference(model: nn.Module, traced: nn.Module, buffers: list[torch.Tensor], expected: list,
-                      got: list) -> tuple[str, str] | None:
-    """The first buffer of ``model`` whose value after the model's call differs from its counterpart's (the buffer
-    at the same path of ``traced``) after the traced call."""
-    index = {id(b): i for i, b in enumerate({id(b): b for b in buffers}.values())}
-    theirs = dict(traced.named_buffers())
-    for name, buffer in model.named_buffers():
-        counterpart = theirs.get(name, buffer)
-        how = difference(expected[index[id(buffer)]], got[index[id(counterpart)]])
-        if how is not None:
-            return f"buffer {name} after the call", how
-    return None
 
 
 def difference(expected: Any, got: Any) -> str | None:
