@@ -148,6 +148,26 @@ class Stateful(nn.Module):
         return {task: head(h) for task, head in self.heads.items()}
 
 
+class FrozenTeacher(nn.Module):
+    """A frozen teacher run under ``torch.no_grad()`` feeding the trunk, and a target network (as in
+    self-distillation) under ``torch.no_grad()`` after it, whose output both tasks read."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher = nn.Linear(6, 8)
+        self.trunk = nn.Linear(8, 8)
+        self.target = nn.Linear(8, 2)
+        self.heads = nn.ModuleDict({task: nn.Linear(8, 2) for task in "ab"})
+
+    def forward(self, x):
+        with torch.no_grad():
+            t = self.teacher(x).relu()
+        h = self.trunk(t)
+        with torch.no_grad():
+            aim = self.target(h)
+        return {"a": self.heads.a(h) + aim, "b": self.heads.b(h) - aim}
+
+
 class DictBatch(nn.Module):
     """Reads a dict batch (image and metadata) and returns a tuple ``(segmentation, depth)``."""
 

@@ -15,7 +15,7 @@ from torch import nn
 import fxsplit
 from fxsplit.layers import attribute
 from tests.models import assert_equivalent, assert_unchanged, count, snapshot, without_dropout
-from tests.real_models import CASES, Case, Stateful, TiedLM, UncertaintyWeighted
+from tests.real_models import CASES, Case, FrozenTeacher, Stateful, TiedLM, UncertaintyWeighted
 
 
 def _batches(case: Case, steps: int = 3) -> list:
@@ -216,6 +216,28 @@ def test_a_leaf_module_that_updates_state_in_the_branches_is_stopped_by_the_chec
         fxsplit.rewrite(model, ["stem"], example_inputs=x, tracer_kwargs=leaf, method="fx")
     split = fxsplit.rewrite(model, ["trunk"], example_inputs=x, tracer_kwargs=leaf, method="fx")  # before: fine
     assert split.route == "fx"
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+@pytest.mark.parametrize("layer", ["teacher", "trunk"])
+def test_no_grad_blocks_stay_without_gradient(method, layer, tmp_path):
+    """torch.fx does not record torch.no_grad(): the split trained the frozen teacher and the target network
+    (which runs in both branches after a split trunk: batched, inside the block)."""
+    torch.manual_seed(0)
+    model, x = FrozenTeacher(), torch.randn(5, 6)
+    split = fxsplit.rewrite(model, [layer], example_inputs=x, method=method)
+    for module in (model, split):
+        out = module(x)
+        (out["a"].sum() + 2 * out["b"].sum()).backward()
+    frozen = [p for name, p in split.named_parameters() if "teacher" in name or "target" in name]
+    assert len(frozen) == (6 if layer == "teacher" else 4) and all(p.grad is None for p in frozen)
+    trunk = [split.copy_of(t, "trunk") for t in "ab"] if layer == "trunk" else [split.trunk]
+    assert torch.allclose(sum(m.weight.grad for m in trunk), model.trunk.weight.grad, atol=1e-6)
+    with torch.no_grad():
+        assert not split(x)["a"].requires_grad
+    assert torch.is_grad_enabled()
+    if method == "fx":  # TorchScript compiles the recorded mode changes
+        fxsplit.export(split, tmp_path / "split.pt", x)
 
 
 def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):

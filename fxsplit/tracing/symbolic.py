@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TraceError
+from .grad_mode import recording_grad_mode
 from .mutations import follow_mutations
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -58,6 +59,10 @@ class PathTracer(fx.Tracer):
         self.failed_in: str | None = None
         self._bound = {f"{name}_1": name for name in bound}  # torch.fx names a bound argument's placeholder x_1
         self._uses: dict[str, int] = {}
+
+    def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with recording_grad_mode(self):
+            return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
