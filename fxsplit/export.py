@@ -79,6 +79,7 @@ def export(
                           f"got format={format!r} for {str(path)!r}.")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     model = copy_module(model, share_tensors=False).eval()
+    _check_no_recorded_autocast(model)
     expected = _run(model, inputs, "the model")
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the suffix
     try:
@@ -91,6 +92,16 @@ def export(
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _check_no_recorded_autocast(model: nn.Module) -> None:
+    """torch.autocast blocks that the torch.fx route recorded as nodes export to neither format."""
+    if isinstance(model, fx.GraphModule) and any(node.target is torch.amp._enter_autocast
+                                                 for node in model.graph.nodes):
+        raise ExportError(
+            f"{type(model).__name__}'s graph holds torch.autocast blocks that the torch.fx route recorded as nodes, "
+            f"which neither TorchScript nor torch.export exports again. Split the model on the torch.export route "
+            f"(rewrite(model, layers, example_inputs=..., method='export')): its split exports to a .pt2 file.")
 
 
 def _write_torchscript(model: nn.Module, inputs: tuple, path: Path) -> nn.Module:

@@ -168,6 +168,22 @@ class FrozenTeacher(nn.Module):
         return {"a": self.heads.a(h) + aim, "b": self.heads.b(h) - aim}
 
 
+class MixedPrecisionTrunk(nn.Module):
+    """A trunk run under ``torch.autocast`` in bfloat16 (the model asks for it itself), heads in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(6, 16)
+        self.trunk = nn.Linear(16, 16)
+        self.heads = nn.ModuleDict({task: nn.Linear(16, 2) for task in "ab"})
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.trunk(self.stem(x).relu())
+        h = h.float()
+        return {task: head(h) for task, head in self.heads.items()}
+
+
 class DictBatch(nn.Module):
     """Reads a dict batch (image and metadata) and returns a tuple ``(segmentation, depth)``."""
 

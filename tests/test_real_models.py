@@ -15,7 +15,7 @@ from torch import nn
 import fxsplit
 from fxsplit.layers import attribute
 from tests.models import assert_equivalent, assert_unchanged, count, snapshot, without_dropout
-from tests.real_models import CASES, Case, FrozenTeacher, Stateful, TiedLM, UncertaintyWeighted
+from tests.real_models import CASES, Case, FrozenTeacher, MixedPrecisionTrunk, Stateful, TiedLM, UncertaintyWeighted
 
 
 def _batches(case: Case, steps: int = 3) -> list:
@@ -238,6 +238,27 @@ def test_no_grad_blocks_stay_without_gradient(method, layer, tmp_path):
     assert torch.is_grad_enabled()
     if method == "fx":  # TorchScript compiles the recorded mode changes
         fxsplit.export(split, tmp_path / "split.pt", x)
+
+
+@pytest.mark.parametrize("layer", ["stem", "trunk"])
+def test_autocast_blocks_compute_in_their_precision(layer):
+    """torch.fx does not record torch.autocast: the split computed in float32 what the model computes in bfloat16."""
+    torch.manual_seed(0)
+    model, x = MixedPrecisionTrunk(), torch.randn(5, 6)
+    split = fxsplit.rewrite(model, [layer])  # no example: nothing would catch it
+    for training in (False, True):
+        model.train(training), split.train(training)
+        assert all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
+    assert torch.is_autocast_enabled("cpu") is False
+
+
+def test_recorded_autocast_blocks_say_how_to_export(tmp_path):
+    model, x = MixedPrecisionTrunk(), torch.randn(5, 6)
+    with pytest.raises(fxsplit.ExportError, match=r"torch\.autocast blocks .* method='export'"):
+        fxsplit.export(fxsplit.rewrite(model, ["trunk"]), tmp_path / "split.pt2", x)
+    split = fxsplit.rewrite(model, ["trunk"], example_inputs=x, method="export")
+    loaded = torch.export.load(fxsplit.export(split, tmp_path / "split.pt2", x)).module()
+    assert torch.equal(loaded(x)["a"], model(x)["a"])
 
 
 def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):

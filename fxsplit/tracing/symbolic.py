@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import TraceError
-from .grad_mode import recording_grad_mode
+from .modes import recording_modes
 from .mutations import follow_mutations
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -61,7 +61,7 @@ class PathTracer(fx.Tracer):
         self._uses: dict[str, int] = {}
 
     def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
-        with recording_grad_mode(self):
+        with recording_modes(self):
             return super().trace(root, concrete_args)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:

@@ -1,10 +1,12 @@
-"""Gradient mode in a traced graph: ``torch.no_grad()``, ``torch.enable_grad()`` and ``torch.set_grad_enabled``
-blocks in ``forward`` become nodes, which ``torch.fx`` does not record by itself (it would let gradients flow
-through a frozen teacher or a target network).
+"""Autograd's and autocast's modes in a traced graph: ``torch.no_grad()``, ``torch.enable_grad()``,
+``torch.set_grad_enabled`` and ``torch.autocast`` blocks in ``forward`` become nodes, which ``torch.fx`` does not
+record by itself (it would let gradients flow through a frozen teacher, or compute in float32 what the model
+computes in bfloat16).
 
 While tracing, entering a block records the mode then in force (``torch.is_grad_enabled()``) and sets the block's
 (:func:`set_grad_mode`); leaving it sets the recorded mode back, so the graph honours the caller's mode as the
-model does. TorchScript compiles these nodes too.
+model does. TorchScript compiles these nodes too. An autocast block becomes ``torch.amp._enter_autocast`` and
+``torch.amp._exit_autocast`` nodes, as ``torch.export`` records it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ def set_grad_mode(mode: bool) -> None:
 
 
 @contextlib.contextmanager
-def recording_grad_mode(tracer: fx.Tracer) -> Iterator[None]:
-    """Within the block, the gradient-mode context managers record themselves in ``tracer``'s graph."""
+def recording_modes(tracer: fx.Tracer) -> Iterator[None]:
+    """Within the block, the gradient-mode and autocast context managers record themselves in ``tracer``'s
+    graph."""
     saved: list[fx.Proxy] = []
 
     def enter(mode: bool) -> None:
@@ -39,6 +42,13 @@ def recording_grad_mode(tracer: fx.Tracer) -> Iterator[None]:
         self.mode = mode
         enter(mode)
 
+    def enter_autocast(self) -> None:
+        arguments = (self.device, self.fast_dtype, self._enabled, self._cache_enabled)
+        self.recorded = tracer.create_proxy("call_function", torch.amp._enter_autocast, arguments, {})
+
+    def leave_autocast(self, *_) -> None:
+        tracer.create_proxy("call_function", torch.amp._exit_autocast, (self.recorded,), {})
+
     patches = [
         (grad_mode.no_grad, "__enter__", lambda self: enter(False)),
         (grad_mode.no_grad, "__exit__", leave),
@@ -46,6 +56,8 @@ def recording_grad_mode(tracer: fx.Tracer) -> Iterator[None]:
         (grad_mode.enable_grad, "__exit__", leave),
         (grad_mode.set_grad_enabled, "__init__", set_grad_enabled),
         (grad_mode.set_grad_enabled, "__exit__", leave),
+        (torch.autocast, "__enter__", enter_autocast),
+        (torch.autocast, "__exit__", leave_autocast),
     ]
     originals = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
     for cls, name, patch in patches:
