@@ -190,6 +190,25 @@ def test_state_updated_in_forward_is_updated_by_the_trace_and_the_split(method):
         assert torch.allclose(module.get_buffer("stats.mean"), eager.stats.mean, atol=1e-6)
 
 
+def test_python_reads_a_buffers_sizes_dtype_and_device():
+    """Buffers are traced as graph values; timm's RoPE asserts on one's size, so its metadata stays Python's."""
+
+    class Rotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("periods", torch.arange(1.0, 5.0), persistent=False)
+            self.heads = nn.ModuleDict({task: nn.Linear(4, 2) for task in "ab"})
+
+        def forward(self, x):
+            assert self.periods.numel() == 4 and self.periods.dim() == 1
+            h = torch.sin(x * self.periods.to(dtype=x.dtype, device=self.periods.device))
+            return {task: head(h) for task, head in self.heads.items()}
+
+    model, x = Rotary(), torch.randn(3, 4)
+    traced = fxsplit.trace(model, x, method="fx")
+    assert traced.meta["route"] == "fx" and torch.equal(traced(x)["a"], model(x)["a"])
+
+
 def test_a_trace_that_misses_a_state_update_is_stopped():
     """An update through a plain attribute that aliases the buffer runs while tracing and is not recorded."""
     model, x = _stateful_model()

@@ -41,7 +41,8 @@ class PathTracer(fx.Tracer):
     """A tracer that names each node after its dotted module path and honours leaf modules.
 
     ``leaf_modules`` holds module classes (every instance is a leaf) or qualified names (that one module is).
-    Buffers are read as graph values (``get_attr``), so that what ``forward`` does to them is recorded, not done.
+    Buffers are read as graph values (``get_attr``), so that what ``forward`` does to them is recorded, not done;
+    their sizes, dtype and device stay Python values, as they were when buffers were read as tensors.
     """
 
     proxy_buffer_attributes = True
@@ -61,8 +62,14 @@ class PathTracer(fx.Tracer):
         self._uses: dict[str, int] = {}
 
     def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        self._buffers = dict(root.named_buffers())
         with recording_modes(self):
             return super().trace(root, concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "get_attr" and node.target in self._buffers:
+            return _BufferProxy(node, self, self._buffers[node.target])
+        return super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
@@ -105,6 +112,23 @@ class PathTracer(fx.Tracer):
         uses = self._uses.get(path, 0)
         self._uses[path] = uses + 1
         return f"{path}_{uses}" if uses else path
+
+
+class _BufferProxy(fx.Proxy):
+    """A buffer read in a trace: a graph value whose metadata (sizes, dtype, device) are the buffer's own, since
+    Python code branches on them (``assert self.periods.numel() == dim``)."""
+
+    _METADATA = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda", "requires_grad", "size", "dim",
+                           "numel", "nelement", "is_floating_point", "is_complex", "element_size", "get_device"})
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, tensor: torch.Tensor):
+        super().__init__(node, tracer)
+        self._tensor = tensor
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _BufferProxy._METADATA:
+            return getattr(self._tensor, name)
+        return super().__getattr__(name)
 
 
 def check_options(tracer_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
