@@ -13,8 +13,9 @@ from fxsplit import datasets
 SECTIONS = {
     "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
     "Conflict scores": ["analyze", "ConflictMonitor", "ConflictReport", "LayerSelection"],
-    "Errors": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
-               "UnknownLayerError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError"],
+    "Errors and warnings": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
+               "UnknownLayerError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError",
+               "PythonStateWarning"],
 }
 
 

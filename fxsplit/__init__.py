@@ -3,7 +3,7 @@
 from .analyze import analyze
 from .errors import (
     ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, SplitMismatchError, TaskError,
-    TraceError, TraceMismatchError, UnknownLayerError,
+    PythonStateWarning, TraceError, TraceMismatchError, UnknownLayerError,
 )
 from .export import export, script
 from .layers import LayerGraph, layer_graph
@@ -29,6 +29,7 @@ __all__ = [
     "TaskError",
     "TraceError",
     "TraceMismatchError",
+    "PythonStateWarning",
     "UnknownLayerError",
     "analyze",
     "export",

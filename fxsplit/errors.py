@@ -18,6 +18,10 @@ class TraceMismatchError(TraceError):
     """A traced graph computes something other than the model on an example input."""
 
 
+class PythonStateWarning(UserWarning):
+    """``forward`` keeps tensors it computes in Python state (a list or dict it adds to), which no graph records."""
+
+
 class SplitMismatchError(FxsplitError):
     """A split model computes something other than the original for some task on an example input."""
 

@@ -280,6 +280,50 @@ def test_recorded_autocast_blocks_say_how_to_export(tmp_path):
     assert torch.equal(loaded(x)["a"], model(x)["a"])
 
 
+class DeepSupervision(nn.Module):
+    """Collects intermediate features in a list for an auxiliary loss, as deep-supervision code often does."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.trunk = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.heads = nn.ModuleDict({task: nn.Linear(8, 2) for task in "ab"})
+        self.features = []
+
+    def forward(self, x):
+        h = self.stem(x)
+        self.features.append(h)
+        h = self.trunk(h)
+        return {task: head(h) for task, head in self.heads.items()}
+
+
+def test_tensors_kept_in_python_state_are_named_and_the_model_is_left_alone():
+    """No graph adds to a list: the split's list stays empty while training code may read it (a cache, as timm's
+    LeViT keeps, is harmless): a warning names the attribute, and tracing leaves no stand-ins behind."""
+    model, x = DeepSupervision(), torch.randn(3, 6)
+    for call in (lambda: fxsplit.trace(model), lambda: fxsplit.rewrite(model, ["trunk"], example_inputs=x),
+                 lambda: fxsplit.layer_graph(model, example_inputs=x)):
+        with pytest.warns(fxsplit.PythonStateWarning, match=r"\(features: a list, dict or set\).*Return those "
+                                                            r"tensors from forward"):
+            result = call()
+    assert model.features == [] and result.graph["route"] == "fx"
+    split = fxsplit.rewrite(model, ["trunk"])
+    assert split.features == [] and all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
+
+
+def test_checks_run_the_model_without_changing_its_python_state():
+    class Counting(UncertaintyWeighted):
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    model, x = Counting(), torch.randn(2, 6)
+    fxsplit.rewrite(model, ["trunk.2"], example_inputs=x)
+    fxsplit.analyze(model, {t: (lambda t: lambda out, batch: out[t].sum())(t) for t in "ab"}, [x], progress=False)
+    assert model.calls == 1  # analyze's one step; the checks and the tracing ran copies
+
+
 def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):
     case = CASES["dict-batch"]
     model, x = case.build(), case.inputs()

@@ -11,6 +11,7 @@ from torch import fx, nn
 from ..errors import SplitMismatchError
 from ..outputs import Path, select
 from ..tracing.exported import drop_probability
+from ..tracing.symbolic import copy_module
 from ..tracing.verify import (
     SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run, run_with_state, state_difference,
 )
@@ -26,6 +27,7 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
     says that only eval mode was checked. When a task differs, the trace is checked too, to say whose fault it is.
     """
+    model = copy_module(model, share_tensors=True)  # forward may change Python state: never the user's
     modules = [model, traced, split]
     norms = {name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._NormBase)}
     for training in (False, True):

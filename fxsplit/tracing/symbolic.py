@@ -13,13 +13,14 @@ import inspect
 import math
 import os
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from ..errors import TraceError
+from ..errors import PythonStateWarning, TraceError
 from .modes import recording_modes
 from .mutations import follow_mutations
 
@@ -164,6 +165,13 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
         rebound = effects.undo()
         for name, module in root.named_modules():
             module.training = modes[name]
+    if effects.stored:
+        warnings.warn(
+            f"{type(root).__name__}.forward adds the tensors it computes to Python state "
+            f"({', '.join(effects.stored)}: a list, dict or set). A graph records tensor operations only, so a "
+            f"trace or a split computes the same outputs but never adds to it: harmless for a cache, wrong if your "
+            f"training code reads it (deep-supervision features). Return those tensors from forward instead.",
+            PythonStateWarning, stacklevel=2)
     _write_back(graph, rebound)
     follow_mutations(graph, root)
     return graph
@@ -171,14 +179,18 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
 
 class _ForwardEffects:
     """What running ``forward`` on stand-ins may do to a module tree, so that it can be undone: buffers rebound
-    to a traced value (``self.steps += 1``), attributes set to one (``self.cache = h``), tensors written in place
-    through a plain attribute. The tree's tensors are often the user's model's own."""
+    to a traced value (``self.steps += 1``), attributes set to one (``self.cache = h``), lists and dicts added to
+    (``self.features.append(h)``), tensors written in place through a plain attribute. The tree's tensors are
+    often the user's model's own."""
 
     def __init__(self, root: nn.Module):
         self.root = root
         self.attributes = {module: dict(vars(module)) for module in root.modules()}
         self.buffers = {module: dict(module._buffers) for module in root.modules()}
+        self.containers = {(module, name): copy.copy(value) for module in root.modules()
+                           for name, value in vars(module).items() if type(value) in (list, dict, set)}
         self.values = [(b, b.detach().clone()) for b in {id(b): b for b in root.buffers()}.values()]
+        self.stored: list[str] = []  # attributes forward added traced values to
 
     def undo(self) -> dict[str, fx.Node]:
         """Put everything back; return buffer path -> the traced value ``forward`` rebound it to."""
@@ -197,10 +209,22 @@ class _ForwardEffects:
                         setattr(module, name, self.attributes[module][name])
                     else:
                         delattr(module, name)
+                elif (module, name) in self.containers:
+                    self._restore(f"{path}.{name}" if path else name, value, self.containers[module, name])
         with torch.no_grad():
             for buffer, value in self.values:
                 buffer.copy_(value)
         return rebound
+
+    def _restore(self, path: str, container: list | dict | set, saved: list | dict | set) -> None:
+        items = container.values() if isinstance(container, dict) else container
+        if any(isinstance(item, fx.Proxy) for item in items):
+            self.stored.append(path)
+        if isinstance(container, list):
+            container[:] = saved
+        else:
+            container.clear()
+            container.update(saved)
 
 
 def _write_back(graph: fx.Graph, rebound: Mapping[str, fx.Node]) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from ..errors import TraceError, TraceMismatchError
+from .symbolic import copy_module
 
 TOLERANCE = 1e-4  # relative error (Frobenius norms) an output tensor may have: rounding, not a different function
 SEED = 20230211  # any fixed seed: both runs draw the same random numbers in the same order
@@ -56,6 +57,7 @@ def recorded_example(model: nn.Module, call: Call) -> tuple[tuple, dict]:
     """The ``(args, kwargs)`` that ``call`` gives ``model``'s ``forward`` (its first call), from one run without
     gradients; buffers are put back. An example for the torch.export route from a ``forward(model, batch)``."""
     seen = []
+    model = copy_module(model, share_tensors=True)  # forward may change Python state
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
     try:
         run(call, model, model.buffers())
@@ -146,7 +148,9 @@ def state_difference(expected: Mapping[str, torch.Tensor], got: Mapping[str, tor
 
 def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
     """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode: the
-    same outputs, and the same buffers after the call (state that ``forward`` updates)."""
+    same outputs, and the same buffers after the call (state that ``forward`` updates). The model runs as a copy
+    that shares its tensors, so that Python state its ``forward`` changes stays as it was."""
+    model = copy_module(model, share_tensors=True)
     model_state = dict(model.named_buffers())
     traced_state = {**model_state, **dict(traced.named_buffers())}  # what the graph does not hold, it leaves alone
     buffers = [*model.buffers(), *traced.buffers()]
