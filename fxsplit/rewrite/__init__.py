@@ -22,12 +22,11 @@ from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, container, install, layer_copy
-from .fanout import fan_out, needed_nodes, output_node, tainted_by
+from .fanout import NORMS, fan_out, needed_nodes, output_node, tainted_by
 from ..outputs import OutputKey, Path, repeated_items, task_paths
 
 __all__ = ["rewrite"]
 
-_NORMS = (nn.modules.batchnorm._NormBase,)
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, set, frozenset)
 
 
@@ -207,7 +206,7 @@ def _norms_in_branches(root, graph, layers: Mapping[str, Layer], names: list[str
     region of ``names``."""
     tainted = tainted_by(graph, _chosen(layers, names))
     norms = [name for name, layer in layers.items() if name not in names
-             and isinstance(attribute(root, name), _NORMS) and all(node in tainted for node in layer.calls)]
+             and isinstance(attribute(root, name), NORMS) and all(node in tainted for node in layer.calls)]
     users = _users(layers, norms, needed_nodes(root, graph, paths))
     return [name for name in norms if len(users[name]) > 1]
 

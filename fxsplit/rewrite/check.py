@@ -15,6 +15,7 @@ from ..tracing.symbolic import copy_module
 from ..tracing.verify import (
     SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run, run_with_state, state_difference,
 )
+from .fanout import NORMS
 
 _DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDepth; timm's DropPath
 
@@ -29,7 +30,7 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     """
     model = copy_module(model, share_tensors=True)  # forward may change Python state: never the user's
     modules = [model, traced, split]
-    norms = {name for name, module in model.named_modules() if isinstance(module, nn.modules.batchnorm._NormBase)}
+    norms = {name for name, module in model.named_modules() if isinstance(module, NORMS)}
     for training in (False, True):
         where = f"{'train' if training else 'eval'} mode"
         with mode(modules, training), _no_dropout(modules):

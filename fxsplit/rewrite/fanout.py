@@ -22,6 +22,9 @@ from ..errors import LayerError
 from ..tracing import mutated_input, viewed, written_tensor
 from ..outputs import Path, select
 
+NORMS = (nn.modules.batchnorm._NormBase,)  # norm layers with running statistics: shared ones update once per branch
+
+
 @dataclass
 class FanOut:
     """A fanned-out graph and, for every module or tensor it reads, the tasks whose outputs use it."""
@@ -111,7 +114,7 @@ def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str]) -> set[
             continue
         written = written_tensor(root, node)
         if written.op == "get_attr" and written not in tainted and not isinstance(
-                root.get_submodule(written.target.rpartition(".")[0]), nn.modules.batchnorm._NormBase):
+                root.get_submodule(written.target.rpartition(".")[0]), NORMS):
             raise LayerError(
                 f"buffer {written.target!r} is updated in forward after the split layer {layer!r} (at "
                 f"{node.meta.get('path', node.name)}): each task's branch would update the one buffer in turn, so "
