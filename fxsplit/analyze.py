@@ -20,7 +20,7 @@ from .scoring import ConflictMonitor
 from .scoring.checks import loss_value, task_names
 from .scoring.methods import Aggregator
 from .tracing import trace_graph
-from .tracing.verify import check_trace
+from .tracing.verify import check_trace, forwarding
 
 Loss = Callable[[Any, Any], torch.Tensor]
 
@@ -123,7 +123,7 @@ def analyze(
 def _checked_graph(model: nn.Module, forward: Callable, batch: Any, tracer_kwargs) -> nx.DiGraph:
     """The layer graph of ``model`` traced in its current mode, once the graph is checked on ``batch``."""
     traced = trace_graph(model, tracer_kwargs)
-    check_trace(model, traced, lambda module: forward(module, batch), modes=(model.training,))
+    check_trace(model, traced, forwarding(forward, batch), modes=(model.training,))
     return graph_of(traced)
 
 

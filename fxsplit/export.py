@@ -14,6 +14,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
+from .rewrite.streams import plain_streams
 from .tracing.symbolic import copy_module
 
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
@@ -40,7 +41,7 @@ def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.S
             f"applies ATen operations, which TorchScript cannot compile. Save it as a .pt2 file instead "
             f"(fxsplit.export(model, 'model.pt2', example_inputs), or format='export'), which torch.export loads."
         )
-    model = copy_module(model, share_tensors=False).eval()
+    model = _exportable(model)
     if isinstance(model, fx.GraphModule):
         _drop_bound_arguments(model)
         if example_inputs is not None:
@@ -78,7 +79,7 @@ def export(
         raise ExportError(f"format must be one of {sorted(FORMATS.values())} (or a path ending in .pt / .pt2), "
                           f"got format={format!r} for {str(path)!r}.")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    model = copy_module(model, share_tensors=False).eval()
+    model = _exportable(model)
     _check_no_recorded_autocast(model)
     expected = _run(model, inputs, "the model")
     partial = path.with_name(f".{path.stem}.partial{path.suffix}")  # torch.export.save wants the suffix
@@ -92,6 +93,15 @@ def export(
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _exportable(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` in eval mode, its batched streams as plain tensor operations (no autograd to keep)."""
+    model = copy_module(model, share_tensors=False).eval()
+    if isinstance(model, fx.GraphModule):
+        plain_streams(model.graph)
+        model.recompile()
+    return model
 
 
 def _check_no_recorded_autocast(model: nn.Module) -> None:

@@ -20,8 +20,8 @@ from .tracing import DualGraphModule
 @dataclass(frozen=True)
 class Surgery:
     """What a rewrite did: ``tasks`` in output order, the ``layers`` split (graph order) with the ``members`` each
-    copies (modules and parameters, under ``copies.<task>.<member>``), ``owners`` (every name of every parameter ->
-    the tasks whose outputs use it), the model's plain ``attributes`` kept on the split model, and the ``route``
+    copies (modules and parameters, under ``copies.<task>.<member>``), ``owners`` (every name of every parameter and
+    buffer -> the tasks whose outputs use it), the model's plain ``attributes`` kept on the split model, and the ``route``
     that traced the model (``"fx"`` or ``"export"``) with the reason it was taken."""
 
     tasks: tuple[str, ...]

@@ -1,9 +1,11 @@
 """What fxsplit's results are checked against: the plain loop that ``fxsplit.analyze`` must agree with (per step,
 each task's gradient by its own ``autograd.grad``, each layer's weight and bias as one vector, the cosine of every
-task pair), and the relative error by which a rewrite's output may differ from the original's."""
+task pair); the relative error by which a rewrite's output may differ from the original's; and the per-task
+contract of a split whose copies trained apart (``assert_per_task``), written independently of fxsplit's own check."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
@@ -44,3 +46,82 @@ def reference(model, tasks, batches, graph, thresholds, optimizer=None) -> dict[
 def relative_error(expected: torch.Tensor, got: torch.Tensor) -> float:
     """``|expected - got| / |expected|`` (Frobenius norms)."""
     return ((expected - got).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+def perturb_copies(split, scale: float = 0.1, seed: int = 0) -> None:
+    """Move every task's copies apart (in place): each copied parameter gets its own noise, ``scale`` times its
+    root mean square (or ``scale`` / 10 where it is all zeros), as if the copies had trained apart."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in split.named_parameters():
+            if name.startswith("copies.") and parameter.is_floating_point():
+                rms = parameter.double().pow(2).mean().sqrt().item()
+                noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float64)
+                parameter.add_((noise * (scale * rms if rms > 0 else scale / 10)).to(parameter.dtype))
+
+
+def task_model(model, split, task: str):
+    """A copy of the original ``model`` holding what task ``task`` computes with in ``split``: its copies in
+    place of the split layers, the split's shared tensors everywhere else."""
+    reference = copy.deepcopy(model)
+    state = split.state_dict()
+    own = reference.state_dict()
+    reference.load_state_dict({name: state.get(f"copies.{task}.{name}", state.get(name, value))
+                               for name, value in own.items()})
+    return reference
+
+
+def probe(output) -> torch.Tensor:
+    """A fixed linear function of every floating-point tensor in ``output``: what gradients are compared on."""
+    leaves = [x for x in torch.utils._pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    generator = torch.Generator().manual_seed(1234)
+    return sum((x.double() * torch.randn(x.shape, generator=generator, dtype=torch.float64)).sum() for x in leaves)
+
+
+def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tolerance: float = 1e-5,
+                    modes=(False, True)) -> None:
+    """The contract after the copies train apart: with every copy perturbed independently, each task's output of
+    ``split``, and its gradients with respect to every parameter, equal those of the original model with that
+    task's copies loaded (``task_model``), in each mode; no task's gradient reaches another task's own parameters.
+
+    ``outputs`` maps tasks to output keys as rewrite takes them (default: the output is keyed by task). Works on
+    copies: neither model changes.
+    """
+    split = copy.deepcopy(split)
+    perturb_copies(split)
+    keys = outputs or {task: task for task in split.tasks}
+    split_names = dict(split.named_parameters(remove_duplicate=False))
+    for training in modes:
+        for task in split.tasks:
+            reference = task_model(model, split, task).train(training)
+            split.train(training).zero_grad(set_to_none=True)
+            torch.manual_seed(0)
+            expected = _select(reference(*copy.deepcopy(args)), keys[task])
+            torch.manual_seed(0)
+            got = split(*copy.deepcopy(args))[task]
+            assert torch.utils._pytree.tree_structure(got) == torch.utils._pytree.tree_structure(expected), task
+            for e, g in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+                assert e.shape == g.shape and e.dtype == g.dtype, (task, e.shape, g.shape)
+                assert relative_error(e.double(), g.double()) <= tolerance, (task, training)
+            probe(expected).backward()
+            probe(got).backward()
+            reached = set()
+            for name, p in reference.named_parameters(remove_duplicate=False):
+                copied = f"copies.{task}.{name}"
+                twin = split_names.get(copied, split_names.get(name))
+                if twin is None:
+                    continue
+                assert (p.grad is None) == (twin.grad is None), (task, name, p.grad is None)
+                if p.grad is not None:
+                    reached.add(id(twin))
+                    scale = max(p.grad.double().norm().item(), 1e-12)
+                    assert (p.grad.double() - twin.grad.double()).norm().item() <= tolerance * scale * 10, \
+                        (task, name, training)
+            strays = [name for name, p in split.named_parameters() if p.grad is not None and id(p) not in reached]
+            assert not strays, (task, training, strays)
+
+
+def _select(output, key):
+    for part in key if isinstance(key, tuple) else (key,):
+        output = output[part]
+    return output

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..errors import LayerError, ReportError, unknown_layer
@@ -241,16 +242,17 @@ def _has(module: nn.Module, path: str) -> bool:
 
 
 def _owners(split: SplitModule, uses: Mapping[str, set[str]], tasks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Every name of every parameter -> the tasks whose outputs use it, in task order (unused: every task)."""
+    """Every name of every parameter and buffer -> the tasks whose outputs use it, in task order (unused: every
+    task)."""
     by_id: dict[int, set[str]] = {}
     for target, tasks_using in uses.items():
         value = attribute(split, target)
-        parameters = [value] if isinstance(value, nn.Parameter) else \
-            list(value.parameters()) if isinstance(value, nn.Module) else []
-        for parameter in parameters:
-            by_id.setdefault(id(parameter), set()).update(tasks_using)
-    return {name: tuple(t for t in tasks if t in by_id.get(id(p), tasks))
-            for name, p in split.named_parameters(remove_duplicate=False)}
+        tensors = [value] if isinstance(value, torch.Tensor) else \
+            [*value.parameters(), *value.buffers()] if isinstance(value, nn.Module) else []
+        for tensor in tensors:
+            by_id.setdefault(id(tensor), set()).update(tasks_using)
+    named = [*split.named_parameters(remove_duplicate=False), *split.named_buffers(remove_duplicate=False)]
+    return {name: tuple(t for t in tasks if t in by_id.get(id(tensor), tasks)) for name, tensor in named}
 
 
 def _plain_attributes(split: SplitModule, root: nn.Module) -> tuple[str, ...]:

@@ -1,20 +1,22 @@
 """The batching pass: in the fanned-out region, a shared module that treats every sample alone runs once on the
 branches' batches concatenated, instead of once per branch: the same arithmetic in fewer, larger calls.
 
-Its output stays concatenated (a *stream*) for the next such module, and is split back into branches
-(``unflatten`` + ``unbind``, which keep the batch size symbolic for torch.export) where a branch needs its own
-part. Only convolutions and linear layers start a stream; cheap per-sample modules (activations, pooling,
-LayerNorm, ...) join one when it is at hand. BatchNorm never does: it would mix the branches' statistics.
+Its output stays concatenated (a *stream*, :mod:`.streams`) for the next such module, and is split back into
+branches, by the rows each branch brought, where a branch needs its own part. Only convolutions and linear layers
+start a stream; cheap per-sample modules (activations, pooling, LayerNorm, ...) join one when it is at hand.
+BatchNorm never does: it would mix the branches' statistics; nor does a module with hooks.
 """
 
 from __future__ import annotations
 
 import operator
 
-import torch
 from torch import fx, nn
+from torch.nn.modules import module as _module_hooks
 
 from ..split_module import COPIES
+from ..tracing import mutated_input
+from .streams import join, part
 
 _HEAVY = (nn.modules.conv._ConvNd, nn.Linear)
 _PER_SAMPLE = (
@@ -22,14 +24,19 @@ _PER_SAMPLE = (
     nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.LayerNorm, nn.GroupNorm,
 )
+_VIEWS = frozenset({  # operations whose result may share its input's memory (methods, or torch functions)
+    "view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "permute", "movedim", "flatten",
+    "unflatten", "unsqueeze", "squeeze", "narrow", "select", "expand", "expand_as", "t", "chunk", "split",
+    "unbind", "as_strided", "detach", "contiguous", "diagonal", "unfold", "getitem",
+})
 
 
 def batch_branches(root: nn.Module, graph: fx.Graph) -> None:
-    """Run eligible shared modules of a fanned-out ``graph`` once on the concatenated branches (in place)."""
-    parts: dict[fx.Node, tuple[fx.Node, int]] = {}  # getitem node -> (batched node, index of its branch)
-    splits: list[fx.Node] = []
-    joined: dict[tuple[fx.Node, ...], fx.Node] = {}  # branches concatenated once, for every module that reads them
-    for group in _branch_groups(graph):
+    """Run eligible shared modules of a fanned-out ``graph`` once on the joined branches (in place)."""
+    parts: dict[fx.Node, tuple[fx.Node, int]] = {}  # part node -> (batched node, index of its branch)
+    routes: dict[fx.Node, fx.Node] = {}  # batched node -> the route of its stream
+    joined: dict[tuple[fx.Node, ...], tuple[fx.Node, fx.Node]] = {}  # branches joined once, for every module
+    for group in _branch_groups(root, graph):
         module = root.get_submodule(group[0].target)
         sources = [node.args[0] for node in group]
         stream = _stream(sources, parts)
@@ -37,33 +44,67 @@ def batch_branches(root: nn.Module, graph: fx.Graph) -> None:
             continue
         with graph.inserting_before(group[-1].next):
             if stream is None and tuple(sources) not in joined:
-                joined[tuple(sources)] = graph.call_function(torch.cat, (sources,))
-            source = stream if stream is not None else joined[tuple(sources)]
+                both = graph.call_function(join, (sources,))
+                joined[tuple(sources)] = (graph.call_function(operator.getitem, (both, 0)),
+                                          graph.call_function(operator.getitem, (both, 1)))
+            source, route = (stream, routes[stream]) if stream is not None else joined[tuple(sources)]
             batched = graph.call_module(group[0].target, (source, *group[0].args[1:]), dict(group[0].kwargs))
             batched.meta = {**group[0].meta, "tasks": [node.meta["task"] for node in group]}
             del batched.meta["task"]
-            unflattened = graph.call_method("unflatten", (batched, 0, (len(group), -1)))
-            unbound = graph.call_method("unbind", (unflattened,))
-            splits += [unflattened, unbound]
+            routes[batched] = route
             for i, node in enumerate(group):
-                item = graph.call_function(operator.getitem, (unbound, i))
+                item = graph.call_function(part, (batched, route, i))
+                item.meta = {"task": node.meta["task"], "origin": node.meta["origin"]}
                 parts[item] = (batched, i)
                 node.replace_all_uses_with(item)
                 graph.erase_node(node)
     for node in reversed(graph.nodes):  # parts no branch reads (the stream went on whole)
-        if not node.users and (node in parts or node in splits):
+        if node in parts and not node.users:
             graph.erase_node(node)
+    for node in graph.nodes:
+        if node in parts and _written_in_place(root, node):
+            node.args = (*node.args, True)
     graph.lint()
 
 
-def _branch_groups(graph: fx.Graph) -> list[list[fx.Node]]:
-    """Runs of branch nodes that apply the same shared module to one input each, one node per task."""
+def _branch_groups(root: nn.Module, graph: fx.Graph) -> list[list[fx.Node]]:
+    """Runs of branch nodes that apply the same shared module to one input each, one node per task; a module with
+    hooks is left to each branch, so that its hooks see the rows of one branch at a time."""
     groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if "task" in node.meta and node.op == "call_module" and not node.target.startswith(f"{COPIES}."):
+        if "task" in node.meta and node.op == "call_module" and not node.target.startswith(f"{COPIES}.") and \
+                not _hooked(root.get_submodule(node.target)):
             groups.setdefault(node.meta["origin"], []).append(node)
     return [group for group in groups.values()
             if len(group) > 1 and all(node.all_input_nodes == [node.args[0]] for node in group)]
+
+
+def _hooked(module: nn.Module) -> bool:
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
+             _module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
+             _module_hooks._global_backward_hooks, _module_hooks._global_backward_pre_hooks)
+    return any(hooks)
+
+
+def _written_in_place(root: nn.Module, node: fx.Node) -> bool:
+    """Whether an in-place operation writes into ``node``'s memory, directly or through a view of it."""
+    values = [node]
+    while values:
+        value = values.pop()
+        for user in value.users:
+            if mutated_input(root, user) is value:
+                return True
+            if user.args and user.args[0] is value and _view_name(user) in _VIEWS:
+                values.append(user)
+    return False
+
+
+def _view_name(node: fx.Node) -> str | None:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        return "getitem" if node.target is operator.getitem else getattr(node.target, "__name__", None)
+    return None
 
 
 def _stream(sources: list[fx.Node], parts: dict[fx.Node, tuple[fx.Node, int]]) -> fx.Node | None:

@@ -1,4 +1,5 @@
-"""Checking a split model against the original, task by task, in both modes, on an example input."""
+"""Checking a split model against the original, task by task, in both modes, on an example input, with its copies
+moved apart."""
 
 from __future__ import annotations
 
@@ -6,14 +7,16 @@ import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
+import torch
 from torch import fx, nn
 
 from ..errors import SplitMismatchError
 from ..outputs import Path, select
+from ..split_module import COPIES, copy_target
 from ..tracing.exported import drop_probability
 from ..tracing.symbolic import copy_module
 from ..tracing.verify import (
-    SEED, TOLERANCE, Call, check_trace, difference, first_difference, mode, run, run_with_state, state_difference,
+    SEED, TOLERANCE, Call, check_trace, first_difference, gradient_difference, mode, run, state_difference,
 )
 from .fanout import NORMS
 
@@ -21,55 +24,137 @@ _DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDe
 
 
 def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Mapping[str, Path], call: Call) -> None:
-    """Raise unless every task's output of ``split`` equals its part of ``model``'s output, and every buffer the
-    split keeps at the model's path has the model's value after the call, in eval and in train mode (norm layers'
-    statistics aside: a shared one in the branches updates once per branch, as documented).
+    """Raise unless the split keeps every task apart, in eval and in train mode: with every copy moved by its own
+    noise (as if the copies had trained apart), each task's output of ``split``, its gradients (of a fixed
+    function of that output, for every parameter) and the buffers it updates equal those of the original model
+    computing with that task's copies in place of the split layers (norm layers' statistics in the branches aside:
+    a shared one updates once per branch, as documented).
 
     Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
     says that only eval mode was checked. When a task differs, the trace is checked too, to say whose fault it is.
     """
     model = copy_module(model, share_tensors=True)  # forward may change Python state: never the user's
-    modules = [model, traced, split]
+    surgery = split._surgery
+    references = {task: _task_model(model, split, task, surgery) for task in surgery.tasks}
+    modules = [model, traced, split, *references.values()]
     norms = {name for name, module in model.named_modules() if isinstance(module, NORMS)}
+    names, parameters = zip(*split.named_parameters()) if any(True for _ in split.parameters()) else ((), ())
     for training in (False, True):
         where = f"{'train' if training else 'eval'} mode"
-        with mode(modules, training), _no_dropout(modules):
-            expected, expected_state = run_with_state(call, model, dict(model.named_buffers()))
-            if training and _random(call, model, expected):
+        with mode(modules, training), _no_dropout(modules), _copies_apart(split):
+            if training and _random(call, model):
                 warnings.warn(f"{type(model).__name__} is random in train mode even without dropout, so the split "
                               f"model was checked in eval mode only.", stacklevel=3)
                 continue
-            got, got_state = run_with_state(call, split, dict(split.named_buffers()))
-            task, how = next(((task, how) for task, path in paths.items()
-                              if (how := difference(select(expected, path, task), got[task])) is not None),
-                             (None, None))
-            state = state_difference(expected_state, got_state, skip=lambda name: name.rpartition(".")[0] in norms)
-            if how is None and state is None:
-                continue
-            if how is not None and training and _random(call, split, got):  # drop-path in a torch.export graph
+            found = _first_task_difference(call, split, references, paths, parameters, names, norms)
+            if found is not None and training and _random(call, split):  # drop-path in a torch.export graph
                 warnings.warn(f"the split {type(model).__name__} is random in train mode even without dropout, so "
                               f"it was checked in eval mode only.", stacklevel=3)
                 continue
-            check_trace(model, traced, call, modes=(training,))
-            if state is not None:
-                buffer, how = state
-                raise SplitMismatchError(
-                    f"the split model's {buffer} differs from the original's in {where} ({how}): the module that "
-                    f"owns it runs in the task branches, once per task, and updates it each time (a leaf module "
-                    f"that keeps state, say). Split only layers after that module, or keep the state in a split "
-                    f"layer's own module (each task then gets its own copy).")
-            route = getattr(split, "meta", {}).get("route", "fx")
+        if found is None:
+            continue
+        check_trace(model, traced, call, modes=(training,))
+        task, what, how = found
+        if what.startswith("buffer"):
             raise SplitMismatchError(
-                f"the split model's output for task {task!r} differs from the original's in {where} ({how}), though "
-                f"the trace (by the {route} route) matches the model. Beyond {TOLERANCE:g} this is no rounding: "
-                f"please report it as an fxsplit bug, with the model. batch_branches=False computes bit for bit, "
-                f"if it helps meanwhile."
-            )
+                f"the split model's {what} differs from the original's for task {task!r} in {where} ({how}): the "
+                f"module that owns it runs in the task branches, once per task, and updates it each time (a leaf "
+                f"module that keeps state, say). Split only layers after that module, or keep the state in a split "
+                f"layer's own module (each task then gets its own copy).")
+        route = getattr(split, "meta", {}).get("route", "fx")
+        raise SplitMismatchError(
+            f"the split model's {what} for task {task!r} differs from what the original computes with task {task!r}'s "
+            f"copies in {where} ({how}), though the trace (by the {route} route) matches the model. Beyond "
+            f"{TOLERANCE:g} this is no rounding: please report it as an fxsplit bug, with the model. "
+            f"batch_branches=False computes bit for bit, if it helps meanwhile."
+        )
 
 
-def _random(call: Call, module: nn.Module, first) -> bool:
-    """Whether ``module`` gives another output than ``first`` from another random state."""
-    return first_difference(first, run(call, module, module.buffers(), SEED + 1)) is not None
+def _first_task_difference(call: Call, split: nn.Module, references: Mapping[str, nn.Module],
+                           paths: Mapping[str, Path], parameters, names, norms) -> tuple[str, str, str] | None:
+    """``(task, what, how)`` for the first task whose output, buffers or gradients in ``split`` differ from its
+    reference model's, else ``None``."""
+    split_state = dict(split.named_buffers())
+    try:
+        got = run(call, split, split.buffers(), state=split_state, parameters=parameters,
+                  parts=lambda output: {task: output[task] for task in references})
+    except Exception as error:
+        raise SplitMismatchError(
+            f"the split model fails where the original runs: {type(error).__name__}: {error}. Please report it as "
+            f"an fxsplit bug, with the model; batch_branches=False may help meanwhile.") from error
+    owners = split._surgery.owners
+    for task, reference in references.items():
+        path = paths[task]
+        expected = run(call, reference, reference.buffers(), state=dict(reference.named_buffers()),
+                       parameters=parameters, parts=lambda output: {task: select(output, path, task)})
+        found = first_difference(select(expected.output, path, task), got.output[task])
+        if found is None:
+            mine = {_split_name(split, task, name): value for name, value in expected.state.items()
+                    if _updated_for(task, _split_name(split, task, name), owners, norms)}
+            found = state_difference(mine, got.state)
+        if found is None:
+            found = gradient_difference(expected.gradients[task], got.gradients[task], names)
+        if found is not None:
+            return (task, *found)
+    return None
+
+
+def _task_model(model: nn.Module, split: nn.Module, task: str, surgery) -> nn.Module:
+    """A copy of ``model`` that computes with what task ``task`` computes with in ``split``: its copies in place
+    of the split layers' members, the split's own tensors everywhere else (the same tensor objects, so that
+    gradients of both are taken with respect to the split's parameters)."""
+    reference = copy_module(model, share_tensors=True)
+    held = {**dict(split.named_parameters(remove_duplicate=False)), **dict(split.named_buffers(remove_duplicate=False))}
+    slots = [(name, "_parameters") for name, _ in reference.named_parameters(remove_duplicate=False)] + \
+        [(name, "_buffers") for name, _ in reference.named_buffers(remove_duplicate=False)]
+    for name, kind in slots:
+        tensor = held.get(_split_name(split, task, name))
+        if tensor is not None:
+            owner, _, leaf = name.rpartition(".")
+            getattr(reference.get_submodule(owner), kind)[leaf] = tensor
+    return reference
+
+
+def _split_name(split: nn.Module, task: str, name: str) -> str:
+    """Where the split keeps what task ``task`` computes with under the model's name ``name``."""
+    members = split._surgery.members
+    copied = any(name == m or name.startswith(m + ".") for layer in members.values() for m in layer)
+    return copy_target(task, name) if copied else name
+
+
+def _updated_for(task: str, name: str, owners: Mapping[str, tuple[str, ...]], norms: set[str]) -> bool:
+    """Whether the split's buffer ``name`` is to be compared with task ``task``'s reference: a copy of ``task``'s
+    (norms included), or a shared buffer that ``task`` is the first to use (norm statistics aside)."""
+    if name.startswith(copy_target(task, "")):
+        return True
+    users = owners.get(name, ())
+    return bool(users) and users[0] == task and name.rpartition(".")[0] not in norms
+
+
+def _random(call: Call, module: nn.Module) -> bool:
+    """Whether ``module`` gives another output from another random state."""
+    buffers = list(module.buffers())
+    return first_difference(run(call, module, buffers).output, run(call, module, buffers, SEED + 1).output) is not None
+
+
+@contextlib.contextmanager
+def _copies_apart(split: nn.Module, scale: float = 0.05) -> Iterator[None]:
+    """Every copied parameter of ``split`` moved by its own noise (``scale`` times its root mean square, or
+    ``scale`` / 10 where it is all zeros), then back as it was: the copies differ, as after training."""
+    generator = torch.Generator().manual_seed(SEED)
+    copied = [p for name, p in split.named_parameters() if name.startswith(f"{COPIES}.") and p.is_floating_point()]
+    saved = [p.detach().clone() for p in copied]
+    with torch.no_grad():
+        for p in copied:
+            rms = p.double().pow(2).mean().sqrt().item()
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64).to(p.device)
+            p.add_((noise * (scale * rms if rms > 0 else scale / 10)).to(p.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(copied, saved):
+                p.copy_(value)
 
 
 @contextlib.contextmanager

@@ -86,6 +86,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError
+from .autograd import watching_export
 from .dual import adopt_layers
 from .symbolic import _user_line, copy_module
 
@@ -211,11 +212,19 @@ def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, tr
     dynamic = {name: pytree.tree_map(_batch_dim, value) for name, value in given.items()}
     guards: list[tuple[list[str], list]] = []
     try:
-        program = torch.export.export(copy, args, kwargs, dynamic_shapes=dynamic, strict=False)
+        with watching_export(copy) as lost:
+            program = torch.export.export(copy, args, kwargs, dynamic_shapes=dynamic, strict=False)
         with _recording_guards(guards):
             exported = program.module()
     except Exception as error:
         raise _export_error(copy, error) from error
+    if lost:
+        raise TraceError(
+            f"torch.export cannot record what {type(root).__name__} does in the backward pass: {lost[0]}"
+            f"{f' (and {len(lost) - 1} more)' if len(lost) > 1 else ''}. Its graph would compute other gradients. "
+            f"The torch.fx route records custom autograd Functions and gradient hooks registered in forward "
+            f"(method='fx'; a hook must not depend on a test of requires_grad, which a trace cannot read), and calls "
+            f"a module with backward hooks whole when it is a leaf (tracer_kwargs={{'leaf_modules': [...]}}).")
     return _contract_graph(exported, copy, (args, kwargs), list(given), "train" if training else "eval", guards)
 
 

@@ -1,7 +1,8 @@
 """Autograd's and autocast's modes in a traced graph: ``torch.no_grad()``, ``torch.enable_grad()``,
-``torch.set_grad_enabled`` and ``torch.autocast`` blocks in ``forward`` become nodes, which ``torch.fx`` does not
-record by itself (it would let gradients flow through a frozen teacher, or compute in float32 what the model
-computes in bfloat16).
+``torch.set_grad_enabled``, ``torch.inference_mode()`` and ``torch.autocast`` blocks in ``forward`` become nodes,
+which ``torch.fx`` does not record by itself (it would let gradients flow through a frozen teacher, or compute in
+float32 what the model computes in bfloat16). An inference-mode block is recorded as a no-grad block: the same
+values and no gradient, where the model runs (inference mode forbids more, not less).
 
 While tracing, entering a block records the mode then in force (``torch.is_grad_enabled()``) and sets the block's
 (:func:`set_grad_mode`); leaving it sets the recorded mode back, so the graph honours the caller's mode as the
@@ -35,6 +36,9 @@ def recording_modes(tracer: fx.Tracer) -> Iterator[None]:
         saved.append(tracer.create_proxy("call_function", torch.is_grad_enabled, (), {}))
         tracer.create_proxy("call_function", set_grad_mode, (mode,), {})
 
+    def enter_unchanged() -> None:  # inference_mode(False): the mode stays what it is
+        saved.append(tracer.create_proxy("call_function", torch.is_grad_enabled, (), {}))
+
     def leave(*_) -> None:
         tracer.create_proxy("call_function", set_grad_mode, (saved.pop(),), {})
 
@@ -56,6 +60,8 @@ def recording_modes(tracer: fx.Tracer) -> Iterator[None]:
         (grad_mode.enable_grad, "__exit__", leave),
         (grad_mode.set_grad_enabled, "__init__", set_grad_enabled),
         (grad_mode.set_grad_enabled, "__exit__", leave),
+        (grad_mode.inference_mode, "__enter__", lambda self: enter(False) if self.mode else enter_unchanged()),
+        (grad_mode.inference_mode, "__exit__", leave),
         (torch.autocast, "__enter__", enter_autocast),
         (torch.autocast, "__exit__", leave_autocast),
     ]

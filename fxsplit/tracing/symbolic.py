@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import PythonStateWarning, TraceError
+from .autograd import check_backward_hooks, recording_autograd
 from .modes import recording_modes
 from .mutations import follow_mutations
 
@@ -64,7 +65,8 @@ class PathTracer(fx.Tracer):
 
     def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._buffers = dict(root.named_buffers())
-        with recording_modes(self):
+        check_backward_hooks(root, "")
+        with recording_modes(self), recording_autograd(self):
             return super().trace(root, concrete_args)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
@@ -80,6 +82,9 @@ class PathTracer(fx.Tracer):
         )
 
     def call_module(self, m: nn.Module, forward: Callable, args: Any, kwargs: Any) -> Any:
+        path = self.path_of_module(m)
+        if not self.is_leaf_module(m, path):
+            check_backward_hooks(m, path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -164,7 +169,7 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
     finally:
         rebound = effects.undo()
         for name, module in root.named_modules():
-            module.training = modes[name]
+            module.training = modes.get(name, modes[""])  # modules that tracing added take the model's
     if effects.stored:
         warnings.warn(
             f"{type(root).__name__}.forward adds the tensors it computes to Python state "
@@ -187,8 +192,9 @@ class _ForwardEffects:
         self.root = root
         self.attributes = {module: dict(vars(module)) for module in root.modules()}
         self.buffers = {module: dict(module._buffers) for module in root.modules()}
-        self.containers = {(module, name): copy.copy(value) for module in root.modules()
-                           for name, value in vars(module).items() if type(value) in (list, dict, set)}
+        self.containers = {(module, name): copy.copy(value) for module in root.modules()  # submodules stay: the
+                           for name, value in vars(module).items()  # calls that tracing records are modules
+                           if type(value) in (list, dict, set) and name != "_modules"}
         self.values = [(b, b.detach().clone()) for b in {id(b): b for b in root.buffers()}.values()]
         self.stored: list[str] = []  # attributes forward added traced values to
 

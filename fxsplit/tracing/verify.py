@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterable, Iterator, Mapping
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import keystr, tree_flatten_with_path
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
 
 from ..errors import TraceError, TraceMismatchError
 from .symbolic import copy_module
@@ -49,13 +51,25 @@ def example_call(example_inputs: Any, example_kwargs: dict | None) -> tuple[tupl
 
 
 def calling(args: tuple, kwargs: dict) -> Call:
-    """The :data:`Call` that gives a module ``args`` and ``kwargs``."""
-    return lambda module: module(*args, **kwargs)
+    """The :data:`Call` that gives a module copies of ``args`` and ``kwargs`` (a forward that writes into its
+    inputs, ``x.div_(2)``, never changes the caller's, and every run starts from the same inputs)."""
+    return lambda module: module(*fresh(args), **fresh(kwargs))
+
+
+def forwarding(forward: Callable[[nn.Module, Any], Any], batch: Any) -> Call:
+    """The :data:`Call` that runs ``forward(module, batch)`` on a copy of ``batch``."""
+    return lambda module: forward(module, fresh(batch))
+
+
+def fresh(value: Any) -> Any:
+    """``value`` with every tensor in it copied (keeping ``requires_grad``)."""
+    return tree_map(lambda x: x.detach().clone().requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor)
+                    else x, value)
 
 
 def recorded_example(model: nn.Module, call: Call) -> tuple[tuple, dict]:
-    """The ``(args, kwargs)`` that ``call`` gives ``model``'s ``forward`` (its first call), from one run without
-    gradients; buffers are put back. An example for the torch.export route from a ``forward(model, batch)``."""
+    """The ``(args, kwargs)`` that ``call`` gives ``model``'s ``forward`` (its first call), from one run; buffers
+    are put back. An example for the torch.export route from a ``forward(model, batch)``."""
     seen = []
     model = copy_module(model, share_tensors=True)  # forward may change Python state
     hook = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append((args, kwargs)), with_kwargs=True)
@@ -91,23 +105,72 @@ def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
                 m.training = modes[name]
 
 
-def run(call: Call, module: nn.Module, buffers: Iterable[torch.Tensor], seed: int = SEED,
-        after: list | None = None) -> Any:
-    """``call(module)`` without gradients, from a fixed random state; ``buffers`` are put back after (their values
-    after the call are appended to ``after`` first, when given)."""
-    buffers = list(buffers)
-    unique = list({id(b): b for b in buffers}.values())
-    saved = [b.detach().clone() for b in unique]
+@dataclass
+class Outcome:
+    """What one run of a module gave: its ``output`` (detached), the value of each buffer asked for after the call
+    (``state``), and per part of the output the ``gradients`` of a fixed linear function of it (:func:`probe`)
+    with respect to each parameter asked for (``None`` where it does not reach one)."""
+
+    output: Any
+    state: dict[str, torch.Tensor]
+    gradients: dict[str, list[torch.Tensor | None]]
+
+
+def run(call: Call, module: nn.Module, restore: Iterable[torch.Tensor] = (), seed: int = SEED, *,
+        state: Mapping[str, torch.Tensor] | None = None, parts: Callable[[Any], Mapping[str, Any]] | None = None,
+        parameters: Sequence[torch.Tensor] = ()) -> Outcome:
+    """``call(module)`` as training runs it (gradients on) from a fixed random state, with the buffers of
+    ``restore`` and ``state`` put back and every parameter's ``.grad`` left as it was (a forward may call
+    ``backward`` itself).
+
+    ``state``: name -> buffer, whose values after the call are kept. ``parts``: output -> {name: part}, whose
+    gradients (of :func:`probe` of each part) with respect to ``parameters`` are taken.
+    """
+    state = dict(state or {})
+    buffers = list({id(b): b for b in (*restore, *state.values())}.values())
+    saved = [b.detach().clone() for b in buffers]
+    owned = list({id(p): p for p in module.parameters()}.values())
+    grads = [p.grad for p in owned]
+    for p in owned:
+        p.grad = None
     try:
-        with torch.no_grad(), torch.random.fork_rng():
+        with torch.enable_grad(), torch.random.fork_rng():
             torch.manual_seed(seed)
-            return call(module)
+            output = call(module)
+            after = {name: b.detach().clone() for name, b in state.items()}
+            gradients = {name: _gradients(part, parameters) for name, part in (parts(output) if parts else {}).items()}
+        return Outcome(tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, output), after, gradients)
     finally:
-        if after is not None:
-            after.extend(b.detach().clone() for b in buffers)
         with torch.no_grad():
-            for buffer, value in zip(unique, saved):
+            for buffer, value in zip(buffers, saved):
                 buffer.copy_(value)
+        for p, grad in zip(owned, grads):
+            p.grad = grad
+
+
+def probe(value: Any) -> torch.Tensor | None:
+    """A fixed linear function of every floating-point tensor in ``value`` that has a gradient (each summed with
+    fixed random weights, in float64), or ``None`` when none has: what gradients are compared on."""
+    total = None
+    for i, leaf in enumerate(tree_flatten(value)[0]):
+        if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.is_floating_point():
+            generator = torch.Generator().manual_seed(SEED + i)
+            weights = torch.randn(leaf.shape, generator=generator, dtype=torch.float64).to(leaf.device)
+            term = (leaf.double() * weights).sum()
+            total = term if total is None else total + term
+    return total
+
+
+def _gradients(part: Any, parameters: Sequence[torch.Tensor]) -> list[torch.Tensor | None]:
+    target = probe(part)
+    trainable = [i for i, p in enumerate(parameters) if p.requires_grad]
+    gradients: list[torch.Tensor | None] = [None] * len(parameters)
+    if target is None or not trainable:
+        return gradients
+    found = torch.autograd.grad(target, [parameters[i] for i in trainable], retain_graph=True, allow_unused=True)
+    for i, gradient in zip(trainable, found):
+        gradients[i] = gradient
+    return gradients
 
 
 def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
@@ -126,15 +189,6 @@ def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
     return None
 
 
-def run_with_state(call: Call, module: nn.Module, state: Mapping[str, torch.Tensor],
-                   buffers: Iterable[torch.Tensor] = ()) -> tuple[Any, dict]:
-    """:func:`run` on ``module`` with ``state`` (name -> buffer) and ``buffers`` put back after, and the value each
-    buffer of ``state`` had after the call."""
-    after: list[torch.Tensor] = []
-    output = run(call, module, [*state.values(), *buffers], after=after)
-    return output, dict(zip(state, after))
-
-
 def state_difference(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor],
                      skip: Callable[[str], bool] = lambda name: False) -> tuple[str, str] | None:
     """``(buffer, how it differs)`` for the first buffer (by name, in both) whose value after a call differs."""
@@ -146,27 +200,46 @@ def state_difference(expected: Mapping[str, torch.Tensor], got: Mapping[str, tor
     return None
 
 
+def gradient_difference(expected: Sequence[torch.Tensor | None], got: Sequence[torch.Tensor | None],
+                        names: Sequence[str]) -> tuple[str, str] | None:
+    """``(parameter, how its gradient differs)`` for the first parameter whose gradient differs: one reaches it
+    and the other not, or the values differ beyond the tolerance (relative to the parameter's own gradient, or
+    to a thousandth of the whole gradient where that one is smaller)."""
+    whole = math.sqrt(sum(e.double().pow(2).sum().item() for e in expected if e is not None))
+    for name, e, g in zip(names, expected, got):
+        if (e is None) != (g is None):
+            return f"the gradient of {name}", "none" if g is None else "one where the model gives none"
+        how = None if e is None else difference(e, g, floor=1e-3 * whole)
+        if how is not None:
+            return f"the gradient of {name}", how
+    return None
+
+
 def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable[bool]) -> None:
     """Raise :class:`TraceMismatchError` unless ``traced`` computes what ``model`` computes in each mode: the
-    same outputs, and the same buffers after the call (state that ``forward`` updates). The model runs as a copy
-    that shares its tensors, so that Python state its ``forward`` changes stays as it was."""
+    same outputs, the same gradients (of a fixed function of the outputs, for every parameter), and the same
+    buffers after the call (state that ``forward`` updates). The model runs as a copy that shares its tensors,
+    so that Python state its ``forward`` changes stays as it was."""
     model = copy_module(model, share_tensors=True)
     model_state = dict(model.named_buffers())
     traced_state = {**model_state, **dict(traced.named_buffers())}  # what the graph does not hold, it leaves alone
     buffers = [*model.buffers(), *traced.buffers()]
+    names, expected_parameters, traced_parameters = _same_parameters(model, traced)
+    whole = lambda output: {"output": output}  # noqa: E731
     route = getattr(traced, "meta", {}).get("route", "fx")
     causes = EXPORT_CAUSES if route == "export" else TRACE_CAUSES
     for training in modes:
         where = f"{'train' if training else 'eval'} mode"
         with mode([model, traced], training):
-            expected, expected_state = run_with_state(call, model, model_state, buffers)
+            expected = run(call, model, buffers, state=model_state, parts=whole, parameters=expected_parameters)
             try:
-                got, got_state = run_with_state(call, traced, traced_state, buffers)
+                got = run(call, traced, buffers, state=traced_state, parts=whole, parameters=traced_parameters)
             except Exception as error:
                 raise TraceMismatchError(
                     f"the graph of {type(model).__name__} traced by the {route} route fails in {where} where the "
                     f"model runs: {type(error).__name__}: {error}. {causes}") from error
-        found = first_difference(expected, got) or state_difference(expected_state, got_state)
+        found = first_difference(expected.output, got.output) or state_difference(expected.state, got.state) or \
+            gradient_difference(expected.gradients["output"], got.gradients["output"], names)
         if found is not None:
             what, how = found
             raise TraceMismatchError(
@@ -175,8 +248,34 @@ def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable
             )
 
 
-def difference(expected: Any, got: Any) -> str | None:
-    """How one output value differs from the expected one (beyond :data:`TOLERANCE`), or ``None``."""
+def _same_parameters(model: nn.Module, traced: nn.Module) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+    """The model's trainable parameters (first names), and the traced module's tensor under one of each one's
+    names (a stand-in that needs no gradient where the graph reads none of them)."""
+    held = dict(traced.named_parameters(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    names, mine, theirs = [], [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            names.append(name)
+            mine.append(p)
+            theirs.append(next((held[a] for a in aliases[id(p)] if a in held), torch.zeros(())))
+    return names, mine, theirs
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The relative error a value of ``dtype`` may have: :data:`TOLERANCE`, or eight units of roundoff for the
+    coarser floating-point types (float16, bfloat16), whose kernels round differently at another batch size."""
+    return max(TOLERANCE, 8 * torch.finfo(dtype).eps) if dtype.is_floating_point else TOLERANCE
+
+
+def difference(expected: Any, got: Any, floor: float = 0.0) -> str | None:
+    """How one output value differs from the expected one (beyond :func:`tolerance`), or ``None``.
+
+    Errors are computed in float64 (a float16 norm overflows at 65504), relative to the expected value's norm or
+    to ``floor`` where that is larger, over the places where the expected value is finite.
+    """
     if not isinstance(expected, torch.Tensor):
         return None if type(expected) is type(got) and expected == got else f"{got!r} instead of {expected!r}"
     if not isinstance(got, torch.Tensor):
@@ -188,8 +287,12 @@ def difference(expected: Any, got: Any) -> str | None:
     if not torch.equal(expected.isfinite(), got.isfinite()):
         return "non-finite values in other places"
     finite = expected.isfinite()
-    error = ((expected - got)[finite].norm() / expected[finite].norm().clamp_min(1e-30)).item()
-    return None if error <= TOLERANCE else f"relative error {error:.2g}, more than {TOLERANCE:g}"
+    wide = torch.complex128 if expected.is_complex() else torch.float64
+    e, g = expected[finite].to(wide), got[finite].to(wide)
+    scale = max(e.norm().item(), floor)
+    error = (e - g).norm().item() / scale if scale > 0 else (e - g).norm().item()
+    allowed = tolerance(expected.dtype)
+    return None if error <= allowed else f"relative error {error:.2g}, more than {allowed:g}"
 
 
 def _keys(leaves: list) -> list[str]:

@@ -1,0 +1,186 @@
+"""Models written in the patterns of real training code that once gave a silent wrong split or score: behaviour
+that lives in the backward pass (custom autograd Functions, hooks, inference mode), in-place writes after a
+batched layer, data-dependent row selection, inputs normalised in place, float16.
+
+Each is a trunk under two task heads (``TwoHeads``): ``trunk.*`` are the shared layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WIDTH = 8
+
+
+class TwoHeads(nn.Module):
+    """A shared trunk and one linear head per task, returning ``{task: output}``."""
+
+    def __init__(self, trunk: nn.Module, tasks=("a", "b"), width: int = WIDTH):
+        super().__init__()
+        self.trunk = trunk
+        self.heads = nn.ModuleDict({task: nn.Linear(width, 3) for task in tasks})
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {task: head(h) for task, head in self.heads.items()}
+
+
+class ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward (DANN's gradient reversal)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class Reversed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(4, WIDTH)
+        self.outer = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return self.outer(torch.tanh(ReverseGradient.apply(self.inner(x))))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+class BackwardHooked(nn.Module):
+    """A full backward hook on a module that tracing goes through (not a leaf)."""
+
+    def __init__(self, pre: bool = False):
+        super().__init__()
+        self.inner = nn.Linear(4, WIDTH)
+        self.block = Block()
+        self.outer = nn.Linear(WIDTH, WIDTH)
+        if pre:
+            self.block.register_full_backward_pre_hook(lambda module, grad_output: (grad_output[0] * 3,))
+        else:
+            self.block.register_full_backward_hook(lambda module, grad_input, grad_output: (grad_input[0] * 3,))
+
+    def forward(self, x):
+        return self.outer(self.block(self.inner(x)))
+
+
+class TensorHooked(nn.Module):
+    """``h.register_hook`` in forward: scales the gradient that flows back into ``inner``."""
+
+    def __init__(self, guarded: bool = False):
+        super().__init__()
+        self.guarded = guarded
+        self.inner = nn.Linear(4, WIDTH)
+        self.outer = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        h = self.inner(x)
+        if not self.guarded or h.requires_grad:
+            h.register_hook(lambda grad: grad * 5)
+        return self.outer(h)
+
+
+class InferenceTeacher(nn.Module):
+    """A frozen teacher run under ``torch.inference_mode()``: its weights get no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.teacher = nn.Linear(4, WIDTH)
+        self.student = nn.Linear(4, WIDTH)
+        self.mix = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        with torch.inference_mode():
+            target = self.teacher(x)
+        return self.mix(self.student(x) + target.clone())
+
+
+class InplaceAfterLinear(nn.Module):
+    """The Recon authors' ResNet style: ``F.relu(h, inplace=True)`` right after a layer (here a shared one that
+    batched branches run once)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, WIDTH)
+        self.second = nn.Linear(WIDTH, WIDTH)
+        self.third = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        h = self.second(self.first(x))
+        h = F.relu(h, inplace=True)
+        return self.third(h)
+
+
+class PreActivation(nn.Module):
+    """A pre-activation residual block: ``out += shortcut`` written into a shared layer's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, WIDTH)
+        self.norm = nn.LayerNorm(WIDTH)
+        self.conv = nn.Linear(WIDTH, WIDTH)
+        self.shortcut = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        h = self.stem(x)
+        out = self.conv(torch.relu(self.norm(h)))
+        out += self.shortcut(h)
+        return out
+
+
+class InplaceInput(nn.Module):
+    """Normalises its input in place, as some preprocessing inside forward does."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, WIDTH)
+        self.second = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        x.div_(2)
+        return self.second(self.first(x))
+
+
+class RowSelection(nn.Module):
+    """Keeps the rows whose first feature is positive (kept tokens, proposals), then pools them: how many rows a
+    branch keeps depends on its copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, WIDTH)
+        self.second = nn.Linear(WIDTH, WIDTH)
+        self.third = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        h = self.second(self.first(x))
+        h = h[h[:, 0] > 0]
+        return self.third(h).sum(0, keepdim=True).expand(x.shape[0], -1)
+
+
+class Normalised(nn.Module):
+    """Linear layers with BatchNorm between them, for float16 checks."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = scale
+        self.first = nn.Linear(4, WIDTH)
+        self.norm = nn.BatchNorm1d(WIDTH)
+        self.second = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        return self.second(self.norm(self.first(x))) * self.scale
+
+
+def inputs(batch: int = 6, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(batch, 4, dtype=dtype)
