@@ -3,7 +3,7 @@
 from .analyze import analyze
 from .errors import (
     ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, SplitMismatchError, TaskError,
-    PythonStateWarning, TraceError, TraceMismatchError, UnknownLayerError,
+    PythonStateWarning, StaleGraphError, TraceError, TraceMismatchError, UnknownLayerError,
 )
 from .export import export, script
 from .layers import LayerGraph, layer_graph
@@ -26,6 +26,7 @@ __all__ = [
     "ScoringError",
     "SplitMismatchError",
     "SplitModule",
+    "StaleGraphError",
     "TaskError",
     "TraceError",
     "TraceMismatchError",

@@ -18,6 +18,11 @@ class TraceMismatchError(TraceError):
     """A traced graph computes something other than the model on an example input."""
 
 
+class StaleGraphError(TraceError):
+    """A Python value that a traced graph holds (a module's mode or attribute that traced code read) was changed
+    after tracing: the graph would ignore it."""
+
+
 class PythonStateWarning(UserWarning):
     """``forward`` keeps tensors it computes in Python state (a list or dict it adds to), which no graph records."""
 

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
 from .rewrite.streams import plain_streams
+from .tracing.frozen import STAND_IN, bare
 from .tracing.symbolic import copy_module
 
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
@@ -96,11 +97,16 @@ def export(
 
 
 def _exportable(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode, its batched streams as plain tensor operations (no autograd to keep)."""
+    """A copy of ``model`` in eval mode, its batched streams as plain tensor operations (no autograd to keep), the
+    stand-ins of modules it does not call as plain holders."""
     model = copy_module(model, share_tensors=False).eval()
     if isinstance(model, fx.GraphModule):
         plain_streams(model.graph)
         model.recompile()
+        for path, module in list(model.named_modules()):  # TorchScript compiles every submodule's forward
+            if module.__dict__.get(STAND_IN):
+                parent, _, name = path.rpartition(".")
+                model.get_submodule(parent)._modules[name] = bare(module)
     return model
 
 

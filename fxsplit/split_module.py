@@ -98,6 +98,13 @@ class SplitModule(DualGraphModule):
         tasks = self.parameter_tasks()
         return (p for name, p in self.named_parameters() if tasks[name] == (task,))
 
+    def _frozen_targets(self, path: str) -> list[nn.Module]:
+        """A split layer's module is held by its copies (those of the tasks whose outputs use it)."""
+        members = [member for layer in self._surgery.members.values() for member in layer]
+        if not any(path == member or path.startswith(member + ".") for member in members):
+            return super()._frozen_targets(path)
+        return [module for task in self.tasks for module in super()._frozen_targets(copy_target(task, path))]
+
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:
             raise TaskError(f"{task!r} is not a task of this model; its tasks are {list(self.tasks)}.")

@@ -158,8 +158,8 @@ def assert_equivalent(model: nn.Module, split: fxsplit.SplitModule, x: torch.Ten
 
     Both run on copies, so BatchNorm running statistics of neither model change.
     """
-    expected = task_outputs(copy.deepcopy(model), x, rewrite_kwargs)
-    got = copy.deepcopy(split)(x)
+    expected = task_outputs(copy.deepcopy(model), copy.deepcopy(x), rewrite_kwargs)  # forward may write into x
+    got = copy.deepcopy(split)(copy.deepcopy(x))
     assert set(got) == set(expected)
     for task in expected:
         assert got[task].shape == expected[task].shape, task

@@ -3,7 +3,10 @@
 A network is a *program*: a list of operations, each reading earlier values (all of shape ``(batch, tokens,
 width)``) and appending one value. ``Program.forward`` interprets it with plain Python loops over the fixed
 list, so ``torch.fx`` unrolls it into a graph with residual adds, concatenations, chunks, modules called twice,
-in-place updates, parameters read directly, BatchNorm/LayerNorm, attention, and 2–4 task heads.
+in-place updates, parameters read directly, BatchNorm/LayerNorm, attention, and 2–4 task heads; and the patterns
+whose behaviour lives in the backward pass or in Python: a custom autograd Function, a gradient hook registered
+in forward, a forward hook on a layer, a module whose code reads its own mode, data-dependent row selection
+followed by a layer, and an input normalised in place.
 """
 
 from __future__ import annotations
@@ -13,29 +16,63 @@ from hypothesis import strategies as st
 from torch import nn
 
 WIDTH, TOKENS = 8, 3
-UNARY = ("linear", "layernorm", "batchnorm", "attention", "reuse", "gelu_linear")
-BINARY = ("add", "cat_project", "chunk_mix", "inplace_add", "param_add")
+UNARY = ("linear", "layernorm", "batchnorm", "attention", "reuse", "gelu_linear", "function", "gradient_hook",
+         "forward_hook", "mode")
+BINARY = ("add", "cat_project", "chunk_mix", "inplace_add", "param_add", "select_rows")
+
+
+class HalveGradient(torch.autograd.Function):
+    """Identity forward; backward halves the gradient and flips its sign."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -0.5 * grad
+
+
+class Moded(nn.Module):
+    """A layer whose code reads its own mode (tracing goes through it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h * 1.5 if self.training else h
 
 
 class Program(nn.Module):
     """Interprets ``ops``: ``(kind, inputs, module_index)``; returns ``{task: logits}`` or a tuple."""
 
-    def __init__(self, ops: list[tuple], heads: list[int], as_tuple: bool):
+    def __init__(self, ops: list[tuple], heads: list[int], as_tuple: bool, normalise: bool = False):
         super().__init__()
-        self.ops, self.head_inputs, self.as_tuple = ops, heads, as_tuple
+        self.ops, self.head_inputs, self.as_tuple, self.normalise = ops, heads, as_tuple, normalise
         self.blocks = nn.ModuleList(_module(kind) for kind, _, _ in ops)
         self.params = nn.ParameterDict({str(i): nn.Parameter(torch.randn(1, 1, WIDTH) * 0.5)
                                         for i, (kind, _, _) in enumerate(ops) if kind == "param_add"})
         self.heads = nn.ModuleList(nn.Linear(WIDTH, 3) for _ in heads)
 
     def forward(self, x):
+        if self.normalise:
+            x.div_(2)  # in place, as preprocessing inside forward does
         values = [x]
         for i, (kind, inputs, reused) in enumerate(self.ops):
             a = values[inputs[0]]
             b = values[inputs[-1]]
             block = self.blocks[reused if kind == "reuse" else i]
-            if kind in ("linear", "layernorm", "reuse", "gelu_linear"):
+            if kind in ("linear", "layernorm", "reuse", "gelu_linear", "forward_hook", "mode"):
                 out = block(a)
+            elif kind == "function":
+                out = HalveGradient.apply(block(a))
+            elif kind == "gradient_hook":
+                out = block(a)
+                out.register_hook(lambda grad: grad * 3)
+            elif kind == "select_rows":  # the rows kept depend on the values: on the copies, once they differ
+                out = b + block(a[a[..., 0] > 0]).sum(0)
             elif kind == "batchnorm":
                 out = block(a.transpose(1, 2)).transpose(1, 2)
             elif kind == "attention":
@@ -59,8 +96,14 @@ class Program(nn.Module):
 
 
 def _module(kind: str) -> nn.Module:
-    if kind in ("linear", "inplace_add"):
+    if kind in ("linear", "inplace_add", "function", "gradient_hook", "select_rows"):
         return nn.Linear(WIDTH, WIDTH)
+    if kind == "forward_hook":
+        linear = nn.Linear(WIDTH, WIDTH)
+        linear.register_forward_hook(lambda module, args, out: out * 0.5)
+        return linear
+    if kind == "mode":
+        return Moded()
     if kind == "layernorm":
         return nn.LayerNorm(WIDTH)
     if kind == "batchnorm":
@@ -88,9 +131,9 @@ def programs(draw) -> tuple[Program, torch.Tensor, dict]:
         ops.append((kind, inputs, draw(st.sampled_from(reusable)) if kind == "reuse" else i))
     tasks = draw(st.integers(2, 4))
     heads = [draw(st.integers(max(1, length - 2), length)) for _ in range(tasks)]  # heads read late values
-    as_tuple = draw(st.booleans())
+    as_tuple, normalise = draw(st.booleans()), draw(st.booleans())
     torch.manual_seed(draw(st.integers(0, 2**16)))
-    model = Program(ops, heads, as_tuple).double()
+    model = Program(ops, heads, as_tuple, normalise).double()
     names = [f"t{i}" for i in range(tasks)]
     kwargs = {"tasks": names, "outputs": dict(zip(names, range(tasks)))} if as_tuple else {}
     return model, torch.randn(5, TOKENS, WIDTH, dtype=torch.float64), kwargs

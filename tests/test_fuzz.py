@@ -6,14 +6,17 @@ CI runs the "ci" hypothesis profile; ``HYPOTHESIS_PROFILE=slow python -m pytest 
 
 import copy
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxsplit
-from tests.reference import reference
+from tests.reference import assert_per_task, reference
 from tests.models import assert_equivalent, count, task_outputs
 from tests.strategies import programs
+
+BACKWARD_ONLY = ("function", "gradient_hook")  # what torch.export loses, and its route refuses by name
 
 
 def layer_users(model, x, kwargs) -> dict[str, list[str]]:
@@ -43,7 +46,9 @@ def test_random_architectures_rewrite_exactly(program, data):
     model.train(training)
     split = fxsplit.rewrite(model, layers, split_norms=split_norms, batch_branches=batch_branches,
                             example_inputs=x, **kwargs)
+    assert split.route == "fx"
     assert_equivalent(model, split, x, kwargs)
+    assert_per_task(model, split, (x,), kwargs.get("outputs"), modes=(training,))
 
     graph = fxsplit.layer_graph(model)
     extra = sum((len(users[layer]) - 1) * graph.nodes[layer]["params"] for layer in split.split_layers)
@@ -55,7 +60,7 @@ def test_random_architectures_rewrite_exactly(program, data):
         split.zero_grad(set_to_none=True)
         split(x)[task].square().sum().backward()
         for other in set(split.tasks) - {task}:
-            assert all(p.grad is None or not p.grad.any() for p in split.task_parameters(other)), (task, other)
+            assert all(p.grad is None for p in split.task_parameters(other)), (task, other)
 
 
 @given(programs())
@@ -66,10 +71,10 @@ def test_random_architectures_score_like_the_reference_loop(program):
     targets = torch.randn(3, 5, 3, dtype=torch.float64)
     tasks = {name: (lambda key, i: lambda out, batch: (out[key][:, i % 3] - batch[1][:, i % 3]).pow(2).mean())(keys[name], i)
              for i, name in enumerate(names)}
-    batches = [(x + 0.1 * k, targets[k]) for k in range(3)]
+    batches = lambda: [(x + 0.1 * k, targets[k]) for k in range(3)]  # noqa: E731  (forward may write into them)
     model.train()
-    report = fxsplit.analyze(model, tasks, batches, threshold=[0.0, -0.1], progress=False)
-    expected = reference(copy.deepcopy(model), tasks, batches, fxsplit.layer_graph(model), [0.0, -0.1])
+    report = fxsplit.analyze(model, tasks, batches(), threshold=[0.0, -0.1], progress=False)
+    expected = reference(copy.deepcopy(model), tasks, batches(), fxsplit.layer_graph(model), [0.0, -0.1])
     for S in (0.0, -0.1):
         assert report.scores_at(S) == {layer: expected[S].get(layer, 0) for layer in report.scores_at(S)}
         assert set(report.scores_at(S)) == set(expected[S])
@@ -82,6 +87,11 @@ def test_random_architectures_split_alike_on_both_routes(program, data):
     parameters, owners and buffers after a step in each mode."""
     model, x, kwargs = program
     model.train(data.draw(st.booleans()))
+    lost = sorted({kind for kind, _, _ in model.ops if kind in BACKWARD_ONLY})
+    if lost:
+        with pytest.raises(fxsplit.TraceError, match="torch.export cannot record what Program does in the backward"):
+            fxsplit.layer_graph(model, example_inputs=x, method="export")
+        return
     graphs = [fxsplit.layer_graph(model), fxsplit.layer_graph(model, example_inputs=x, method="export")]
     assert [dict(g.nodes(data="members")) for g in graphs[1:]] == [dict(graphs[0].nodes(data="members"))]
     assert list(graphs[1].nodes) == list(graphs[0].nodes) and set(graphs[1].edges) == set(graphs[0].edges)
@@ -91,7 +101,7 @@ def test_random_architectures_split_alike_on_both_routes(program, data):
               fxsplit.rewrite(model, layers, example_inputs=x, method="export", **kwargs)]
     assert splits[1].route == "export" and splits[1].parameter_tasks() == splits[0].parameter_tasks()
     for training in (True, False):
-        outputs = [split.train(training)(x) for split in splits]
+        outputs = [split.train(training)(x.clone()) for split in splits]  # forward may write into its input
         assert all(torch.equal(outputs[0][task], outputs[1][task]) for task in outputs[0])
     states = [split.state_dict() for split in splits]
     assert set(states[0]) == set(states[1]) and all(torch.equal(states[0][k], states[1][k]) for k in states[0])

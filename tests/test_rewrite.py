@@ -10,6 +10,7 @@ from torch import nn
 
 import fxsplit
 from fxsplit.rewrite.streams import join
+from tests.reference import assert_per_task
 from tests.models import (
     MultiHead, SmallCNN, assert_equivalent, assert_unchanged, count, small_models, snapshot,
 )
@@ -389,3 +390,43 @@ def _saved_and_loaded(module: nn.Module) -> nn.Module:
     torch.save(module, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+class DeepSupervision(nn.Module):
+    """Task 'c' reads the trunk's last layer only in train mode (an auxiliary loss on deep features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.last = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.heads = nn.ModuleDict({task: nn.Linear(8, 2) for task in "abc"})
+
+    def forward(self, x):
+        h = self.first(x)
+        g = self.last(h)
+        out = {"a": self.heads.a(g), "b": self.heads.b(g), "c": self.heads.c(h)}
+        if self.training:
+            out["c"] = out["c"] + self.heads.c(g)
+        return out
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_layer_that_a_task_uses_in_one_mode_only_gets_that_tasks_copy(training):
+    torch.manual_seed(0)
+    model, x = DeepSupervision().train(training), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["last"], example_inputs=x)
+    assert {task for task in split.tasks if hasattr(split.copies, task) and hasattr(getattr(split.copies, task), "last")} \
+        == {"a", "b", "c"}
+    assert_per_task(model, split, (x,))
+
+
+def test_a_hooked_shared_layer_in_the_branches_runs_once_per_branch_with_its_rows():
+    torch.manual_seed(0)
+    model = MultiHead(SmallCNN(), 16)
+    x = torch.randn(4, 3, 16, 16)
+    seen = []
+    model.backbone.block2.conv1.register_forward_hook(lambda module, args, out: seen.append(out.shape[0]))
+    split = fxsplit.rewrite(model, ["backbone.block1.conv2"], example_inputs=x)
+    seen.clear()
+    split(x)
+    assert seen == [4, 4]  # one call per branch, each with the branch's own rows
+    assert _calls(split, "backbone.block2.conv2") == 1  # what has no hook still runs once on the joined branches

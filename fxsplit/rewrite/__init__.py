@@ -18,6 +18,7 @@ from ..layers import Layer, attribute, find_layers
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
 from ..tracing import as_example, trace_modes
+from ..tracing.frozen import stand_in
 from ..tracing.symbolic import check_names, copy_module
 from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
@@ -116,7 +117,8 @@ def rewrite(
         names += _norms_in_branches(traced, current, found[id(current)], names, paths)
     split_layers = [layer for layer in found[id(current)] if layer in names]  # graph order
     plan = {id(graph): _chosen(found[id(graph)], split_layers) for graph in graphs.values()}
-    users = _users(found[id(current)], split_layers, needed_nodes(traced, current, paths))
+    users = _users(graphs.values(), found, split_layers, {id(graph): needed_nodes(traced, graph, paths)
+                                                           for graph in graphs.values()}, paths)
     _check_shared(names, users)
 
     fanned = {id(graph): fan_out(traced, graph, paths, plan[id(graph)]) for graph in graphs.values()}
@@ -138,7 +140,7 @@ def rewrite(
     _keep_the_rest(split, root, [m for layer in members.values() for m in layer])
     split._surgery = Surgery(tuple(paths), tuple(split_layers), members, _owners(split, uses, tuple(paths)),
                              _plain_attributes(split, root), *route)
-    split.meta.update(route=route[0], route_reason=route[1])
+    split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}))
     if example is not None:
         check_split(model, traced, split, paths, calling(*example))
     return split
@@ -189,10 +191,18 @@ def _chosen(layers: Mapping[str, Layer], names: list[str]) -> dict[fx.Node, str]
     return {node: name for name in names if name in layers for node in layers[name].reads}
 
 
-def _users(layers: Mapping[str, Layer], names: list[str], needed: Mapping[str, set[fx.Node]]) -> dict[str, list[str]]:
-    """Layer -> the tasks whose outputs use it."""
-    return {name: [task for task, nodes in needed.items() if nodes.intersection(layers[name].reads)]
-            for name in names}
+def _users(graphs, found: Mapping[int, Mapping[str, Layer]], names: list[str],
+           needed: Mapping[int, Mapping[str, set[fx.Node]]], paths: Mapping[str, Path]) -> dict[str, list[str]]:
+    """Layer -> the tasks whose outputs use it, in either mode's graph (deep supervision reads a layer in train
+    mode only), in task order."""
+    using = {name: set() for name in names}
+    for graph in graphs:
+        layers = found[id(graph)]
+        for name in names:
+            if name in layers:
+                using[name].update(task for task, nodes in needed[id(graph)].items()
+                                   if nodes.intersection(layers[name].reads))
+    return {name: [task for task in paths if task in tasks] for name, tasks in using.items()}
 
 
 def _check_shared(names: list[str], users: Mapping[str, list[str]]) -> None:
@@ -208,7 +218,7 @@ def _norms_in_branches(root, graph, layers: Mapping[str, Layer], names: list[str
     tainted = tainted_by(graph, _chosen(layers, names))
     norms = [name for name, layer in layers.items() if name not in names
              and isinstance(attribute(root, name), NORMS) and all(node in tainted for node in layer.calls)]
-    users = _users(layers, norms, needed_nodes(root, graph, paths))
+    users = _users([graph], {id(graph): layers}, norms, {id(graph): needed_nodes(root, graph, paths)}, paths)
     return [name for name in norms if len(users[name]) > 1]
 
 
@@ -222,7 +232,8 @@ def _keep_the_rest(split: SplitModule, root: nn.Module, replaced: list[str]) -> 
         if not path or replaced_path(path) or _has(split, path):
             continue
         holds_replaced = any(member.startswith(path + ".") for member in replaced)
-        install(split, path, nn.Module() if holds_replaced else module)  # then its other children, one by one
+        install(split, path, stand_in(module, nn.Module()) if holds_replaced else module)  # then its other
+        # children, one by one
     for path, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
         if not replaced_path(path) and not _has(split, path):
             owner_path, _, name = path.rpartition(".")

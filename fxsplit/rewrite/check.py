@@ -159,10 +159,11 @@ def _copies_apart(split: nn.Module, scale: float = 0.05) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _no_dropout(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Dropout probabilities 0 in every module, and in the dropout operations of graphs traced through
-    torch.export (which hold the probability as a number), then back as they were."""
+    """Dropout probabilities 0 in every module that runs its own code (all of a plain module's, those a graph
+    calls), and in the dropout operations of graphs traced through torch.export (which hold the probability as a
+    number), then back as they were."""
     saved, nodes = [], []
-    for module in {id(m): m for root in modules for m in root.modules()}.values():
+    for module in {id(m): m for root in modules for m in _running(root)}.values():
         for name in _DROP_ATTRIBUTES:
             value = getattr(module, name, None)
             if isinstance(value, float) and value > 0 and _drops(module):
@@ -185,6 +186,17 @@ def _no_dropout(modules: Iterable[nn.Module]) -> Iterator[None]:
             _set_argument(node, where, p)
         for graph in graphs:
             graph.recompile()
+
+
+def _running(module: nn.Module) -> Iterator[nn.Module]:
+    """The modules whose code runs when ``module`` runs: a graph's own code stands for the modules it traced
+    through (whose attributes it holds), and calls the others."""
+    if not isinstance(module, fx.GraphModule):
+        yield from module.modules()
+        return
+    graphs = [module.graph, *([module.graph_for(not module.training)] if hasattr(module, "graph_for") else [])]
+    for target in {node.target for graph in graphs for node in graph.nodes if node.op == "call_module"}:
+        yield from module.get_submodule(target).modules()
 
 
 def _set_argument(node: fx.Node, where: int | str, value) -> None:

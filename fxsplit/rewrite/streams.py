@@ -56,12 +56,16 @@ class _Join(torch.autograd.Function):
 
 def join(sources: list[torch.Tensor]) -> tuple[torch.Tensor, Route]:
     """The branches' values concatenated along the batch, and the route that splits the stream back."""
+    if isinstance(sources[0], fx.Proxy):  # the graph is being made again from its code (unpickling)
+        return sources[0].tracer.create_proxy("call_function", join, (sources,), {})
     route = Route([source.shape[0] for source in sources])
     return _Join.apply(route, *sources), route
 
 
 def part(stream: torch.Tensor, route: Route, branch: int, own: bool = False) -> torch.Tensor:
     """Branch ``branch``'s rows of ``stream`` (a tensor of its own where ``own``: the branch writes into it)."""
+    if isinstance(stream, fx.Proxy):
+        return stream.tracer.create_proxy("call_function", part, (stream, route, branch, own), {})
     rows = stream.narrow(0, route.offsets[branch], route.sizes[branch])
     if own:
         rows = rows.clone()

@@ -102,18 +102,22 @@ def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
 
     def by_fx() -> DualGraphModule:
         view = _view(model)  # tracing runs Python code that may change a module's attributes: never the model's
-        graphs = {training: symbolic_graph(view, training, options, given) for training in (True, False)}
-        return DualGraphModule(view, graphs, type(model).__name__)
+        traced = {training: symbolic_graph(view, training, options, given) for training in (True, False)}
+        module = DualGraphModule(view, {training: graph for training, (graph, _) in traced.items()},
+                                 type(model).__name__)
+        module.meta["frozen"] = {training: reads for training, (_, reads) in traced.items()}
+        return module
 
     def by_export() -> DualGraphModule:
         root = model if private else _view(model)
-        graphs, extras = {}, {}
+        graphs, extras, frozen = {}, {}, {}
         for training in (True, False):
-            graphs[training], more = exported_graph(root, *example, training)
+            graphs[training], more, frozen[training] = exported_graph(root, *example, training)
             extras.update(more)
         add_attributes(root, extras)
         traced = DualGraphModule(root, graphs, type(model).__name__)
         keep_state(traced, root)
+        traced.meta["frozen"] = frozen
         return traced
 
     traced = _route(model, method, example, options, (True, False), by_fx, by_export)
@@ -137,7 +141,7 @@ def trace_graph(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
 
     def by_fx() -> fx.GraphModule:
         root = _view(model)
-        return fx.GraphModule(root, symbolic_graph(root, model.training, options, given), type(model).__name__)
+        return fx.GraphModule(root, symbolic_graph(root, model.training, options, given)[0], type(model).__name__)
 
     def by_export() -> fx.GraphModule:
         return trace_exported_for_reading(model, *example, training=model.training)

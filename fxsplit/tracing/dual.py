@@ -17,6 +17,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
+from .frozen import first_change, stale, stand_in
 from .symbolic import torch_layer
 
 
@@ -49,6 +50,7 @@ class DualGraphModule(fx.GraphModule):
                     _copy_attr(root, self, node.target)
             self._other_graph = other
         adopt_layers(self, root, [graphs[training], other])
+        adopt_classes(self, root)
 
     @property
     def has_two_graphs(self) -> bool:
@@ -68,7 +70,22 @@ class DualGraphModule(fx.GraphModule):
 
     def __call__(self, *args, **kwargs):
         self._follow_mode()  # also when .training was set directly, not through .train()
+        self._check_frozen()
         return super().__call__(*args, **kwargs)
+
+    def _check_frozen(self) -> None:
+        """Stop before running a graph that holds a Python value which has changed since tracing."""
+        reads = self.meta.get("frozen", {}).get(self.training, ())  # one graph may serve both modes
+        change = first_change(reads, self._frozen_targets) if reads else None
+        if change is not None:
+            raise stale(*change, self.training, self.meta.get("route", "fx"))
+
+    def _frozen_targets(self, path: str) -> list[nn.Module]:
+        """The modules that hold what the model's module at ``path`` held, for the graph."""
+        try:
+            return [self.get_submodule(path)]
+        except AttributeError:
+            return []
 
     def _follow_mode(self) -> None:
         if getattr(self, "_other_graph", None) is not None and self.training != self._graph_training:
@@ -131,6 +148,21 @@ def _graph_from_code(root: nn.Module, body: dict, import_block: str) -> fx.Graph
 def _arguments(cls: type, root: nn.Module) -> dict[str, Any]:
     """The subclass's extra ``__init__`` arguments, read back from the attributes the original stored them in."""
     return {name: root.__dict__[attribute] for name, attribute in cls._REBUILD_ATTRIBUTES.items()}
+
+
+def adopt_classes(module: nn.Module, root: nn.Module) -> None:
+    """Where ``GraphModule`` made an empty module to hold children on a path, put a stand-in of ``root``'s module
+    there (:func:`~fxsplit.tracing.frozen.stand_in`): its class, mode and plain attributes, never called."""
+    for path, holder in list(module.named_modules()):
+        if not path or type(holder) is not nn.Module:
+            continue
+        try:
+            original = root.get_submodule(path)
+        except AttributeError:
+            continue
+        if type(original) is not nn.Module and not torch_layer(original):
+            parent, _, name = path.rpartition(".")
+            module.get_submodule(parent)._modules[name] = stand_in(original, holder)
 
 
 def adopt_layers(module: fx.GraphModule, root: nn.Module, graphs: list[fx.Graph]) -> None:

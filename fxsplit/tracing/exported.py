@@ -88,6 +88,7 @@ from torch.utils import _pytree as pytree
 from ..errors import TraceError
 from .autograd import watching_export
 from .dual import adopt_layers
+from .frozen import Read, recording_reads, stand_in
 from .symbolic import _user_line, copy_module
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -186,7 +187,7 @@ def _single_mode(model, args, kwargs, training, share_tensors: bool) -> Exported
         raise TraceError(f"fxsplit traces an nn.Module, got {type(model).__name__}.")
     training = model.training if training is None else training
     root = copy_module(model, share_tensors)
-    graph, extras = exported_graph(root, args, kwargs, training)
+    graph, extras, _ = exported_graph(root, args, kwargs, training)
     add_attributes(root, extras)
     gm = ExportedGraphModule(root, graph, type(model).__name__)
     adopt_layers(gm, root, [graph])
@@ -197,9 +198,10 @@ def _single_mode(model, args, kwargs, training, share_tensors: bool) -> Exported
 
 
 def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, training: bool
-                   ) -> tuple[fx.Graph, dict[str, Any]]:
-    """The graph of ``root`` through ``torch.export`` in train or eval mode, and what it reads that ``root`` lacks
-    (torch.export's input checks, constants), named for the mode (``_guards_fn_train``).
+                   ) -> tuple[fx.Graph, dict[str, Any], list[Read]]:
+    """The graph of ``root`` through ``torch.export`` in train or eval mode, what it reads that ``root`` lacks
+    (torch.export's input checks, constants), named for the mode (``_guards_fn_train``), and the plain attributes
+    of modules that the model's Python read (:mod:`.frozen`).
 
     The graph reads ``root``'s parameters and buffers by their names; ``root`` itself is not run (a copy that
     shares its tensors is). ``args`` that is not a tuple is one positional argument.
@@ -212,7 +214,7 @@ def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, tr
     dynamic = {name: pytree.tree_map(_batch_dim, value) for name, value in given.items()}
     guards: list[tuple[list[str], list]] = []
     try:
-        with watching_export(copy) as lost:
+        with watching_export(copy) as lost, recording_reads(copy) as reads:
             program = torch.export.export(copy, args, kwargs, dynamic_shapes=dynamic, strict=False)
         with _recording_guards(guards):
             exported = program.module()
@@ -225,7 +227,9 @@ def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, tr
             f"The torch.fx route records custom autograd Functions and gradient hooks registered in forward "
             f"(method='fx'; a hook must not depend on a test of requires_grad, which a trace cannot read), and calls "
             f"a module with backward hooks whole when it is a leaf (tracer_kwargs={{'leaf_modules': [...]}}).")
-    return _contract_graph(exported, copy, (args, kwargs), list(given), "train" if training else "eval", guards)
+    graph, extras = _contract_graph(exported, copy, (args, kwargs), list(given), "train" if training else "eval",
+                                    guards)
+    return graph, extras, reads
 
 
 def _check_one_mode(root: nn.Module) -> None:
@@ -457,10 +461,11 @@ def keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
     """Every parameter and buffer of the model at its qualified name, read by the graph or not (an eval graph
     reads no ``num_batches_tracked``), buffers as persistent as in the model: ``state_dict()`` has the model's keys."""
     for path, module in root.named_modules(remove_duplicate=False):
-        holder = gm
+        holder, where = gm, []
         for part in path.split(".") if path else ():
+            where.append(part)
             if part not in holder._modules:
-                holder.add_module(part, nn.Module())
+                holder.add_module(part, stand_in(root.get_submodule(".".join(where)), nn.Module()))
             holder = holder._modules[part]
         for name, parameter in module.named_parameters(recurse=False):
             holder.register_parameter(name, parameter)

@@ -22,6 +22,7 @@ from torch import fx, nn
 
 from ..errors import PythonStateWarning, TraceError
 from .autograd import check_backward_hooks, recording_autograd
+from .frozen import Read, recording_reads
 from .modes import recording_modes
 from .mutations import follow_mutations
 
@@ -149,8 +150,10 @@ def check_options(tracer_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(tracer_kwargs)
 
 
-def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], given: Iterable[str] = ()) -> fx.Graph:
-    """The graph of ``root`` (a private copy: tracing runs its Python code) in train or eval mode.
+def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], given: Iterable[str] = ()
+                   ) -> tuple[fx.Graph, list[Read]]:
+    """The graph of ``root`` (a private copy: tracing runs its Python code) in train or eval mode, and the plain
+    attributes its Python read (:mod:`.frozen`).
 
     Arguments of ``forward`` with a default that is not a tensor (``task_name=None``, ``flag=False``), unless the
     caller gives them (``given``) or ``concrete_args`` does, are bound to their defaults: a trace cannot stand for
@@ -163,7 +166,8 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
     tracer = PathTracer(options.get("leaf_modules", ()), options.get("autowrap_functions", ()), bound=concrete)
     effects = _ForwardEffects(root)
     try:
-        graph = tracer.trace(root, concrete or None)
+        with recording_reads(root) as reads:
+            graph = tracer.trace(root, concrete or None)
     except Exception as error:
         raise _trace_error(root, tracer, error, concrete) from error
     finally:
@@ -179,7 +183,7 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
             PythonStateWarning, stacklevel=2)
     _write_back(graph, rebound)
     follow_mutations(graph, root)
-    return graph
+    return graph, reads
 
 
 class _ForwardEffects:
