@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -18,6 +19,24 @@ from .distributed import check_not_sharded, reduction, unwrap
 from .methods import Aggregator, aggregate, aggregator_of
 from .rows import GradientRows
 from .scope import ScoredLayers
+
+
+@dataclass
+class _Step:
+    """The optimizer step in progress: what its micro-batches have gathered so far.
+
+    A step opens at its first micro-batch and ends when it is scored, or when it fails half-way (it is then dropped
+    whole, and the next one starts afresh).
+    """
+
+    stored: list[bool]  # per task: its row holds this step's first micro-batch
+    reached: list[list[bool]]  # per task, per parameter: its losses reached the parameter in this step
+    captured: dict[str, bool] = field(default_factory=dict)  # hook style: tasks captured in this micro-batch -> their
+    # accumulate
+
+    @classmethod
+    def new(cls, tasks: int, parameters: int) -> _Step:
+        return cls([False] * tasks, [[False] * parameters for _ in range(tasks)])
 
 
 class ConflictMonitor:
@@ -99,9 +118,7 @@ class ConflictMonitor:
         self._rows = GradientRows(self._weights, len(self.tasks))
         self._scope: ScoredLayers | None = None
         self._counter: ConflictCounter | None = None
-        self._stored = [False] * len(self.tasks)  # tasks whose row holds this step's first micro-batch
-        self._reached = [[False] * len(self._weights) for _ in self.tasks]  # in this optimizer step
-        self._captured: dict[str, bool] = {}  # hook style: tasks captured in this micro-batch -> their accumulate
+        self._step: _Step | None = None
         self._grad: torch.Tensor | None = None  # storage whose views the parameters get as .grad
         self._grad_views: list[torch.Tensor] = []
 
@@ -121,6 +138,7 @@ class ConflictMonitor:
         self._check_no_open_step()
         values = self._values(losses)
         with self._abandoning_on_error():
+            self._open_step()
             for t, value in enumerate(values):
                 self._capture(t, self._grads(value, retain_graph=t < len(values) - 1))  # freed before the next
             self._complete(accumulate, update_grad)
@@ -154,12 +172,14 @@ class ConflictMonitor:
             raise ScoringError("under DistributedDataParallel, run the forward and every task's backward inside "
                                "model.no_sync(): DDP reduces the gradients of one backward per forward, and the "
                                "monitor reduces the task gradients itself.")
-        if name in self._captured:
+        captured_before = {} if self._step is None else self._step.captured
+        if name in captured_before:
             raise TaskError(f"task {name!r} was already captured in this step; capture each task once per step "
-                            f"(tasks still to come: {[n for n in self.tasks if n not in self._captured]}).")
-        if self._captured and accumulate != next(iter(self._captured.values())):
+                            f"(tasks still to come: {[n for n in self.tasks if n not in captured_before]}).")
+        if captured_before and accumulate != next(iter(captured_before.values())):
             raise TaskError(f"task {name!r} is captured with accumulate={accumulate} but the other tasks of this "
                             f"micro-batch with accumulate={not accumulate}; give every task the same value.")
+        step = self._open_step()
         saved = [p.grad for p in self._weights]
         captured: list[torch.Tensor | None] = [None] * len(self._weights)
 
@@ -181,9 +201,9 @@ class ConflictMonitor:
                 for p, grad in zip(self._weights, saved):
                     p.grad = grad
             self._capture(t, captured)
-            self._captured[name] = accumulate
-            if len(self._captured) == len(self.tasks):
-                self._captured.clear()
+            step.captured[name] = accumulate
+            if len(step.captured) == len(self.tasks):
+                step.captured.clear()
                 self._complete(accumulate, update_grad=True)
 
     # --- the result -------------------------------------------------------------------------------------------------
@@ -240,12 +260,13 @@ class ConflictMonitor:
             raise TaskError(f"the loss of task {self.tasks[t]!r} reaches none of the model's trainable parameters: it "
                             f"was computed from a detached tensor, or from something other than the model's output "
                             f"(check the output it reads).")
-        self._reached[t] = [a or b for a, b in zip(self._reached[t], reached)]
-        if self._stored[t]:
+        step = self._step
+        step.reached[t] = [a or b for a, b in zip(step.reached[t], reached)]
+        if step.stored[t]:
             self._rows.add(t, grads)
         else:
             self._rows.store(t, grads)
-            self._stored[t] = True
+            step.stored[t] = True
 
     def _complete(self, accumulate: bool, update_grad: bool) -> None:
         """End of a micro-batch; at the end of an optimizer step, score it and update ``.grad``."""
@@ -261,13 +282,12 @@ class ConflictMonitor:
         self._counter.update(self._layer_grams(grams).double(), finite.all())
         if update_grad:
             self._update_grad()
-        self._stored = [False] * len(self.tasks)
-        self._reached = [[False] * len(self._weights) for _ in self.tasks]
+        self._step = None
 
     def _start_scoring(self) -> None:
         """The first step decides which layers are scored, from which tasks' losses reached which parameters."""
         device = self._rows.flat.device
-        self._scope = ScoredLayers(self.graph, self._index, self.tasks, self._reached, self._owners)
+        self._scope = ScoredLayers(self.graph, self._index, self.tasks, self._step.reached, self._owners)
         self._layer_grams = self._scope.gram(self._rows.slot, self._rows.flat.dtype, device)
         self._counter = ConflictCounter(self._scope.reach_matrix(device), self.thresholds, self.bins)
         self._finite = torch.ones(len(self.tasks), dtype=torch.bool, device=device)  # per task, at every step so far
@@ -280,7 +300,7 @@ class ConflictMonitor:
         if self._grad is None:
             self._grad = self._rows.flat.new_zeros(self._rows.flat.shape[1])
             self._grad_views = self._rows.views(self._grad)
-        reached = [any(task[i] for task in self._reached) for i in range(len(self._weights))]
+        reached = [any(task[i] for task in self._step.reached) for i in range(len(self._weights))]
         held = [p.grad is view for p, view in zip(self._weights, self._grad_views)]
         if self.aggregator is None and not any(held) and all(p.grad is None for p, r in zip(self._weights, reached)
                                                               if r):
@@ -326,9 +346,16 @@ class ConflictMonitor:
         except ValueError:
             raise TaskError(f"{name!r} is not a task of this monitor; its tasks are {self.tasks}.") from None
 
+    def _open_step(self) -> _Step:
+        """The step in progress, opened if none is."""
+        if self._step is None:
+            self._step = _Step.new(len(self.tasks), len(self._weights))
+        return self._step
+
     def _check_no_open_step(self) -> None:
-        if self._captured:
-            missing = [name for name in self.tasks if name not in self._captured]
+        """Raise while a micro-batch captured with ``monitor.task`` still waits for tasks."""
+        if self._step is not None and self._step.captured:
+            missing = [name for name in self.tasks if name not in self._step.captured]
             raise ScoringError(f"the step captured with monitor.task is not complete: task(s) {missing} are still to "
                                f"be captured.")
 
@@ -338,9 +365,7 @@ class ConflictMonitor:
         try:
             yield
         except BaseException:
-            self._stored = [False] * len(self.tasks)
-            self._reached = [[False] * len(self._weights) for _ in self.tasks]
-            self._captured.clear()
+            self._step = None
             raise
 
     @contextlib.contextmanager
