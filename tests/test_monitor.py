@@ -350,7 +350,8 @@ def _integer_model():
     return model, tasks, batches
 
 
-def test_a_float16_model_is_scored_in_float32_and_its_grads_stay_float16():
+@pytest.mark.parametrize("between", ["set_to_none", "keep"])
+def test_a_float16_model_is_scored_in_float32_and_its_grads_stay_float16(between):
     model, tasks, batches = _integer_model()
     oracle, summed = copy.deepcopy(model).double(), copy.deepcopy(model).half()
     model.half()
@@ -367,8 +368,9 @@ def test_a_float16_model_is_scored_in_float32_and_its_grads_stay_float16():
         sum(_step_losses(summed, tasks, batch).values()).backward()
         for p, q in zip(model.parameters(), summed.parameters()):
             assert p.grad.dtype == torch.float16 and torch.equal(p.grad, q.grad)
-        model.zero_grad()
-        summed.zero_grad()
+        if between == "set_to_none":
+            model.zero_grad()
+            summed.zero_grad()
     report = monitor.report()
     expected = reference(oracle, tasks, [(x.double(),) for (x,) in batches], graph, [0.0, 0.5])
     assert report.steps == 3 and report.skipped == 0 and monitor.nonfinite_tasks == []
@@ -554,11 +556,10 @@ def test_reentrant_checkpoint_is_a_typed_error_for_backward_and_exact_by_the_per
     model, tasks, batches = _checkpoint_case(reentrant=True)
     plain = copy.deepcopy(model)
     plain.reentrant = None
-    for m in (model, plain):
-        m.stem.requires_grad_(not frozen_stem)
+    graph = fxsplit.layer_graph(plain)
+    model.stem.requires_grad_(not frozen_stem)
     if frozen_stem:  # the PEFT idiom: the input requires grad so that the reentrant checkpoint gives gradients
         batches = [(x.requires_grad_(),) for (x,) in batches]
-    graph = fxsplit.layer_graph(plain)
     monitor = fxsplit.ConflictMonitor(model, tasks, graph=graph)
     with pytest.raises(fxsplit.ScoringError, match=r"_Checkpointed runs torch\.utils\.checkpoint with "
                                                    r"use_reentrant=True.*use_reentrant=False.*monitor\.task"):
@@ -566,9 +567,12 @@ def test_reentrant_checkpoint_is_a_typed_error_for_backward_and_exact_by_the_per
     assert all(p.grad is None for p in model.parameters())
     sgd = dict(lr=0.1, momentum=0.9)
     report = _monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), **sgd), hooks=True, graph=graph)
-    expected = reference(plain, tasks, batches, graph, [0.0], optimizer=torch.optim.SGD(plain.parameters(), **sgd))
-    assert report.steps == 3 and report.scores == {layer: expected[0.0][layer] for layer in report.scores}
-    assert set(report.layers) == set(expected[0.0]) and "block.0" in report.layers
+    stem = list(plain.stem.parameters())  # the plain loop differentiates every parameter: a frozen stem keeps lr 0
+    optimizer = torch.optim.SGD([{"params": stem, "lr": 0.0 if frozen_stem else 0.1},
+                                 {"params": [p for p in plain.parameters() if all(p is not q for q in stem)]}], **sgd)
+    expected = reference(plain, tasks, batches, graph.subgraph(report.layers), [0.0], optimizer=optimizer)[0.0]
+    assert report.steps == 3 and report.scores == {layer: expected[layer] for layer in report.scores}
+    assert set(report.layers) == {"block.0", "block.2"} | (set() if frozen_stem else {"stem"})
     _assert_same_state(model, plain)
 
 
@@ -686,3 +690,17 @@ def test_complex_parameters_are_scored_by_the_real_cosine_and_get_complex_grads(
     assert set(report.layers) == set(expected[0.0]) == {"inp", "mix.weight"}
     _assert_same_state(model, summed)
     torch.testing.assert_close(torch.view_as_real(model.mix.weight), real.mix.weight, rtol=1e-10, atol=1e-12)
+
+
+def test_a_sparse_gradient_an_aggregator_combines_is_given_dense():
+    torch.manual_seed(0)
+    model = _Tower(sparse=True).double()
+    summed = copy.deepcopy(model)
+    tasks = {"a": lambda out, batch: out["a"].pow(2).sum(), "b": lambda out, batch: out["b"].sin().sum()}
+    batch = (torch.randint(0, 20, (6, 4)),)
+    monitor = fxsplit.ConflictMonitor(model, tasks, aggregator=lambda jacobian: jacobian.sum(0))  # the plain sum
+    monitor.backward(_step_losses(model, tasks, batch))
+    sum(_step_losses(summed, tasks, batch).values()).backward()
+    assert model.embedding.weight.grad.layout == torch.strided and summed.embedding.weight.grad.is_sparse
+    for (name, p), q in zip(model.named_parameters(), summed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)
