@@ -43,6 +43,22 @@ def _assert_same_state(model, twin, rtol=1e-10):
         torch.testing.assert_close(value, expected, rtol=rtol, atol=1e-12, msg=key)
 
 
+def _assert_same_grads(model, twin):
+    """Every parameter's ``.grad`` is the twin's (the summed loss's): both set or both not, same dtype, layout and
+    values."""
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert (p.grad.dtype, p.grad.shape, p.grad.layout) == (p.dtype, p.shape, q.grad.layout), name
+            torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+def _step(*optimizers):
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 @pytest.mark.parametrize("name, hooks", [(name, False) for name in sorted(scoring_cases())] +
                          [("cnn-3-tasks", True), ("vit", True)])
 def test_monitor_scores_and_trains_like_analyze_and_the_plain_loop(name, hooks):
@@ -92,11 +108,7 @@ def test_grad_is_what_the_summed_loss_gives(before, between):
     for batch in batches:
         monitor.backward(_step_losses(model, tasks, batch))
         sum(_step_losses(twin, tasks, batch).values()).backward()
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if p.grad is not None:
-                assert p.grad.dtype == p.dtype and p.grad.shape == p.shape
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
+        _assert_same_grads(model, twin)
         if between != "keep":
             model.zero_grad(set_to_none=between == "set_to_none")
             twin.zero_grad(set_to_none=between == "set_to_none")
@@ -392,13 +404,8 @@ def test_a_layer_unfrozen_later_trains_as_the_summed_loss_and_is_left_out_of_the
                 m.backbone.inp.requires_grad_(True)
         monitor.backward(_step_losses(model, tasks, batch))
         sum(_step_losses(twin, tasks, batch).values()).backward()
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if q.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
-        for o in (optimizer, twin_optimizer):
-            o.step()
-            o.zero_grad()
+        _assert_same_grads(model, twin)
+        _step(optimizer, twin_optimizer)
     _assert_same_state(model, twin)
     assert model.backbone.inp.weight.grad is None and not torch.equal(model.backbone.inp.weight,
                                                                       _spare_model()[0].backbone.inp.weight)
@@ -431,10 +438,7 @@ def test_a_layer_frozen_later_gets_no_grad_and_a_scored_one_is_a_typed_error():
                 m.heads.a.requires_grad_(False)
         monitor.backward(_step_losses(model, tasks, batch))
         sum(_step_losses(twin, tasks, batch).values()).backward()
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if q.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
+        _assert_same_grads(model, twin)
         model.zero_grad()
         twin.zero_grad()
     model.backbone.mid.bias.requires_grad_(False)
@@ -480,10 +484,7 @@ def test_a_grad_the_user_kept_never_changes_once_let_go(how):
         sum(_step_losses(twin, tasks, batch).values()).backward()
         for name, grad in kept.items():  # what .grad still is accumulates, as autograd accumulates into it
             assert torch.equal(grad, values[name]) == (name not in held), name
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if q.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
+        _assert_same_grads(model, twin)
         kept = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
         _let_go(model, how)
         _let_go(twin, how)
@@ -506,15 +507,24 @@ class _TrainsThroughAnotherMethod(nn.Module):
         return {t: head(h + self.aux(h)) for t, head in self.heads.items()}
 
 
+class _TrainingForward(_TrainsThroughAnotherMethod):
+    forward = _TrainsThroughAnotherMethod.forward_train
+
+
+def _trained_through_forward_train(model, tasks, graph=None):
+    torch.manual_seed(1)
+    monitor = fxsplit.ConflictMonitor(model, tasks, graph=graph)
+    for _ in range(2):
+        out = model.forward_train(torch.randn(5, 6, dtype=torch.float64))
+        monitor.backward({t: loss(out) for t, loss in tasks.items()})
+    return monitor.report()
+
+
 def test_modules_the_losses_reach_outside_the_layer_graph_are_left_out_with_how_to_score_them(tmp_path):
     torch.manual_seed(0)
     model = _TrainsThroughAnotherMethod().double()
     tasks = {"a": lambda out: out["a"].pow(2).mean(), "b": lambda out: out["b"].sin().mean()}
-    monitor = fxsplit.ConflictMonitor(model, tasks)  # the graph is traced from forward
-    for _ in range(2):
-        out = model.forward_train(torch.randn(5, 6, dtype=torch.float64))
-        monitor.backward({t: loss(out) for t, loss in tasks.items()})
-    report = monitor.report()
+    report = _trained_through_forward_train(model, tasks)  # the graph is traced from forward
     assert report.layers == ["backbone"] and report.reach["aux.0"] == ["a", "b"]
     assert report.left_out["aux.0"].startswith("the losses reach its parameters but the layer graph has no layer for "
                                                "it (forward does not call it")
@@ -522,6 +532,10 @@ def test_modules_the_losses_reach_outside_the_layer_graph_are_left_out_with_how_
     assert report.graph.nodes["aux.0"]["params"] == 72 and report.graph.nodes["aux.0"]["kind"] == "Linear"
     assert fxsplit.ConflictReport.load(report.save(tmp_path / "report.json")).left_out == report.left_out
     assert "not scored" in str(report)
+    training = copy.copy(model)  # what the reason advises: the same modules, forward_train as forward
+    training.__class__ = _TrainingForward
+    scored = _trained_through_forward_train(model, tasks, graph=fxsplit.layer_graph(training))
+    assert scored.layers == ["backbone", "aux.0"] and "aux.0" not in scored.left_out
 
 
 class _Checkpointed(nn.Module):
@@ -623,16 +637,13 @@ def test_sparse_embedding_gradients_are_scored_dense_and_grad_stays_sparse(hooks
         sum(_step_losses(summed, tasks, batch).values()).backward()
         if k == 0:
             continue
-        for (name, p), q in zip(model.named_parameters(), summed.parameters()):
-            assert p.grad.layout == q.grad.layout, name
-            torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)
-        for o in (optimizer, summed_optimizer):
-            o.step()
-            o.zero_grad()
+        _assert_same_grads(model, summed)
+        _step(optimizer, summed_optimizer)
     assert model.embedding.weight.grad is None
     report = monitor.report()
     accumulated = [tuple(torch.cat(parts) for parts in zip(*batches[:2])), batches[2]]  # summed losses: exact
-    expected = reference(dense, tasks, accumulated, graph, [0.0], optimizer=torch.optim.SGD(dense.parameters(), lr=0.02))
+    expected = reference(dense, tasks, accumulated, graph, [0.0],
+                         optimizer=torch.optim.SGD(dense.parameters(), lr=0.02))
     assert report.steps == 2 and "embedding" in report.layers
     assert report.scores == {layer: expected[0.0][layer] for layer in report.scores}
     _assert_same_state(model, summed)
@@ -678,11 +689,8 @@ def test_complex_parameters_are_scored_by_the_real_cosine_and_get_complex_grads(
         monitor.backward(_step_losses(model, tasks, batch))
         sum(_step_losses(summed, tasks, batch).values()).backward()
         assert model.mix.weight.grad.dtype == torch.complex128
-        for (name, p), q in zip(model.named_parameters(), summed.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
-        for o in (optimizer, summed_optimizer):
-            o.step()
-            o.zero_grad()
+        _assert_same_grads(model, summed)
+        _step(optimizer, summed_optimizer)
     report = monitor.report()
     expected = reference(real, tasks, batches, graph, [0.0, 0.3], optimizer=torch.optim.SGD(real.parameters(), lr=0.1))
     for S in (0.0, 0.3):

@@ -25,6 +25,7 @@ def accumulated(grad: torch.Tensor, addend: torch.Tensor) -> torch.Tensor:
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a contiguous tensor of ``shape``."""
     strides, size = [], 1
     for extent in reversed(shape):
         strides.append(size)

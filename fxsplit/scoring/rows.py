@@ -114,7 +114,8 @@ class GradientRows:
         members: dict[tuple, list[int]] = {}
         for i, (p, shape) in enumerate(zip(self.params, self.shapes)):
             members.setdefault((shape[1:] if len(shape) else None, real_dtype(p), p.is_complex()), []).append(i)
-        keys = sorted(members, key=lambda key: (key[1] != dtype, str(key[1]), not key[2]))  # stable: ties keep order
+        # the rows' own dtype first, each dtype's parameters side by side, complex ones first; ties keep their order
+        keys = sorted(members, key=lambda key: (key[1] != dtype, str(key[1]), not key[2]))
         return [sorted(members[key], key=lambda i: tuple(self.shapes[i])) for key in keys]
 
     def _blocks(self) -> tuple[list[tuple[torch.dtype, int, int]], list[int]]:

@@ -21,8 +21,8 @@ UNFROZEN = ("frozen at the first scored step, which decides the scored layers; u
             "(a new ConflictMonitor scores it)")
 OUTSIDE = ("the losses reach its parameters but the layer graph has no layer for it (forward does not call it: the "
            "training loop runs another method, e.g. mmdet's forward_train, or the graph given leaves it out); to "
-           "score it, pass graph=fxsplit.layer_graph(...) of a module whose forward runs what training runs, with "
-           "the same parameter names")
+           "score it, pass graph=fxsplit.layer_graph(m) of a module m whose forward runs what training runs under the "
+           "same parameter names (e.g. the model, its class's forward set to forward_train)")
 
 
 def users_of(tasks: Sequence[str], reached: Sequence[Collection[int]], params: Sequence[int],
