@@ -292,9 +292,13 @@ class ConflictMonitor:
                                                                    self._counter.second.tolist())],
             counts=tally.counts.cpu().tolist(), mean_cosine=mean, histogram=tally.histogram.cpu().tolist(),
             whole_cosine=tally.whole.cpu()[finite].tolist(), steps=steps, reach={**scope.reach, **outside_reach},
-            left_out={**scope.left_out, **scope.unfrozen(self._users), **outside_left_out}, graph=graph,
+            left_out={**scope.left_out, **scope.unfrozen(self._trained_names()), **outside_left_out}, graph=graph,
             skipped=len(finite) - steps,
         )
+
+    def _trained_names(self) -> set[str]:
+        """Every name of the parameters that trained at some scored step."""
+        return {name for name, i in self._index.items() if i in self._users}
 
     @property
     def nonfinite_tasks(self) -> list[str]:
@@ -401,16 +405,21 @@ class ConflictMonitor:
         """At a layout's first scored step: which tasks use the parameters that train for the first time (the
         monitor's first step also decides the scored layers), and how the layout is read."""
         layout = step.layout
-        reached = [{layout.params[k] for k in task} for task in step.reached]
+        reached = [[False] * len(self._parameters) for _ in self.tasks]
+        for by_task, task in zip(reached, step.reached):
+            for k in task:
+                by_task[layout.params[k]] = True
         self._users.update(users_of(self.tasks, reached, [i for i in layout.params if i not in self._users],
                                     self._owners))
         if self._scope is None:
-            self._start_scoring(layout.rows.flat.device)
+            self._start_scoring(layout, reached)
         layout.fit(self._scope, [i for i, users in self._users.items() if len(users) > 1])
 
-    def _start_scoring(self, device: torch.device) -> None:
+    def _start_scoring(self, layout: _Layout, reached: Sequence[Sequence[bool]]) -> None:
         """The first step decides which layers are scored, from which tasks' losses reached which parameters."""
-        self._scope = ScoredLayers(self.graph, self._index, self.tasks, self._users)
+        device = layout.rows.flat.device
+        trainable = {name: i for name, i in self._index.items() if i in layout.position}
+        self._scope = ScoredLayers(self.graph, trainable, self.tasks, reached, self._owners)
         self._layer_of = self._scope.layer_of()
         self._counter = ConflictCounter(self._scope.reach_matrix(device), self.thresholds, self.bins)
         self._finite = torch.ones(len(self.tasks), dtype=torch.bool, device=device)  # per task, at every step so far

@@ -10,7 +10,7 @@ layer for (``forward`` never calls them: the training loop runs another method) 
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 
 import networkx as nx
 import torch
@@ -25,53 +25,52 @@ OUTSIDE = ("the losses reach its parameters but the layer graph has no layer for
            "same parameter names (e.g. the model, its class's forward set to forward_train)")
 
 
-def users_of(tasks: Sequence[str], reached: Sequence[Collection[int]], params: Sequence[int],
+def users_of(tasks: Sequence[str], reached: Sequence[Sequence[bool]], params: Iterable[int],
              owners: Sequence[tuple[str, ...]] | None) -> dict[int, list[str]]:
-    """Per parameter of ``params``, the tasks whose losses reached it (``reached[t]``: the parameters task ``t``'s
-    did), on a split model only those whose outputs it serves (``owners[i]``)."""
-    return {i: [t for k, t in enumerate(tasks) if i in reached[k] and (owners is None or t in owners[i])]
+    """Per parameter of ``params``, the tasks whose losses reached it (``reached[t][i]``), on a split model only
+    those whose outputs it serves (``owners[i]``)."""
+    return {i: [t for k, t in enumerate(tasks) if reached[k][i] and (owners is None or t in owners[i])]
             for i in params}
 
 
 class ScoredLayers:
     """The scored layers of ``graph`` and why the others are left out.
 
-    ``index`` maps every name of a parameter (aliases of a shared parameter included) to its position in the
-    monitor's parameter list; ``users[i]``, for every parameter that requires grad at the first scored step, the
-    tasks that use it (:func:`users_of`).
+    ``index`` maps every name of a trainable parameter (aliases of a shared parameter included) to its position in
+    the monitor's parameter list; ``reached[t][i]`` says whether task ``t``'s loss reached parameter ``i``;
+    ``owners[i]``, on a split model, the tasks whose outputs depend on parameter ``i``.
     """
 
     def __init__(self, graph: nx.DiGraph, index: Mapping[str, int], tasks: Sequence[str],
-                 users: Mapping[int, Sequence[str]]):
+                 reached: Sequence[Sequence[bool]], owners: Sequence[tuple[str, ...]] | None = None):
         self.tasks = list(tasks)
+        self.users = users_of(self.tasks, reached, range(len(reached[0])), owners)
         self.reach: dict[str, list[str]] = {}
         self.left_out: dict[str, str] = {}
         self.layers: list[str] = []
         self.parameters: list[list[int]] = []  # per scored layer, its parameters (a tied one once)
-        self._frozen: dict[str, list[int]] = {}  # per layer frozen at the first scored step, its parameters
+        self._frozen: dict[str, list[str]] = {}  # per layer frozen at the first scored step, its parameters' names
         for layer, names in graph.nodes(data="parameters"):
             params = list(dict.fromkeys(index[name] for name in names if name in index))
-            trained = [i for i in params if i in users]
-            layer_users = sorted({t for i in trained for t in users[i]}, key=self.tasks.index)
-            self.reach[layer] = layer_users
-            if not trained:
+            users = sorted({t for i in params for t in self.users[i]}, key=self.tasks.index)
+            self.reach[layer] = users
+            if not params:
                 self.left_out[layer] = FROZEN
-                self._frozen[layer] = params
-            elif len(layer_users) < 2:
-                self.left_out[layer] = (f"only task {layer_users[0]!r} reaches it" if layer_users else
-                                        "no task's loss reaches it")
+                self._frozen[layer] = list(names)
+            elif len(users) < 2:
+                self.left_out[layer] = f"only task {users[0]!r} reaches it" if users else "no task's loss reaches it"
             else:
                 self.layers.append(layer)
-                self.parameters.append(trained)
+                self.parameters.append(params)
 
     def layer_of(self) -> dict[int, str]:
         """Each scored parameter's layer."""
         return {i: layer for layer, params in zip(self.layers, self.parameters) for i in params}
 
-    def unfrozen(self, trained: Collection[int]) -> dict[str, str]:
-        """The layers frozen at the first scored step some of whose parameters ``trained`` since, with why they are
-        not scored."""
-        return {layer: UNFROZEN for layer, params in self._frozen.items() if any(i in trained for i in params)}
+    def unfrozen(self, trained: Collection[str]) -> dict[str, str]:
+        """The layers frozen at the first scored step some of whose parameters (``trained``: names) trained since,
+        with why they are not scored."""
+        return {layer: UNFROZEN for layer, names in self._frozen.items() if any(name in trained for name in names)}
 
     def reach_matrix(self, device: torch.device) -> torch.Tensor:
         """``(layers, tasks)`` bool: which tasks reach each scored layer."""
