@@ -160,8 +160,7 @@ class ConflictMonitor:
         position = {id(p): i for i, p in enumerate(self._parameters)}
         self._index = {name: position[id(p)] for name, p in self.model.named_parameters(remove_duplicate=False)}
         self._owners = _owners(self.model, self._index, len(self._parameters))
-        self._outside = set(range(len(named))) - {self._index[name] for _, names in self.graph.nodes(data="parameters")
-                                                  for name in names if name in self._index}
+        self._outside = set(range(len(named))) - _held_by_layers(self.graph, self._index)
         if self._reduction is not None:
             self._reduction.check_same_parameters(named)
         self._scope: ScoredLayers | None = None
@@ -169,7 +168,7 @@ class ConflictMonitor:
         self._counter: ConflictCounter | None = None
         self._users: dict[int, list[str]] = {}  # per parameter trained so far: the tasks that used it at its first step
         self._outside_reach: dict[int, set[str]] = {}  # parameter no layer holds -> the tasks that reached it
-        self._layout: _Layout | None = None
+        self._layout: _Layout | None = None  # of the parameters that required grad at the last step
         self._layout = self._layout_of(self._trainable())
         self._step: _Step | None = None
 
@@ -505,6 +504,11 @@ class ConflictMonitor:
                 f"this step's graph runs through tensors whose graph was already freed: either the losses were "
                 f"already backpropagated (let the monitor run the backward passes, not loss.backward() as well), or "
                 f"{model} reuses a tensor computed at an earlier step.") from error
+
+
+def _held_by_layers(graph: nx.DiGraph, index: Mapping[str, int]) -> set[int]:
+    """The parameters (positions, from their names by ``index``) that some layer of ``graph`` holds."""
+    return {index[name] for _, names in graph.nodes(data="parameters") for name in names if name in index}
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
