@@ -43,6 +43,22 @@ def _assert_same_state(model, twin, rtol=1e-10):
         torch.testing.assert_close(value, expected, rtol=rtol, atol=1e-12, msg=key)
 
 
+def _assert_same_grads(model, twin):
+    """Every parameter's ``.grad`` is the twin's (the summed loss's): both set or both not, same dtype, layout and
+    values."""
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            assert (p.grad.dtype, p.grad.shape, p.grad.layout) == (p.dtype, p.shape, q.grad.layout), name
+            torch.testing.assert_close(p.grad.to_dense(), q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+def _step(*optimizers):
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 @pytest.mark.parametrize("name, hooks", [(name, False) for name in sorted(scoring_cases())] +
                          [("cnn-3-tasks", True), ("vit", True)])
 def test_monitor_scores_and_trains_like_analyze_and_the_plain_loop(name, hooks):
@@ -92,11 +108,7 @@ def test_grad_is_what_the_summed_loss_gives(before, between):
     for batch in batches:
         monitor.backward(_step_losses(model, tasks, batch))
         sum(_step_losses(twin, tasks, batch).values()).backward()
-        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
-            assert (p.grad is None) == (q.grad is None), name
-            if p.grad is not None:
-                assert p.grad.dtype == p.dtype and p.grad.shape == p.shape
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
+        _assert_same_grads(model, twin)
         if between != "keep":
             model.zero_grad(set_to_none=between == "set_to_none")
             twin.zero_grad(set_to_none=between == "set_to_none")
@@ -331,3 +343,372 @@ def test_a_report_of_the_first_format_still_loads(tmp_path):
     path.write_text(json.dumps(data))
     loaded = fxsplit.ConflictReport.load(path)
     assert loaded.skipped == 0 and loaded.scores == report.scores
+
+
+# --- under real training: precision, requires_grad that changes, kept .grad, training-only methods, ----------
+# --- checkpointing, sparse and complex gradients -------------------------------------------------------------
+
+
+def _integer_model():
+    """Linear layers with small integer weights: on integer inputs every value and gradient is an integer that
+    float16 holds exactly, so a float64 copy is an exact oracle for the float16 model's gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-2, 3, p.shape))
+    tasks = {"a": lambda out, batch: 8 * out[:, 0].sum(), "b": lambda out, batch: 4 * (out[:, 0] - 2 * out[:, 1]).sum()}
+    batches = [(torch.randint(-2, 3, (8, 4)).float(),) for _ in range(3)]
+    return model, tasks, batches
+
+
+@pytest.mark.parametrize("between", ["set_to_none", "keep"])
+def test_a_float16_model_is_scored_in_float32_and_its_grads_stay_float16(between):
+    model, tasks, batches = _integer_model()
+    oracle, summed = copy.deepcopy(model).double(), copy.deepcopy(model).half()
+    model.half()
+    half = [(x.half(),) for (x,) in batches]
+    graph = fxsplit.layer_graph(model)
+    monitor = fxsplit.ConflictMonitor(model, tasks, threshold=[0.0, 0.5], graph=graph)
+    for batch, wide in zip(half, batches):
+        losses = _step_losses(model, tasks, batch)
+        grads = torch.autograd.grad(losses["b"], list(model.parameters()), retain_graph=True)
+        exact = torch.autograd.grad(_step_losses(oracle, tasks, (wide[0].double(),))["b"], list(oracle.parameters()))
+        assert all(torch.equal(g.double(), e) for g, e in zip(grads, exact))  # the oracle's gradients are exact
+        assert max(g.float().pow(2).sum() for g in grads) > torch.finfo(torch.float16).max  # |g|^2 overflows
+        monitor.backward(losses)
+        sum(_step_losses(summed, tasks, batch).values()).backward()
+        for p, q in zip(model.parameters(), summed.parameters()):
+            assert p.grad.dtype == torch.float16 and torch.equal(p.grad, q.grad)
+        if between == "set_to_none":
+            model.zero_grad()
+            summed.zero_grad()
+    report = monitor.report()
+    expected = reference(oracle, tasks, [(x.double(),) for (x,) in batches], graph, [0.0, 0.5])
+    assert report.steps == 3 and report.skipped == 0 and monitor.nonfinite_tasks == []
+    for S in (0.0, 0.5):
+        assert report.scores_at(S) == {layer: expected[S][layer] for layer in report.scores_at(S)}
+    assert set(report.layers) == set(expected[0.0]) == {"0", "2"}
+    analyzed = fxsplit.analyze(model, tasks, half, threshold=[0.0, 0.5], graph=graph, progress=False)
+    assert analyzed.counts == report.counts
+
+
+def test_a_layer_unfrozen_later_trains_as_the_summed_loss_and_is_left_out_of_the_scores():
+    model, tasks, batches = _spare_model()  # backbone.inp frozen
+    twin = copy.deepcopy(model)
+    optimizer, twin_optimizer = (torch.optim.SGD(m.parameters(), lr=0.05) for m in (model, twin))
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    for step, batch in enumerate(batches):
+        if step == 1:  # gradual unfreezing
+            for m in (model, twin):
+                m.backbone.inp.requires_grad_(True)
+        monitor.backward(_step_losses(model, tasks, batch))
+        sum(_step_losses(twin, tasks, batch).values()).backward()
+        _assert_same_grads(model, twin)
+        _step(optimizer, twin_optimizer)
+    _assert_same_state(model, twin)
+    assert model.backbone.inp.weight.grad is None and not torch.equal(model.backbone.inp.weight,
+                                                                      _spare_model()[0].backbone.inp.weight)
+    report = monitor.report()
+    assert report.steps == 3 and "backbone.inp" not in report.layers
+    assert report.left_out["backbone.inp"] == ("frozen at the first scored step, which decides the scored layers; "
+                                               "unfrozen since: trained, not scored (a new ConflictMonitor scores it)")
+
+
+def test_the_scores_of_a_probe_with_a_layer_unfrozen_later_are_the_first_steps_layers_by_the_plain_loop():
+    model, tasks, batches = _spare_model()
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    for step, batch in enumerate(batches):
+        model.backbone.inp.requires_grad_(step > 0)
+        monitor.backward(_step_losses(model, tasks, batch), update_grad=False)
+    report = monitor.report()
+    del model.spare  # the plain loop differentiates every parameter: all trainable, all used
+    expected = reference(model, tasks, batches, report.graph.subgraph(report.layers), [0.0])[0.0]
+    assert report.scores == {layer: expected[layer] for layer in report.scores} and set(expected) == set(report.layers)
+    assert report.layers == ["backbone.shared", "backbone.mid", "backbone.out"]
+
+
+def test_a_layer_frozen_later_gets_no_grad_and_a_scored_one_is_a_typed_error():
+    model, tasks, batches = _spare_model()
+    twin = copy.deepcopy(model)
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    for step, batch in enumerate(batches[:2]):
+        if step == 1:  # a head only task 'a' reaches: left out, so freezing it changes no score
+            for m in (model, twin):
+                m.heads.a.requires_grad_(False)
+        monitor.backward(_step_losses(model, tasks, batch))
+        sum(_step_losses(twin, tasks, batch).values()).backward()
+        _assert_same_grads(model, twin)
+        model.zero_grad()
+        twin.zero_grad()
+    model.backbone.mid.bias.requires_grad_(False)
+    before = snapshot(model)
+    with pytest.raises(fxsplit.ScoringError, match=r"'backbone\.mid\.bias' of the scored layer 'backbone\.mid' no "
+                                                   r"longer requires grad.*monitor\.report\(\) before freezing it"):
+        monitor.backward(_step_losses(model, tasks, batches[2]))
+    assert_unchanged(model, before)
+    assert monitor.report().steps == 2
+
+
+def test_requires_grad_changed_between_micro_batches_of_a_step_is_a_typed_error():
+    model, tasks, batches = _spare_model()
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    monitor.backward(_step_losses(model, tasks, batches[0]), accumulate=True)
+    model.backbone.inp.requires_grad_(True)
+    with pytest.raises(fxsplit.ScoringError, match=r"'backbone\.inp\.weight' .*changed between micro-batches"):
+        monitor.backward(_step_losses(model, tasks, batches[1]))
+    model.backbone.inp.requires_grad_(False)
+    monitor.backward(_step_losses(model, tasks, batches[1]))  # the failed step was dropped whole
+    assert monitor.report().steps == 1
+
+
+def _let_go(model, how):
+    """Let go of the parameters' .grad the way training loops do."""
+    for k, p in enumerate(model.parameters()):
+        if how == "set_to_none" or (how == "some" and k % 2):
+            p.grad = None
+        elif how == "replaced":
+            p.grad = torch.zeros_like(p)
+
+
+@pytest.mark.parametrize("how", ["set_to_none", "replaced", "some"])
+def test_a_grad_the_user_kept_never_changes_once_let_go(how):
+    model, tasks, batches = _spare_model()
+    twin = copy.deepcopy(model)
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    kept: dict = {}
+    for batch in batches:
+        held = {name for name, p in model.named_parameters() if name in kept and p.grad is kept[name]}
+        values = {name: grad.clone() for name, grad in kept.items()}
+        monitor.backward(_step_losses(model, tasks, batch))
+        sum(_step_losses(twin, tasks, batch).values()).backward()
+        for name, grad in kept.items():  # what .grad still is accumulates, as autograd accumulates into it
+            assert torch.equal(grad, values[name]) == (name not in held), name
+        _assert_same_grads(model, twin)
+        kept = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        _let_go(model, how)
+        _let_go(twin, how)
+
+
+class _TrainsThroughAnotherMethod(nn.Module):
+    """mmdet style: the training loop calls forward_train, which runs a module (``aux``) that forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Linear(6, 8)
+        self.aux = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 2) for t in "ab"})
+
+    def forward(self, x):
+        return {t: head(torch.tanh(self.backbone(x))) for t, head in self.heads.items()}
+
+    def forward_train(self, x):
+        h = torch.tanh(self.backbone(x))
+        return {t: head(h + self.aux(h)) for t, head in self.heads.items()}
+
+
+class _TrainingForward(_TrainsThroughAnotherMethod):
+    forward = _TrainsThroughAnotherMethod.forward_train
+
+
+def _trained_through_forward_train(model, tasks, graph=None):
+    torch.manual_seed(1)
+    monitor = fxsplit.ConflictMonitor(model, tasks, graph=graph)
+    for _ in range(2):
+        out = model.forward_train(torch.randn(5, 6, dtype=torch.float64))
+        monitor.backward({t: loss(out) for t, loss in tasks.items()})
+    return monitor.report()
+
+
+def test_modules_the_losses_reach_outside_the_layer_graph_are_left_out_with_how_to_score_them(tmp_path):
+    torch.manual_seed(0)
+    model = _TrainsThroughAnotherMethod().double()
+    tasks = {"a": lambda out: out["a"].pow(2).mean(), "b": lambda out: out["b"].sin().mean()}
+    report = _trained_through_forward_train(model, tasks)  # the graph is traced from forward
+    assert report.layers == ["backbone"] and report.reach["aux.0"] == ["a", "b"]
+    assert report.left_out["aux.0"].startswith("the losses reach its parameters but the layer graph has no layer for "
+                                               "it (forward does not call it")
+    assert "graph=fxsplit.layer_graph(" in report.left_out["aux.0"]
+    assert report.graph.nodes["aux.0"]["params"] == 72 and report.graph.nodes["aux.0"]["kind"] == "Linear"
+    assert fxsplit.ConflictReport.load(report.save(tmp_path / "report.json")).left_out == report.left_out
+    assert "not scored" in str(report)
+    training = copy.copy(model)  # what the reason advises: the same modules, forward_train as forward
+    training.__class__ = _TrainingForward
+    scored = _trained_through_forward_train(model, tasks, graph=fxsplit.layer_graph(training))
+    assert scored.layers == ["backbone", "aux.0"] and "aux.0" not in scored.left_out
+
+
+class _Checkpointed(nn.Module):
+    """A stem, then a block run under torch.utils.checkpoint (``reentrant``: True, False or None: no checkpoint)."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.reentrant = reentrant
+        self.stem = nn.Linear(6, 8)
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 2) for t in "ab"})
+
+    def forward(self, x):
+        h = torch.tanh(self.stem(x))
+        if self.reentrant is not None:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        else:
+            h = self.block(h)
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+def _checkpoint_case(reentrant):
+    torch.manual_seed(0)
+    model = _Checkpointed(reentrant).double()
+    tasks = {"a": lambda out, batch: out["a"].pow(2).mean(), "b": lambda out, batch: (out["b"] - 1).pow(2).mean()}
+    batches = [(torch.randn(5, 6, dtype=torch.float64),) for _ in range(3)]
+    return model, tasks, batches
+
+
+@pytest.mark.parametrize("frozen_stem", [False, True], ids=["trainable-stem", "frozen-stem-input-requires-grad"])
+def test_reentrant_checkpoint_is_a_typed_error_for_backward_and_exact_by_the_per_task_style(frozen_stem):
+    model, tasks, batches = _checkpoint_case(reentrant=True)
+    plain = copy.deepcopy(model)
+    plain.reentrant = None
+    graph = fxsplit.layer_graph(plain)
+    model.stem.requires_grad_(not frozen_stem)
+    if frozen_stem:  # the PEFT idiom: the input requires grad so that the reentrant checkpoint gives gradients
+        batches = [(x.requires_grad_(),) for (x,) in batches]
+    monitor = fxsplit.ConflictMonitor(model, tasks, graph=graph)
+    with pytest.raises(fxsplit.ScoringError, match=r"_Checkpointed runs torch\.utils\.checkpoint with "
+                                                   r"use_reentrant=True.*use_reentrant=False.*monitor\.task"):
+        monitor.backward(_step_losses(model, tasks, batches[0]))
+    assert all(p.grad is None for p in model.parameters())
+    sgd = dict(lr=0.1, momentum=0.9)
+    report = _monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), **sgd), hooks=True, graph=graph)
+    stem = list(plain.stem.parameters())  # the plain loop differentiates every parameter: a frozen stem keeps lr 0
+    optimizer = torch.optim.SGD([{"params": stem, "lr": 0.0 if frozen_stem else 0.1},
+                                 {"params": [p for p in plain.parameters() if all(p is not q for q in stem)]}], **sgd)
+    expected = reference(plain, tasks, batches, graph.subgraph(report.layers), [0.0], optimizer=optimizer)[0.0]
+    assert report.steps == 3 and report.scores == {layer: expected[layer] for layer in report.scores}
+    assert set(report.layers) == {"block.0", "block.2"} | (set() if frozen_stem else {"stem"})
+    _assert_same_state(model, plain)
+
+
+def test_non_reentrant_checkpoint_is_scored_by_backward_as_without_it():
+    model, tasks, batches = _checkpoint_case(reentrant=False)
+    plain = copy.deepcopy(model)
+    plain.reentrant = None
+    graph = fxsplit.layer_graph(plain)
+    report = _monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), lr=0.1), graph=graph)
+    expected = _monitored(plain, tasks, batches, torch.optim.SGD(plain.parameters(), lr=0.1), graph=graph)
+    assert report.counts == expected.counts and report.layers == expected.layers
+    _assert_same_state(model, plain)
+
+
+class _Tower(nn.Module):
+    """A recommender tower: an embedding bag of ids (sparse gradients with ``sparse=True``), a shared layer, heads."""
+
+    def __init__(self, sparse):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 6, sparse=sparse)
+        self.mid = nn.Linear(6, 8)
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 2) for t in "ab"})
+
+    def forward(self, ids):
+        h = torch.tanh(self.mid(self.embedding(ids).mean(1)))
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+@pytest.mark.parametrize("hooks", [False, True], ids=["backward", "hooks"])
+def test_sparse_embedding_gradients_are_scored_dense_and_grad_stays_sparse(hooks):
+    torch.manual_seed(0)
+    model = _Tower(sparse=True).double()
+    summed, dense = copy.deepcopy(model), copy.deepcopy(model)
+    dense.embedding.sparse = False
+    tasks = {"a": lambda out, batch: out["a"].pow(2).sum(), "b": lambda out, batch: out["b"].sin().sum()}
+    batches = [(torch.randint(0, 20, (6, 4)),) for _ in range(3)]
+    graph = fxsplit.layer_graph(model)
+    optimizer, summed_optimizer = (torch.optim.SGD(m.parameters(), lr=0.02) for m in (model, summed))
+    monitor = fxsplit.ConflictMonitor(model, tasks, graph=graph)
+    for k, batch in enumerate(batches):
+        losses = _step_losses(model, tasks, batch)
+        if hooks:
+            for j, (task, loss) in enumerate(losses.items()):
+                with monitor.task(task, accumulate=k == 0):  # the first two batches are one accumulated step
+                    loss.backward(retain_graph=j == 0)
+        else:
+            monitor.backward(losses, accumulate=k == 0)
+        sum(_step_losses(summed, tasks, batch).values()).backward()
+        if k == 0:
+            continue
+        _assert_same_grads(model, summed)
+        _step(optimizer, summed_optimizer)
+    assert model.embedding.weight.grad is None
+    report = monitor.report()
+    accumulated = [tuple(torch.cat(parts) for parts in zip(*batches[:2])), batches[2]]  # summed losses: exact
+    expected = reference(dense, tasks, accumulated, graph, [0.0],
+                         optimizer=torch.optim.SGD(dense.parameters(), lr=0.02))
+    assert report.steps == 2 and "embedding" in report.layers
+    assert report.scores == {layer: expected[0.0][layer] for layer in report.scores}
+    _assert_same_state(model, summed)
+
+
+class _ComplexMix(nn.Module):
+    """A complex linear map; with ``real_view`` its weight is stored as ``torch.view_as_real`` of the complex one."""
+
+    def __init__(self, real_view):
+        super().__init__()
+        weight = torch.randn(8, 6, dtype=torch.complex128) / 3
+        self.weight = nn.Parameter(torch.view_as_real(weight).clone() if real_view else weight)
+        self.real_view = real_view
+
+    def forward(self, z):
+        return z @ (torch.view_as_complex(self.weight) if self.real_view else self.weight).T
+
+
+class _Spectral(nn.Module):
+    def __init__(self, real_view=False):
+        super().__init__()
+        self.inp = nn.Linear(6, 6)
+        self.mix = _ComplexMix(real_view)
+        self.heads = nn.ModuleDict({t: nn.Linear(8, 2) for t in "ab"})
+
+    def forward(self, x):
+        h = self.mix(torch.tanh(self.inp(x)).to(torch.complex128)).abs()
+        return {t: head(h) for t, head in self.heads.items()}
+
+
+def test_complex_parameters_are_scored_by_the_real_cosine_and_get_complex_grads():
+    torch.manual_seed(0)
+    model = _Spectral().double()
+    summed, real = copy.deepcopy(model), _Spectral(real_view=True).double()
+    real.load_state_dict({k: torch.view_as_real(v) if v.is_complex() else v for k, v in model.state_dict().items()})
+    tasks = {"a": lambda out, batch: out["a"].pow(2).mean(), "b": lambda out, batch: out["b"].sin().mean()}
+    batches = [(torch.randn(5, 6, dtype=torch.float64),) for _ in range(3)]
+    graph = fxsplit.layer_graph(model)
+    assert "mix.weight" in graph and set(graph) == set(fxsplit.layer_graph(real))
+    monitor = fxsplit.ConflictMonitor(model, tasks, threshold=[0.0, 0.3], graph=graph)
+    optimizer, summed_optimizer = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, summed))
+    for batch in batches:
+        monitor.backward(_step_losses(model, tasks, batch))
+        sum(_step_losses(summed, tasks, batch).values()).backward()
+        assert model.mix.weight.grad.dtype == torch.complex128
+        _assert_same_grads(model, summed)
+        _step(optimizer, summed_optimizer)
+    report = monitor.report()
+    expected = reference(real, tasks, batches, graph, [0.0, 0.3], optimizer=torch.optim.SGD(real.parameters(), lr=0.1))
+    for S in (0.0, 0.3):
+        assert report.scores_at(S) == {layer: expected[S][layer] for layer in report.scores_at(S)}
+    assert set(report.layers) == set(expected[0.0]) == {"inp", "mix.weight"}
+    _assert_same_state(model, summed)
+    torch.testing.assert_close(torch.view_as_real(model.mix.weight), real.mix.weight, rtol=1e-10, atol=1e-12)
+
+
+def test_a_sparse_gradient_an_aggregator_combines_is_given_dense():
+    torch.manual_seed(0)
+    model = _Tower(sparse=True).double()
+    summed = copy.deepcopy(model)
+    tasks = {"a": lambda out, batch: out["a"].pow(2).sum(), "b": lambda out, batch: out["b"].sin().sum()}
+    batch = (torch.randint(0, 20, (6, 4)),)
+    monitor = fxsplit.ConflictMonitor(model, tasks, aggregator=lambda jacobian: jacobian.sum(0))  # the plain sum
+    monitor.backward(_step_losses(model, tasks, batch))
+    sum(_step_losses(summed, tasks, batch).values()).backward()
+    assert model.embedding.weight.grad.layout == torch.strided and summed.embedding.weight.grad.is_sparse
+    for (name, p), q in zip(model.named_parameters(), summed.parameters()):
+        torch.testing.assert_close(p.grad, q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)

@@ -1,12 +1,14 @@
-"""Checks of what the user hands to the scoring stage: task names, thresholds, loss values."""
+"""Checks of what the user hands to the scoring stage: task names, thresholds, loss values and their graph."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
+import torch.utils.checkpoint
+from torch import nn
 
-from ..errors import FxsplitError, TaskError
+from ..errors import FxsplitError, ScoringError, TaskError
 
 
 def task_names(tasks: Iterable) -> list[str]:
@@ -40,3 +42,27 @@ def loss_value(task: str, value) -> torch.Tensor:
         raise TaskError(f"the loss of task {task!r} does not depend on the model's parameters (it has no gradient); "
                         f"compute it from the model's output.")
     return value if value.dim() == 0 else value.reshape(())
+
+
+def no_reentrant_checkpoint(model: nn.Module, losses: Sequence[torch.Tensor]) -> None:
+    """Raise if the losses' graph runs through a reentrant ``torch.utils.checkpoint``.
+
+    Its backward reruns the checkpointed forward and differentiates that by ``backward()``, which a
+    ``torch.autograd.grad`` call cannot do: autograd raises when the checkpoint lies between the losses and other
+    parameters asked for, and, when none does (a frozen stem before it, its input made to require grad), the
+    checkpointed parameters' gradients are silently missing. The whole graph is read, as autograd would run it.
+    """
+    reentrant = torch.utils.checkpoint.CheckpointFunction._backward_cls
+    seen, nodes = set(), [loss.grad_fn for loss in losses]
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in seen:
+            continue
+        if isinstance(node, reentrant):
+            raise ScoringError(
+                f"{type(model).__name__} runs torch.utils.checkpoint with use_reentrant=True, through which the "
+                f"monitor's torch.autograd.grad (one per task) cannot differentiate: the checkpointed parameters' "
+                f"gradients would be lost. Pass use_reentrant=False to checkpoint (what torch recommends), or capture "
+                f"each task's loss.backward() with monitor.task(name).")
+        seen.add(node)
+        nodes.extend(parent for parent, _ in node.next_functions)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import networkx as nx
 import torch
@@ -15,9 +16,57 @@ from ..report import ConflictReport
 from . import checks
 from .counter import ConflictCounter
 from .distributed import check_not_sharded, reduction, unwrap
+from .grads import GradWriter
 from .methods import Aggregator, aggregate, aggregator_of
 from .rows import GradientRows
-from .scope import ScoredLayers
+from .scope import ScoredLayers, outside_layers, users_of
+
+
+class _Layout:
+    """The gradient rows of one set of trainable parameters, and how scoring and ``.grad`` read them.
+
+    The monitor makes a new one when the parameters that require grad change (gradual unfreezing).
+    """
+
+    def __init__(self, params: tuple[int, ...], tensors: Sequence[torch.Tensor], tasks: int,
+                 outside: Collection[int]):
+        self.params = params  # positions in the monitor's parameter list
+        self.position = {i: k for k, i in enumerate(params)}
+        self.rows = GradientRows(tensors, tasks)
+        self.writer = GradWriter(self.rows)
+        self.outside = [k for k, i in enumerate(params) if i in outside]  # parameters no layer of the graph holds
+        self.layer_grams = None  # set by fit, at the first scored step in this layout
+        self.infinity: torch.Tensor | None = None
+        self.shared: set[int] = set()  # parameters the aggregator combines (positions in the layout)
+        self.shared_columns: list[tuple[int, int]] = []
+
+    def fit(self, scope: ScoredLayers, shared: Iterable[int]) -> None:
+        """Read the scored layers' Gram matrices, and the columns the aggregator combines, in this layout."""
+        rows = self.rows
+        slot = {i: rows.slot[k] for i, k in self.position.items()}
+        self.layer_grams = scope.gram(slot, rows.flat.dtype, rows.flat.device)
+        self.infinity = torch.tensor(float("inf"), dtype=rows.flat.dtype, device=rows.flat.device)
+        self.shared = {self.position[i] for i in shared if i in self.position}
+        self.shared_columns = _merged(sorted(rows.columns(k) for k in self.shared))
+
+
+@dataclass
+class _Step:
+    """The optimizer step in progress: what its micro-batches have gathered so far.
+
+    A step opens at its first micro-batch, on the parameters that require grad then, and ends when it is scored, or
+    when it fails half-way (it is then dropped whole, and the next one starts afresh).
+    """
+
+    layout: _Layout
+    stored: list[bool]  # per task: its row holds this step's first micro-batch
+    reached: list[set[int]]  # per task: the parameters (positions in the layout) its losses reached
+    captured: dict[str, bool] = field(default_factory=dict)  # hook style: this micro-batch's tasks -> accumulate
+    sparse: dict[int, torch.Tensor] = field(default_factory=dict)  # sparse gradients, summed over tasks and batches
+
+    @classmethod
+    def new(cls, layout: _Layout, tasks: int) -> _Step:
+        return cls(layout, [False] * tasks, [set() for _ in range(tasks)])
 
 
 class ConflictMonitor:
@@ -33,7 +82,7 @@ class ConflictMonitor:
             scored). The monitor keeps no hook on it and changes nothing but ``.grad``.
         tasks: the task names: the keys of the mapping given to :meth:`backward`.
         threshold: S, or several (the first is the primary one).
-        graph: the layer graph to score (default ``fxsplit.layer_graph(model)``).
+        graph: the layer graph to score (default ``fxsplit.layer_graph(model)``, traced from ``forward``).
         bins: bins of the cosine histogram over [-1, 1].
         aggregator: a gradient method on the shared parameters: a torchjd aggregator (e.g.
             ``torchjd.aggregation.UPGrad()``) or its class name (``"UPGrad"``). Parameters that two or more tasks
@@ -44,6 +93,29 @@ class ConflictMonitor:
             step: every rank scores the global batch) or ``"local"`` (every rank scores its own gradients, the
             counts are summed in :meth:`report`); either way ``.grad`` ends as DDP's mean over ranks.
         group: the process group (default: the whole world).
+
+    Under real training:
+
+    * Precision: task gradients are compared in float32, or float64 when a parameter is float64 (a float16
+      gradient of norm 300 has a squared norm float16 cannot hold); ``.grad`` keeps each parameter's dtype.
+    * ``requires_grad`` is read at every step: the parameters that require grad then are the ones differentiated
+      and given ``.grad``; a frozen one's ``.grad`` is left alone. The first scored step decides the scored layers
+      and their parameters: a layer unfrozen later trains but is not scored (``report.left_out`` says so), and a
+      scored parameter frozen later is a :class:`~fxsplit.ScoringError` (take the report before freezing it).
+      The aggregator combines the parameters that two or more tasks reached at the first step they trained.
+    * ``.grad``: a parameter whose ``.grad`` is ``None`` is given new memory (a view of the step's update); an
+      existing ``.grad`` is accumulated into, in place, as autograd does. A ``.grad`` the user kept and then let
+      go of (``zero_grad()``) never changes.
+    * Modules the losses reach but the layer graph has no layer for (the training loop calls a method other than
+      ``forward``, as mmdet's ``forward_train``) are not scored; ``report.left_out`` lists them and says how to
+      score them.
+    * Reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``) cannot be differentiated by
+      ``torch.autograd.grad``: :meth:`backward` raises a :class:`~fxsplit.ScoringError`; use
+      ``use_reentrant=False``, or :meth:`task` around each task's ``loss.backward()``, which is exact.
+    * Sparse gradients (``nn.Embedding(sparse=True)``) are scored densified; ``.grad`` receives them sparse, as
+      ``backward`` gives them (dense where an aggregator combines them, or under a process group: the mean).
+    * Complex parameters: the cosine of two complex gradients is the real part of their Hermitian inner product
+      over their norms, the cosine of their real views (``torch.view_as_real``); ``.grad`` is complex.
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -81,29 +153,24 @@ class ConflictMonitor:
         self.aggregator = aggregator_of(aggregator)
         self.scaler = scaler
         self._reduction = reduction(distributed, group)
-        named = [(name, p) for name, p in self.model.named_parameters() if p.requires_grad]
-        if not named:
-            raise FxsplitError(f"{type(self.model).__name__} has no parameter that requires grad: nothing to score.")
+        named = list(self.model.named_parameters())  # every parameter, frozen ones too: they may be unfrozen
         check_not_sharded(named)
-        devices = {p.device for _, p in named}
-        if len(devices) > 1:
-            raise FxsplitError(f"the trainable parameters lie on {len(devices)} devices ({sorted(map(str, devices))}); "
-                               f"the monitor needs them on one.")
-        self._weights = [p for _, p in named]
+        self._names = [name for name, _ in named]
+        self._parameters = [p for _, p in named]
+        position = {id(p): i for i, p in enumerate(self._parameters)}
+        self._index = {name: position[id(p)] for name, p in self.model.named_parameters(remove_duplicate=False)}
+        self._owners = _owners(self.model, self._index, len(self._parameters))
+        self._outside = set(range(len(named))) - _held_by_layers(self.graph, self._index)
         if self._reduction is not None:
             self._reduction.check_same_parameters(named)
-        position = {id(p): i for i, p in enumerate(self._weights)}
-        self._index = {name: position[id(p)] for name, p in self.model.named_parameters(remove_duplicate=False)
-                       if id(p) in position}  # every name of a parameter, a tied one's aliases too
-        self._owners = _owners(self.model, self._index, len(self._weights))
-        self._rows = GradientRows(self._weights, len(self.tasks))
         self._scope: ScoredLayers | None = None
+        self._layer_of: dict[int, str] = {}  # scored parameter -> its layer
         self._counter: ConflictCounter | None = None
-        self._stored = [False] * len(self.tasks)  # tasks whose row holds this step's first micro-batch
-        self._reached = [[False] * len(self._weights) for _ in self.tasks]  # in this optimizer step
-        self._captured: dict[str, bool] = {}  # hook style: tasks captured in this micro-batch -> their accumulate
-        self._grad: torch.Tensor | None = None  # storage whose views the parameters get as .grad
-        self._grad_views: list[torch.Tensor] = []
+        self._users: dict[int, list[str]] = {}  # per parameter trained so far: the tasks that used it at its first step
+        self._outside_reach: dict[int, set[str]] = {}  # parameter no layer holds -> the tasks that reached it
+        self._layout: _Layout | None = None  # of the parameters that required grad at the last step
+        self._layout = self._layout_of(self._trainable())
+        self._step: _Step | None = None
 
     # --- the two ways in ------------------------------------------------------------------------------------------
 
@@ -121,13 +188,16 @@ class ConflictMonitor:
         self._check_no_open_step()
         values = self._values(losses)
         with self._abandoning_on_error():
+            checks.no_reentrant_checkpoint(self.model, values)
+            params = self._open_step().layout.rows.params
             for t, value in enumerate(values):
-                self._capture(t, self._grads(value, retain_graph=t < len(values) - 1))  # freed before the next
+                self._capture(t, self._grads(params, value, retain_graph=t < len(values) - 1))  # freed before the next
             self._complete(accumulate, update_grad)
 
-    def _grads(self, loss: torch.Tensor, retain_graph: bool) -> tuple[torch.Tensor | None, ...]:
+    def _grads(self, params: list[torch.Tensor], loss: torch.Tensor,
+               retain_graph: bool) -> tuple[torch.Tensor | None, ...]:
         with self._translating_autograd_errors():
-            return torch.autograd.grad(loss, self._weights, retain_graph=retain_graph, allow_unused=True)
+            return torch.autograd.grad(loss, params, retain_graph=retain_graph, allow_unused=True)
 
     @contextlib.contextmanager
     def task(self, name: str, *, accumulate: bool = False) -> Iterator[None]:
@@ -154,37 +224,46 @@ class ConflictMonitor:
             raise ScoringError("under DistributedDataParallel, run the forward and every task's backward inside "
                                "model.no_sync(): DDP reduces the gradients of one backward per forward, and the "
                                "monitor reduces the task gradients itself.")
-        if name in self._captured:
+        captured_before = {} if self._step is None else self._step.captured
+        if name in captured_before:
             raise TaskError(f"task {name!r} was already captured in this step; capture each task once per step "
-                            f"(tasks still to come: {[n for n in self.tasks if n not in self._captured]}).")
-        if self._captured and accumulate != next(iter(self._captured.values())):
+                            f"(tasks still to come: {[n for n in self.tasks if n not in captured_before]}).")
+        if captured_before and accumulate != next(iter(captured_before.values())):
             raise TaskError(f"task {name!r} is captured with accumulate={accumulate} but the other tasks of this "
                             f"micro-batch with accumulate={not accumulate}; give every task the same value.")
-        saved = [p.grad for p in self._weights]
-        captured: list[torch.Tensor | None] = [None] * len(self._weights)
+        with self._abandoning_on_error():
+            step = self._open_step()
+            params = step.layout.rows.params
+            with self._capturing_hooks(params) as captured:
+                yield
+            self._capture(t, captured)
+            step.captured[name] = accumulate
+            if len(step.captured) == len(self.tasks):
+                step.captured.clear()
+                self._complete(accumulate, update_grad=True)
+
+    @contextlib.contextmanager
+    def _capturing_hooks(self, params: Sequence[torch.Tensor]) -> Iterator[list[torch.Tensor | None]]:
+        """The gradients that the backward calls inside give ``params``, summed; ``.grad`` is put back after."""
+        saved = [p.grad for p in params]
+        captured: list[torch.Tensor | None] = [None] * len(params)
 
         def record(i):
             def hook(grad):
                 captured[i] = grad if captured[i] is None else captured[i] + grad
             return hook
 
-        for p in self._weights:
+        for p in params:
             p.grad = None
-        handles = [p.register_hook(record(i)) for i, p in enumerate(self._weights)]
-        with self._abandoning_on_error():
-            try:
-                with self._translating_autograd_errors():
-                    yield
-            finally:
-                for handle in handles:
-                    handle.remove()
-                for p, grad in zip(self._weights, saved):
-                    p.grad = grad
-            self._capture(t, captured)
-            self._captured[name] = accumulate
-            if len(self._captured) == len(self.tasks):
-                self._captured.clear()
-                self._complete(accumulate, update_grad=True)
+        handles = [p.register_hook(record(i)) for i, p in enumerate(params)]
+        try:
+            with self._translating_autograd_errors():
+                yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, grad in zip(params, saved):
+                p.grad = grad
 
     # --- the result -------------------------------------------------------------------------------------------------
 
@@ -204,14 +283,21 @@ class ConflictMonitor:
         mean = [[(s / steps if ok and steps else None) for s, ok in zip(row, valid_row)]
                 for row, valid_row in zip(tally.cosine_sum.cpu().tolist(), valid)]
         scope = self._scope
+        graph, outside_reach, outside_left_out = outside_layers(self.model, self.graph, self._names,
+                                                                self._outside_reach, self.tasks)
         return ConflictReport(
             tasks=list(self.tasks), thresholds=list(self.thresholds), layers=list(scope.layers),
             pairs=[[self.tasks[i], self.tasks[j]] for i, j in zip(self._counter.first.tolist(),
                                                                    self._counter.second.tolist())],
             counts=tally.counts.cpu().tolist(), mean_cosine=mean, histogram=tally.histogram.cpu().tolist(),
-            whole_cosine=tally.whole.cpu()[finite].tolist(), steps=steps, reach=dict(scope.reach),
-            left_out=dict(scope.left_out), graph=self.graph.copy(), skipped=len(finite) - steps,
+            whole_cosine=tally.whole.cpu()[finite].tolist(), steps=steps, reach={**scope.reach, **outside_reach},
+            left_out={**scope.left_out, **scope.unfrozen(self._trained_names()), **outside_left_out}, graph=graph,
+            skipped=len(finite) - steps,
         )
+
+    def _trained_names(self) -> set[str]:
+        """Every name of the parameters that trained at some scored step."""
+        return {name for name, i in self._index.items() if i in self._users}
 
     @property
     def nonfinite_tasks(self) -> list[str]:
@@ -233,90 +319,147 @@ class ConflictMonitor:
         values = [checks.loss_value(name, losses[name]) for name in self.tasks]
         return values if self.scaler is None else [self.scaler.scale(value) for value in values]
 
+    def _trainable(self) -> tuple[int, ...]:
+        """The parameters that require grad now."""
+        params = tuple(i for i, p in enumerate(self._parameters) if p.requires_grad)
+        if not params:
+            raise FxsplitError(f"{type(self.model).__name__} has no parameter that requires grad: nothing to score.")
+        return params
+
+    def _open_step(self) -> _Step:
+        """The step in progress; if none is, a new one on the parameters that require grad now."""
+        params = self._trainable()
+        if self._step is None:
+            self._step = _Step.new(self._layout_of(params), len(self.tasks))
+        elif params != self._step.layout.params:
+            changed = sorted(set(params) ^ set(self._step.layout.params))[0]
+            raise ScoringError(f"requires_grad of {self._names[changed]!r} changed between micro-batches (or tasks) of "
+                               f"one optimizer step, whose gradients add up over one set of parameters; change it "
+                               f"between optimizer steps.")
+        return self._step
+
+    def _layout_of(self, params: tuple[int, ...]) -> _Layout:
+        """The layout of ``params``' gradient rows: the last one, or a new one if other parameters train now."""
+        if self._layout is not None and self._layout.params == params:
+            return self._layout
+        self._check_scored_still_train(params)
+        tensors = [self._parameters[i] for i in params]
+        devices = {p.device for p in tensors}
+        if len(devices) > 1:
+            raise FxsplitError(f"the trainable parameters lie on {len(devices)} devices ({sorted(map(str, devices))}); "
+                               f"the monitor needs them on one.")
+        self._layout = _Layout(params, tensors, len(self.tasks), self._outside)
+        return self._layout
+
+    def _check_scored_still_train(self, params: tuple[int, ...]) -> None:
+        """Raise if a scored parameter is not among ``params``, the parameters that require grad now."""
+        trainable = set(params)
+        for i, layer in self._layer_of.items():
+            if i not in trainable:
+                raise ScoringError(
+                    f"{self._names[i]!r} of the scored layer {layer!r} no longer requires grad: the first scored step "
+                    f"decided the scored layers, and a frozen parameter has no task gradient to score. Take "
+                    f"monitor.report() before freezing it, and score the layers that still train with a new "
+                    f"ConflictMonitor.")
+
     def _capture(self, t: int, grads: Sequence[torch.Tensor | None]) -> None:
         """File task ``t``'s gradients of one micro-batch in its row."""
-        reached = [grad is not None for grad in grads]
-        if not any(reached):
+        step = self._step
+        reached = {k for k, grad in enumerate(grads) if grad is not None}
+        if not reached:
             raise TaskError(f"the loss of task {self.tasks[t]!r} reaches none of the model's trainable parameters: it "
                             f"was computed from a detached tensor, or from something other than the model's output "
                             f"(check the output it reads).")
-        self._reached[t] = [a or b for a, b in zip(self._reached[t], reached)]
-        if self._stored[t]:
-            self._rows.add(t, grads)
+        step.reached[t] |= reached
+        for k in reached:
+            if grads[k].layout != torch.strided:  # .grad receives it as it is, as backward gives it
+                step.sparse[k] = grads[k] if k not in step.sparse else step.sparse[k] + grads[k]
+        rows = step.layout.rows
+        if step.stored[t]:
+            rows.add(t, grads)
         else:
-            self._rows.store(t, grads)
-            self._stored[t] = True
+            rows.store(t, grads)
+            step.stored[t] = True
 
     def _complete(self, accumulate: bool, update_grad: bool) -> None:
         """End of a micro-batch; at the end of an optimizer step, score it and update ``.grad``."""
         if accumulate:
             return
+        step = self._step
+        layout = step.layout
         if self._reduction is not None:
-            self._reduction.rows(self._rows.flat)
-        if self._scope is None:
-            self._start_scoring()
-        grams = self._rows.grams()
-        finite = torch.lt(grams.sum(0).index_select(0, self._diagonal), self._infinity)  # per task: |gradient|^2
+            self._reduction.rows(layout.rows.flat)
+        if layout.layer_grams is None:
+            self._fit_layout(step)
+        self._note_outside_reach(step)
+        grams = layout.rows.grams()
+        finite = torch.lt(grams.sum(0).index_select(0, self._diagonal), layout.infinity)  # per task: |gradient|^2
         self._finite.bitwise_and_(finite)
-        self._counter.update(self._layer_grams(grams).double(), finite.all())
+        self._counter.update(layout.layer_grams(grams).double(), finite.all())
         if update_grad:
-            self._update_grad()
-        self._stored = [False] * len(self.tasks)
-        self._reached = [[False] * len(self._weights) for _ in self.tasks]
+            self._update_grad(step)
+        self._step = None
 
-    def _start_scoring(self) -> None:
+    def _fit_layout(self, step: _Step) -> None:
+        """At a layout's first scored step: which tasks use the parameters that train for the first time (the
+        monitor's first step also decides the scored layers), and how the layout is read."""
+        layout = step.layout
+        reached = [[False] * len(self._parameters) for _ in self.tasks]
+        for by_task, task in zip(reached, step.reached):
+            for k in task:
+                by_task[layout.params[k]] = True
+        self._users.update(users_of(self.tasks, reached, [i for i in layout.params if i not in self._users],
+                                    self._owners))
+        if self._scope is None:
+            self._start_scoring(layout, reached)
+        layout.fit(self._scope, [i for i, users in self._users.items() if len(users) > 1])
+
+    def _start_scoring(self, layout: _Layout, reached: Sequence[Sequence[bool]]) -> None:
         """The first step decides which layers are scored, from which tasks' losses reached which parameters."""
-        device = self._rows.flat.device
-        self._scope = ScoredLayers(self.graph, self._index, self.tasks, self._reached, self._owners)
-        self._layer_grams = self._scope.gram(self._rows.slot, self._rows.flat.dtype, device)
+        device = layout.rows.flat.device
+        trainable = {name: i for name, i in self._index.items() if i in layout.position}
+        self._scope = ScoredLayers(self.graph, trainable, self.tasks, reached, self._owners)
+        self._layer_of = self._scope.layer_of()
         self._counter = ConflictCounter(self._scope.reach_matrix(device), self.thresholds, self.bins)
         self._finite = torch.ones(len(self.tasks), dtype=torch.bool, device=device)  # per task, at every step so far
-        self._infinity = torch.tensor(float("inf"), dtype=self._rows.flat.dtype, device=device)
         self._diagonal = torch.arange(len(self.tasks), device=device) * (len(self.tasks) + 1)
-        self._shared = _merged(sorted(self._rows.columns(i) for i in self._scope.shared()))
 
-    def _update_grad(self) -> None:
+    def _note_outside_reach(self, step: _Step) -> None:
+        """Which tasks reached parameters that no layer of the graph holds (none, usually)."""
+        for k in step.layout.outside:
+            for name, reached in zip(self.tasks, step.reached):
+                if k in reached:
+                    self._outside_reach.setdefault(step.layout.params[k], set()).add(name)
+
+    def _update_grad(self, step: _Step) -> None:
         """Add this step's update to ``.grad`` as ``backward`` would: parameters no task reached keep theirs."""
-        if self._grad is None:
-            self._grad = self._rows.flat.new_zeros(self._rows.flat.shape[1])
-            self._grad_views = self._rows.views(self._grad)
-        reached = [any(task[i] for task in self._reached) for i in range(len(self._weights))]
-        held = [p.grad is view for p, view in zip(self._weights, self._grad_views)]
-        if self.aggregator is None and not any(held) and all(p.grad is None for p, r in zip(self._weights, reached)
-                                                              if r):
-            update = torch.sum(self._rows.flat, 0, out=self._grad)  # no parameter holds the storage: fill it
-        else:
-            update = self._update()
+        update = self._update(step.layout)
         if self._reduction is not None:
             self._reduction.update(update)
-        if update is not self._grad and all(h for h, r in zip(held, reached) if r):
-            self._grad.add_(update)
-            return
-        dtype = self._rows.flat.dtype
-        for p, part, view, r in zip(self._weights, self._rows.views(update), self._grad_views, reached):
-            if not r:
-                continue
-            if p.dtype != dtype:  # .grad must have its parameter's dtype: no view of the storage
-                p.grad = part.to(p.dtype) if p.grad is None else p.grad.add_(part)
-            elif update is self._grad:
-                p.grad = view
-            elif p.grad is None:
-                p.grad = view.copy_(part)
-            else:
-                p.grad.add_(part)
+        step.layout.writer.write(update, sorted(set().union(*step.reached)), self._sparse_addends(step))
 
-    def _update(self) -> torch.Tensor:
+    def _update(self, layout: _Layout) -> torch.Tensor:
         """The step's update, as one vector: the task gradients' sum, the aggregator's on the shared parameters."""
-        update = self._rows.flat.sum(0)
-        if self.aggregator is not None and self._shared:
+        flat = layout.rows.flat
+        update = flat.sum(0)
+        if self.aggregator is not None and layout.shared_columns:
             scale = None if self.scaler is None else self.scaler.scale(torch.ones((), device=update.device))
-            jacobian = torch.cat([self._rows.flat[:, start:stop] for start, stop in self._shared], dim=1)
+            jacobian = torch.cat([flat[:, start:stop] for start, stop in layout.shared_columns], dim=1)
             shared = aggregate(self.aggregator, jacobian, scale)
             if shared is not None:
-                parts = shared.to(update.dtype).split([stop - start for start, stop in self._shared])
-                for (start, stop), part in zip(self._shared, parts):
+                parts = shared.to(update.dtype).split([stop - start for start, stop in layout.shared_columns])
+                for (start, stop), part in zip(layout.shared_columns, parts):
                     update[start:stop] = part
         return update
+
+    def _sparse_addends(self, step: _Step) -> dict[int, torch.Tensor]:
+        """The sparse gradients ``.grad`` receives as they are, as ``backward`` gives them: in one process, where no
+        aggregator combines them (else the dense update holds what ``.grad`` needs: the mean over ranks, or the
+        combination)."""
+        if self._reduction is not None or not step.sparse:
+            return {}
+        combined = step.layout.shared if self.aggregator is not None else set()
+        return {k: grad for k, grad in step.sparse.items() if k not in combined}
 
     # --- checks -----------------------------------------------------------------------------------------------------
 
@@ -327,8 +470,9 @@ class ConflictMonitor:
             raise TaskError(f"{name!r} is not a task of this monitor; its tasks are {self.tasks}.") from None
 
     def _check_no_open_step(self) -> None:
-        if self._captured:
-            missing = [name for name in self.tasks if name not in self._captured]
+        """Raise while a micro-batch captured with ``monitor.task`` still waits for tasks."""
+        if self._step is not None and self._step.captured:
+            missing = [name for name in self.tasks if name not in self._step.captured]
             raise ScoringError(f"the step captured with monitor.task is not complete: task(s) {missing} are still to "
                                f"be captured.")
 
@@ -338,9 +482,7 @@ class ConflictMonitor:
         try:
             yield
         except BaseException:
-            self._stored = [False] * len(self.tasks)
-            self._reached = [[False] * len(self._weights) for _ in self.tasks]
-            self._captured.clear()
+            self._step = None
             raise
 
     @contextlib.contextmanager
@@ -362,6 +504,11 @@ class ConflictMonitor:
                 f"this step's graph runs through tensors whose graph was already freed: either the losses were "
                 f"already backpropagated (let the monitor run the backward passes, not loss.backward() as well), or "
                 f"{model} reuses a tensor computed at an earlier step.") from error
+
+
+def _held_by_layers(graph: nx.DiGraph, index: Mapping[str, int]) -> set[int]:
+    """The parameters (positions, from their names by ``index``) that some layer of ``graph`` holds."""
+    return {index[name] for _, names in graph.nodes(data="parameters") for name in names if name in index}
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
