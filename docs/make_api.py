@@ -14,7 +14,7 @@ SECTIONS = {
     "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
     "Conflict scores": ["analyze", "ConflictMonitor", "ConflictReport", "LayerSelection"],
     "Errors and warnings": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
-               "UnknownLayerError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError",
+               "UnknownLayerError", "StaleGraphError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError",
                "PythonStateWarning"],
 }
 

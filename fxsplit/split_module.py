@@ -103,7 +103,8 @@ class SplitModule(DualGraphModule):
         members = [member for layer in self._surgery.members.values() for member in layer]
         if not any(path == member or path.startswith(member + ".") for member in members):
             return super()._frozen_targets(path)
-        return [module for task in self.tasks for module in super()._frozen_targets(copy_target(task, path))]
+        held = super()._frozen_targets
+        return [module for task in self.tasks for module in held(copy_target(task, path))]
 
     def _check_task(self, task: str) -> None:
         if task not in self.tasks:

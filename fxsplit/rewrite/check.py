@@ -27,8 +27,8 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     """Raise unless the split keeps every task apart, in eval and in train mode: with every copy moved by its own
     noise (as if the copies had trained apart), each task's output of ``split``, its gradients (of a fixed
     function of that output, for every parameter) and the buffers it updates equal those of the original model
-    computing with that task's copies in place of the split layers (norm layers' statistics in the branches aside:
-    a shared one updates once per branch, as documented).
+    computing with that task's copies in place of the split layers (norm layers' statistics aside, as documented:
+    a shared one in the branches updates once per branch, and a task's copy sees only its own branch).
 
     Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
     says that only eval mode was checked. When a task differs, the trace is checked too, to say whose fault it is.
@@ -90,7 +90,8 @@ def _first_task_difference(call: Call, split: nn.Module, references: Mapping[str
         found = first_difference(select(expected.output, path, task), got.output[task])
         if found is None:
             mine = {_split_name(split, task, name): value for name, value in expected.state.items()
-                    if _updated_for(task, _split_name(split, task, name), owners, norms)}
+                    if name.rpartition(".")[0] not in norms and _updated_for(task, _split_name(split, task, name),
+                                                                             owners)}
             found = state_difference(mine, got.state)
         if found is None:
             found = gradient_difference(expected.gradients[task], got.gradients[task], names)
@@ -122,13 +123,13 @@ def _split_name(split: nn.Module, task: str, name: str) -> str:
     return copy_target(task, name) if copied else name
 
 
-def _updated_for(task: str, name: str, owners: Mapping[str, tuple[str, ...]], norms: set[str]) -> bool:
-    """Whether the split's buffer ``name`` is to be compared with task ``task``'s reference: a copy of ``task``'s
-    (norms included), or a shared buffer that ``task`` is the first to use (norm statistics aside)."""
+def _updated_for(task: str, name: str, owners: Mapping[str, tuple[str, ...]]) -> bool:
+    """Whether the split's buffer ``name`` is to be compared with task ``task``'s reference: a copy of ``task``'s,
+    or a shared buffer that ``task`` is the first to use."""
     if name.startswith(copy_target(task, "")):
         return True
     users = owners.get(name, ())
-    return bool(users) and users[0] == task and name.rpartition(".")[0] not in norms
+    return bool(users) and users[0] == task
 
 
 def _random(call: Call, module: nn.Module) -> bool:
