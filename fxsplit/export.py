@@ -14,8 +14,9 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
+from .layers import attribute
 from .rewrite.streams import plain_streams
-from .tracing.frozen import STAND_IN, bare
+from .tracing.frozen import bare
 from .tracing.symbolic import copy_module
 
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
@@ -97,14 +98,16 @@ def export(
 
 
 def _exportable(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode, its batched streams as plain tensor operations (no autograd to keep), the
-    stand-ins of modules it does not call as plain holders."""
+    """A copy of ``model`` in eval mode, its batched streams as plain tensor operations (no autograd to keep), and
+    the modules its graph does not call (stand-ins, modules kept whole) as plain holders of their tensors."""
     model = copy_module(model, share_tensors=False).eval()
     if isinstance(model, fx.GraphModule):
         plain_streams(model.graph)
         model.recompile()
-        for path, module in list(model.named_modules()):  # TorchScript compiles every submodule's forward
-            if module.__dict__.get(STAND_IN):
+        called = {node.target for node in model.graph.nodes if node.op == "call_module" or (  # or run by an
+            node.op == "get_attr" and isinstance(attribute(model, node.target), nn.Module))}  # operator it is given
+        for path, module in list(model.named_modules())[1:]:  # TorchScript compiles every submodule's forward
+            if not any(path == target or path.startswith(target + ".") for target in called):
                 parent, _, name = path.rpartition(".")
                 model.get_submodule(parent)._modules[name] = bare(module)
     return model

@@ -237,6 +237,68 @@ class EncoderTwoDecoders(nn.Module):
         return {"segmentation": self.segmentation(features), "depth": self.depth(features)}
 
 
+class ListReLU(nn.ReLU):
+    """The Recon authors' way of a ReLU: a subclass of ``nn.ReLU`` applied to each tensor of a list, in place. Its
+    class is not torch.nn's own, so tracing goes through it and the in-place ReLU is a function call."""
+
+    def forward(self, xs):
+        out = []
+        for x in xs if isinstance(xs, list) else [xs]:
+            out.append(super().forward(x))
+        return out
+
+
+class ListLayer(nn.Module):
+    """A layer applied to each tensor of a list, held in a ``ModuleList`` as the authors hold their per-task
+    copies (one copy: the unsplit network)."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.copies = nn.ModuleList([layer])
+
+    def forward(self, xs):
+        return [self.copies[0](x) for x in (xs if isinstance(xs, list) else [xs])]
+
+
+class ListBlock(nn.Module):
+    """A residual block over lists: ``out[i] += identity[i]`` in place, then the in-place ReLU."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.conv1, self.bn1 = ListLayer(nn.Conv2d(width, width, 3, padding=1, bias=False)), ListLayer(
+            nn.BatchNorm2d(width))
+        self.conv2, self.bn2 = ListLayer(nn.Conv2d(width, width, 3, padding=1, bias=False)), ListLayer(
+            nn.BatchNorm2d(width))
+        self.relu = ListReLU(inplace=True)
+
+    def forward(self, x):
+        identity = x if isinstance(x, list) else [x]
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        for i in range(len(out)):
+            out[i] += identity[i]
+        return self.relu(out)
+
+
+class ListResNet(nn.Module):
+    """A small ResNet written as the Recon authors wrote their MultiMNIST network: every layer over lists, a
+    feature layer ``fc`` then an in-place ReLU, and one linear head per task over the list's first tensor."""
+
+    def __init__(self, width: int = 8, tasks=("left", "right")):
+        super().__init__()
+        self.tasks = list(tasks)
+        self.conv1, self.bn1 = ListLayer(nn.Conv2d(3, width, 3, padding=1, bias=False)), ListLayer(
+            nn.BatchNorm2d(width))
+        self.relu = ListReLU(inplace=True)
+        self.blocks = nn.Sequential(ListBlock(width), ListBlock(width))
+        self.fc = ListLayer(nn.Linear(width, 16))
+        self.pred = nn.ModuleList(nn.Linear(16, 3) for _ in tasks)
+
+    def forward(self, x):
+        x = self.blocks(self.relu(self.bn1(self.conv1(x))))
+        x = self.relu(self.fc([torch.flatten(F.adaptive_avg_pool2d(x_i, 1), 1) for x_i in x]))
+        return {task: head(x[0]) for task, head in zip(self.tasks, self.pred)}
+
+
 def deeplab() -> nn.Module:
     """torchvision's DeepLabV3 (MobileNetV3 backbone) with its auxiliary head: 'out' and 'aux' are the tasks."""
     import torchvision
@@ -287,4 +349,5 @@ CASES: dict[str, Case] = {
                        {"segmentation": _square, "depth": _shifted}, outputs={"segmentation": 0, "depth": 1}),
     "deeplabv3": Case(deeplab, _image(32), {"out": _square, "aux": _shifted}, top=4),
     "timm-unet": Case(EncoderTwoDecoders, _image(32), {"segmentation": _square, "depth": _shifted}),
+    "recon-lists": Case(ListResNet, _image(), {"left": _square, "right": _shifted}, top=5),
 }

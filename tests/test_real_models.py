@@ -15,7 +15,12 @@ from torch import nn
 import fxsplit
 from fxsplit.layers import attribute
 from tests.models import assert_equivalent, assert_unchanged, count, snapshot, without_dropout
-from tests.real_models import CASES, Case, FrozenTeacher, MixedPrecisionTrunk, Stateful, TiedLM, UncertaintyWeighted
+from tests.reference import assert_per_task
+from tests.real_models import CASES, Case, ListResNet, FrozenTeacher, MixedPrecisionTrunk, Stateful, TiedLM, UncertaintyWeighted
+
+
+def _calls(split: fxsplit.SplitModule, target: str) -> int:
+    return sum(node.op == "call_module" and node.target == target for node in split.graph.nodes)
 
 
 def _batches(case: Case, steps: int = 3) -> list:
@@ -52,6 +57,7 @@ def test_real_model_analyze_rewrite_export_train(name, tmp_path):
     without_dropout(model, split)
     for training in (False, True):
         assert_equivalent(model.train(training), split.train(training), x, kwargs)
+    assert_per_task(model, split, (x,), case.outputs, tolerance=1e-4)
     assert count(split.parameters()) == count(model.parameters()) + sum(report.cost(layer) for layer in layers)
 
     for suffix in (".pt", ".pt2"):  # each file is loaded back and checked against the split
@@ -67,6 +73,19 @@ def test_real_model_analyze_rewrite_export_train(name, tmp_path):
     for a, b in case.ties:
         for first, second in _tied(split, a, b):
             assert first is second and torch.equal(first, second)
+
+
+@pytest.mark.parametrize("batch_branches", [True, False])
+def test_the_recon_authors_list_network_split_before_its_features_trains_and_stays_per_task(batch_branches):
+    """Split early, the feature layer ``fc`` runs once on the joined branches and the in-place ReLU after it writes
+    into each branch's part: the split takes a training step, exactly as each task's model would."""
+    torch.manual_seed(0)
+    model, x = ListResNet(), torch.randn(4, 3, 8, 8)
+    split = fxsplit.rewrite(model, ["bn1.copies.0", "blocks.0.conv1.copies.0"], batch_branches=batch_branches,
+                            example_inputs=x)
+    assert _calls(split, "fc.copies.0") == (1 if batch_branches else 2)
+    sum(out.pow(2).sum() for out in split(x).values()).backward()
+    assert_per_task(model, split, (x,))
 
 
 def test_tied_weights_are_one_layer_split_into_one_copy_per_task():

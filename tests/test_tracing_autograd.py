@@ -96,3 +96,15 @@ def test_in_place_writes_after_a_batched_layer_train(trunk, layer):
     split = fxsplit.rewrite(model, [layer], example_inputs=x)
     sum(out.sum() for out in split(x).values()).backward()
     assert_per_task(model, split, (x,))
+
+
+def test_a_custom_function_in_a_branch_keeps_the_other_branches_out_of_each_tasks_backward():
+    """Joined branches would run every branch's history in each task's backward, and a custom Function there turns
+    "no gradient" into zeros: a branch whose history holds one is not joined."""
+    torch.manual_seed(0)
+    model = TwoHeads(Reversed())
+    x = inputs()
+    split = fxsplit.rewrite(model, ["trunk.inner"], example_inputs=x)
+    split(x)["a"].sum().backward()
+    assert split.copy_of("b", "trunk.inner").weight.grad is None
+    assert_per_task(model, split, (x,))

@@ -15,6 +15,7 @@ import fxsplit
 from benchmarks.zoo.check import CHOICES, choose
 from tests import zoo
 from tests.models import assert_equivalent, count
+from tests.reference import assert_per_task
 
 MODES = ("eval", "train")
 SAMPLE_CHOICES = ("first", "spread")  # the sample keeps CI short; --zoo=full runs every choice
@@ -48,7 +49,8 @@ def prepared(entry: zoo.Entry, mode: str):
 
 @pytest.mark.filterwarnings("ignore:.*traces to a different graph:UserWarning")
 def test_copied_rewrite_reproduces_every_task(entry: zoo.Entry, mode: str, choice: str):
-    """Split at ``choice``: same outputs per task, and each chosen layer's parameters once more per extra task."""
+    """Split at ``choice``: same outputs per task, the per-task contract once the copies differ (outputs and
+    gradients), and each chosen layer's parameters once more per extra task."""
     try:
         model, x, graph = prepared(entry, mode)
     except fxsplit.TraceError as error:
@@ -61,6 +63,7 @@ def test_copied_rewrite_reproduces_every_task(entry: zoo.Entry, mode: str, choic
 
     assert split.split_layers == tuple(layers)
     assert_equivalent(model, split, x, {})
+    assert_per_task(model, split, (x,), modes=(mode == "train",))
     tasks, chosen = len(model.heads), sum(graph.nodes[layer]["params"] for layer in layers)
     assert count(split.parameters()) == count(model.parameters()) + (tasks - 1) * chosen
     assert count(split.shared_parameters()) == count(model.backbone.parameters()) - chosen

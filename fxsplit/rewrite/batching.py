@@ -16,6 +16,7 @@ from torch.nn.modules import module as _module_hooks
 
 from ..split_module import COPIES
 from ..tracing import mutated_input
+from ..tracing.symbolic import torch_layer
 from .streams import join, part
 
 _HEAVY = (nn.modules.conv._ConvNd, nn.Linear)
@@ -24,6 +25,7 @@ _PER_SAMPLE = (
     nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.LayerNorm, nn.GroupNorm,
 )
+_PLAIN_MODULES = frozenset({"torch", "_operator", "operator", "builtins", "math", "fxsplit"})  # whose functions
 _VIEWS = frozenset({  # operations whose result may share its input's memory (methods, or torch functions)
     "view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "permute", "movedim", "flatten",
     "unflatten", "unsqueeze", "squeeze", "narrow", "select", "expand", "expand_as", "t", "chunk", "split",
@@ -36,11 +38,14 @@ def batch_branches(root: nn.Module, graph: fx.Graph) -> None:
     parts: dict[fx.Node, tuple[fx.Node, int]] = {}  # part node -> (batched node, index of its branch)
     routes: dict[fx.Node, fx.Node] = {}  # batched node -> the route of its stream
     joined: dict[tuple[fx.Node, ...], tuple[fx.Node, fx.Node]] = {}  # branches joined once, for every module
+    plain = _plain_histories(root, graph)
     for group in _branch_groups(root, graph):
         module = root.get_submodule(group[0].target)
         sources = [node.args[0] for node in group]
         stream = _stream(sources, parts)
         if not (_per_sample(module) and (stream is not None or isinstance(module, _HEAVY))):
+            continue
+        if stream is None and not all(source in plain for source in sources):
             continue
         with graph.inserting_before(group[-1].next):
             if stream is None and tuple(sources) not in joined:
@@ -79,11 +84,43 @@ def _branch_groups(root: nn.Module, graph: fx.Graph) -> list[list[fx.Node]]:
             if len(group) > 1 and all(node.all_input_nodes == [node.args[0]] for node in group)]
 
 
-def _hooked(module: nn.Module) -> bool:
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks,
-             _module_hooks._global_forward_hooks, _module_hooks._global_forward_pre_hooks,
-             _module_hooks._global_backward_hooks, _module_hooks._global_backward_pre_hooks)
-    return any(hooks)
+def _plain_histories(root: nn.Module, graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose branch history runs only torch's own autograd.
+
+    Joined branches are one node of autograd's graph: a backward pass that reaches one branch's part also runs the
+    other branches' histories, with no gradient. torch's own backward functions pass that on as none, so the
+    others' parameters get none; but a custom autograd Function there gets zeros (and gives zeros on), a hook gets
+    ``None``. So a branch value whose history holds Python that autograd runs (a recorded Function, a gradient hook,
+    a module with backward hooks, a module or function other than torch's, which may hold either) is never
+    joined.
+    """
+    observed = {arg for node in graph.nodes if not _plain_operation(root, node) for arg in node.all_input_nodes}
+    plain = set()
+    for node in graph.nodes:
+        if _plain_operation(root, node) and node not in observed and \
+                all(arg in plain or "task" not in arg.meta for arg in node.all_input_nodes):
+            plain.add(node)
+    return plain
+
+
+def _plain_operation(root: nn.Module, node: fx.Node) -> bool:
+    """Whether ``node``'s backward is torch's own: a torch.nn layer without hooks, a torch function or method."""
+    if node.op == "call_module":
+        module = root.get_submodule(node.target)
+        return torch_layer(module) and not _hooked(module, backward_only=True)
+    if node.op == "call_function":
+        return node.target in (join, part) or (getattr(node.target, "__module__", None) or "").split(".")[0] in \
+            _PLAIN_MODULES
+    return True
+
+
+def _hooked(module: nn.Module, backward_only: bool = False) -> bool:
+    """Whether ``module`` has hooks (those that run in the backward pass only, with ``backward_only``)."""
+    backward = (module._backward_hooks, module._backward_pre_hooks, _module_hooks._global_backward_hooks,
+                _module_hooks._global_backward_pre_hooks)
+    forward = (module._forward_hooks, module._forward_pre_hooks, _module_hooks._global_forward_hooks,
+               _module_hooks._global_forward_pre_hooks)
+    return any(backward) or (not backward_only and any(forward))
 
 
 def _written_in_place(root: nn.Module, node: fx.Node) -> bool:
