@@ -12,9 +12,10 @@ from fxsplit import datasets
 
 SECTIONS = {
     "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
-    "Conflict scores": ["analyze", "ConflictMonitor", "ConflictReport", "LayerSelection"],
+    "Conflict scores": ["analyze", "ConflictMonitor", "StepFigures", "ConflictReport", "LayerSelection"],
     "Errors and warnings": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
                "UnknownLayerError", "StaleGraphError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError",
+               "MissingExtraError",
                "PythonStateWarning"],
 }
 
