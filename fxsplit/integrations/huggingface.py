@@ -80,13 +80,15 @@ class ConflictCallback(transformers.TrainerCallback):
                                    f"create (a hyperparameter search saves elsewhere).")
             report.save(directory / self.filename)
 
-    def _score(self, model: nn.Module, inputs: Mapping, losses: Mapping[str, torch.Tensor], *, accumulate: bool,
-               scaler) -> None:
-        """Score one micro-batch's losses, keeping their graph for the Trainer's backward."""
+    def _start(self, model: nn.Module, inputs: Mapping, scaler) -> None:
+        """The monitor, at the first training batch (``inputs``), before its forward: tracing runs the model."""
         if self.monitor is None:
             graph = self._options.get("graph") or layer_graph(model, example_kwargs=dict(inputs))
             self.monitor = ConflictMonitor(model, self.tasks, scaler=scaler, on_step=(*self._hooks, self._count),
                                            **{**self._options, "graph": graph})
+
+    def _score(self, losses: Mapping[str, torch.Tensor], *, accumulate: bool) -> None:
+        """Score one micro-batch's losses, keeping their graph for the Trainer's backward."""
         self.monitor.backward(losses, accumulate=accumulate, update_grad=False, retain_graph=True)
 
     def _count(self, figures: StepFigures) -> None:
@@ -123,13 +125,14 @@ class ConflictTrainer(transformers.Trainer):
     """
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        example = dict(inputs)  # before the Trainer's compute_loss takes the labels out
+        training = torch.is_grad_enabled()  # evaluation runs without gradients
+        if training:
+            callback = self._conflict_callback()
+            callback._start(self.accelerator.unwrap_model(model), inputs, self.accelerator.scaler)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if torch.is_grad_enabled():  # a training step: evaluation runs without gradients
-            losses = task_losses(outputs, f"{type(self.accelerator.unwrap_model(model)).__name__}.forward")
-            self._conflict_callback()._score(self.accelerator.unwrap_model(model), example, losses,
-                                             accumulate=not self.accelerator.sync_gradients,
-                                             scaler=self.accelerator.scaler)
+        if training:
+            source = f"{type(self.accelerator.unwrap_model(model)).__name__}.forward"
+            callback._score(task_losses(outputs, source), accumulate=not self.accelerator.sync_gradients)
         return (loss, outputs) if return_outputs else loss
 
     def _conflict_callback(self) -> ConflictCallback:
