@@ -692,3 +692,45 @@ def test_a_sparse_gradient_an_aggregator_combines_is_given_dense():
     assert model.embedding.weight.grad.layout == torch.strided and summed.embedding.weight.grad.is_sparse
     for (name, p), q in zip(model.named_parameters(), summed.parameters()):
         torch.testing.assert_close(p.grad, q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_on_step_hooks_get_every_steps_figures_as_the_report_counts_them():
+    model, tasks, batches = scoring_cases()["cnn-3-tasks"]
+    thresholds = [0.0, -0.05]
+    seen, steps = [], []
+    report = monitored(model, tasks, batches, threshold=thresholds,
+                       on_step=[seen.append, lambda figures: steps.append(figures.step)])
+    assert steps == [figures.step for figures in seen] == list(range(len(batches)))
+    assert all(figures.layers == report.layers and list(map(list, figures.pairs)) == report.pairs for figures in seen)
+    assert torch.stack([figures.conflicts for figures in seen]).sum(0).tolist() == report.counts
+    assert torch.stack([figures.whole for figures in seen]).tolist() == report.whole_cosine
+    assert torch.stack([figures.conflicting_pairs() for figures in seen]).tolist() == \
+        [[sum(cosine < t for cosine in step) / len(step) for t in thresholds] for step in report.whole_cosine]
+    layer_means = torch.stack([figures.layer_cosine() for figures in seen]).mean(0).tolist()
+    pair_means = [[c for c in row if c is not None] for row in report.mean_cosine]
+    assert layer_means == pytest.approx([sum(row) / len(row) for row in pair_means], rel=1e-12)
+
+
+def test_a_step_not_scored_hands_over_nan_figures_and_no_conflicts():
+    net = nn.Linear(3, 2)
+    seen = []
+    monitor = fxsplit.ConflictMonitor(net, ["a", "b"], on_step=seen.append)
+    out = net(torch.randn(4, 3))
+    monitor.backward({"a": out[:, 0].sum() * math.inf, "b": out[:, 1].sum()})
+    (figures,) = seen
+    assert not figures.scored and not figures.conflicts.any()
+    assert figures.conflicting_pairs().isnan().all() and figures.layer_cosine().isnan().all()
+    with pytest.raises(fxsplit.FxsplitError, match="on_step takes a function of the step's figures"):
+        fxsplit.ConflictMonitor(net, ["a", "b"], on_step=[print, "not a function"])
+
+
+def test_retain_graph_leaves_the_losses_graph_to_the_loops_own_backward():
+    model, tasks, batches = scoring_cases()["cnn-bn"]
+    twin = copy.deepcopy(model)
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    losses = step_losses(model, tasks, batches[0])
+    monitor.backward(losses, update_grad=False, retain_graph=True)
+    sum(losses.values()).backward()
+    sum(step_losses(twin, tasks, batches[0]).values()).backward()
+    _assert_same_grads(model, twin)
+    assert monitor.report().steps == 1
