@@ -66,6 +66,9 @@ class ConflictCallback(transformers.TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         checkpoint = Path(args.output_dir) / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and not checkpoint.is_dir():
+            raise FxsplitError(f"ConflictCallback saves the report beside the checkpoint in {str(checkpoint)!r}, "
+                               f"which the Trainer did not create (a hyperparameter search saves elsewhere).")
         self._save(checkpoint, state)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -75,9 +78,7 @@ class ConflictCallback(transformers.TrainerCallback):
     def _save(self, directory: Path, state) -> None:
         report = self.monitor.report()  # on every process: under distributed="local" it is a collective
         if state.is_world_process_zero:
-            if not directory.is_dir():
-                raise FxsplitError(f"ConflictCallback saves the report in {str(directory)!r}, which the Trainer did not "
-                                   f"create (a hyperparameter search saves elsewhere).")
+            directory.mkdir(parents=True, exist_ok=True)
             report.save(directory / self.filename)
 
     def _start(self, model: nn.Module, inputs: Mapping, scaler) -> None:
