@@ -84,7 +84,9 @@ class ConflictCallback(transformers.TrainerCallback):
     def _start(self, model: nn.Module, inputs: Mapping, scaler) -> None:
         """The monitor, at the first training batch (``inputs``), before its forward: tracing runs the model."""
         if self.monitor is None:
-            graph = self._options.get("graph") or layer_graph(model, example_kwargs=dict(inputs))
+            graph = self._options.get("graph")
+            if graph is None:
+                graph = layer_graph(model, example_kwargs=dict(inputs))
             self.monitor = ConflictMonitor(model, self.tasks, scaler=scaler, on_step=(*self._hooks, self._count),
                                            **{**self._options, "graph": graph})
 

@@ -21,7 +21,8 @@ class StepFigures:
     ``cosine[l, p]`` is the gradient cosine of task pair ``pairs[p]`` on layer ``layers[l]``, meaningful where
     ``valid[l, p]`` (both tasks reach the layer); ``whole[p]`` the cosine over all scored layers' parameters
     together; ``conflicts[k, l, p]`` what the step adds to ``report.counts[k][l][p]`` (cosine below
-    ``thresholds[k]``, counted only where valid and scored); ``scored`` whether the step was scored.
+    ``thresholds[k]``, counted only where valid and scored); ``scored`` whether the step was scored; ``limits``
+    the thresholds as a column on the device.
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
