@@ -105,5 +105,5 @@ class BertTaskLosses(nn.Module):
 def labelled_tokens(count: int) -> list[dict[str, torch.Tensor]]:
     """``count`` examples for ``BertTaskLosses``: random token ids, some padded, and random labels."""
     ids, mask = token_batch(count, padded=(5, 3, 6))
-    return [{"input_ids": i, "attention_mask": m, "sentiment": torch.randint(0, 3, ()), "topic": torch.randint(0, 4, ())}
-            for i, m in zip(ids, mask)]
+    return [{"input_ids": i, "attention_mask": m, "sentiment": torch.randint(0, 3, ()),
+             "topic": torch.randint(0, 4, ())} for i, m in zip(ids, mask)]

@@ -20,9 +20,9 @@ def task_losses(output, source: str) -> dict[str, torch.Tensor]:
 
     >>> task_losses({"loss": torch.tensor(3.0), "losses": {"a": torch.tensor(1.0), "b": torch.tensor(2.0)}}, "f")
     {'a': tensor(1.), 'b': tensor(2.)}
-    >>> task_losses(torch.tensor(3.0), "training_step")
+    >>> task_losses(torch.tensor(3.0), "training_step")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    fxsplit.errors.TaskError: training_step must return the per-task losses beside the total, as {"loss": sum(losses.values()), "losses": {task: loss}}; it returned a Tensor.
+    fxsplit.errors.TaskError: training_step must return the per-task losses beside the total, ...; it returned a Tensor.
     """
     if isinstance(output, Mapping):
         losses = output.get("losses")
@@ -35,7 +35,8 @@ def task_losses(output, source: str) -> dict[str, torch.Tensor]:
 
 
 def share_key(threshold: float) -> str:
-    """The name of the share of conflicting task pairs at cosine ``threshold``: ``fxsplit/conflicting_pairs_below_0``."""
+    """The name of the share of conflicting task pairs below cosine ``threshold``, e.g.
+    ``fxsplit/conflicting_pairs_below_0``."""
     return f"fxsplit/conflicting_pairs_below_{threshold:g}"
 
 

@@ -178,8 +178,8 @@ class ConflictCallback(pl.Callback):
         summed = sum(loss.detach().double() for loss in losses.values())
         if not torch.allclose(total.detach().double(), summed, rtol=1e-3, atol=1e-6):  # any precision's rounding
             raise TaskError(f"training_step returned 'loss' {total.item():.6g}, which is not the sum of its 'losses' "
-                            f"({summed.item():.6g}); the callback trains on their sum, as monitor.backward does. Return "
-                            f"{CONVENTION}, with any task weights inside the losses.")
+                            f"({summed.item():.6g}); the callback trains on their sum, as monitor.backward does. "
+                            f"Return {CONVENTION}, with any task weights inside the losses.")
 
     def _remember(self, figures: StepFigures) -> None:
         self._figures = figures
