@@ -3,6 +3,7 @@
 Run: python docs/make_api.py  (tests/test_docs.py checks that docs/api.md is up to date)
 """
 
+import importlib
 import inspect
 import sys
 from pathlib import Path
@@ -12,18 +13,24 @@ from fxsplit import datasets
 
 SECTIONS = {
     "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
-    "Conflict scores": ["analyze", "ConflictMonitor", "ConflictReport", "LayerSelection"],
+    "Conflict scores": ["analyze", "ConflictMonitor", "StepFigures", "ConflictReport", "LayerSelection"],
     "Errors and warnings": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
                "UnknownLayerError", "StaleGraphError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError",
+               "MissingExtraError",
                "PythonStateWarning"],
 }
 
 
-def entry(name: str, obj) -> list[str]:
+# the framework integrations, each an optional extra: their classes, without the framework's hooks they implement
+INTEGRATIONS = {"lightning": ["ConflictCallback"], "huggingface": ["ConflictTrainer", "ConflictCallback"],
+                "tensorboard": ["TensorBoardLogger"]}
+
+
+def entry(name: str, obj, members: bool = True) -> list[str]:
     kind = "class" if inspect.isclass(obj) else "function"
     signature = "" if inspect.isclass(obj) and issubclass(obj, Exception) else str(inspect.signature(obj))
     lines = [f"### `{name}{signature}`", "", f"*{kind}*", "", inspect.cleandoc(obj.__doc__ or ""), ""]
-    if inspect.isclass(obj) and not issubclass(obj, Exception):
+    if members and inspect.isclass(obj) and not issubclass(obj, Exception):
         for member, value in vars(obj).items():
             if member.startswith("_") or not (callable(value) or isinstance(value, (property, classmethod))):
                 continue
@@ -44,6 +51,12 @@ def render() -> str:
             lines += entry(f"fxsplit.{name}", getattr(fxsplit, name))
             documented.add(name)
     lines += ["## Data", ""] + entry("fxsplit.datasets.MultiDigits", datasets.MultiDigits)
+    lines += ["## Integrations (optional extras)", ""]
+    for module, names in INTEGRATIONS.items():
+        integration = importlib.import_module(f"fxsplit.integrations.{module}")
+        for name in names:
+            lines += entry(f"fxsplit.integrations.{module}.{name}", getattr(integration, name),
+                           members=name == "TensorBoardLogger")
     missing = set(fxsplit.__all__) - documented
     if missing:
         sys.exit(f"public names missing from docs/make_api.py: {sorted(missing)}")

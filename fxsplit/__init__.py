@@ -2,14 +2,14 @@
 
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, ReportError, ScoringError, SplitMismatchError, TaskError,
-    PythonStateWarning, StaleGraphError, TraceError, TraceMismatchError, UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, MissingExtraError, ReportError, ScoringError, SplitMismatchError,
+    TaskError, PythonStateWarning, StaleGraphError, TraceError, TraceMismatchError, UnknownLayerError,
 )
 from .export import export, script
 from .layers import LayerGraph, layer_graph
 from .report import ConflictReport, LayerSelection
 from .rewrite import rewrite
-from .scoring import ConflictMonitor
+from .scoring import ConflictMonitor, StepFigures
 from .split_module import SplitModule
 from .tracing import trace
 
@@ -22,11 +22,13 @@ __all__ = [
     "LayerError",
     "LayerGraph",
     "LayerSelection",
+    "MissingExtraError",
     "ReportError",
     "ScoringError",
     "SplitMismatchError",
     "SplitModule",
     "StaleGraphError",
+    "StepFigures",
     "TaskError",
     "TraceError",
     "TraceMismatchError",

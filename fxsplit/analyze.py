@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import chain, islice
 from typing import Any
@@ -15,9 +14,10 @@ from torch.utils._pytree import tree_map
 from .errors import FxsplitError, TaskError
 from .layers import graph_of
 from .outputs import paths_read
+from .progress import Progress
 from .report import ConflictReport
-from .scoring import ConflictMonitor
-from .scoring.checks import loss_value, task_names
+from .scoring import ConflictMonitor, StepFigures
+from .scoring.checks import loss_value, step_hooks, task_names, thresholds
 from .scoring.methods import Aggregator
 from .tracing import trace_graph
 from .tracing.verify import check_trace, forwarding
@@ -40,6 +40,7 @@ def analyze(
     every: int = 1,
     bins: int = 20,
     aggregator: Aggregator | str | None = None,
+    on_step: Callable[[StepFigures], object] | Iterable[Callable[[StepFigures], object]] | None = None,
 ) -> ConflictReport:
     """Score every shared layer of ``model`` by how often its task gradients conflict (Recon).
 
@@ -59,11 +60,15 @@ def analyze(
             :func:`fxsplit.trace` takes them) and the graph is checked against the model on the first batch, in the
             model's mode: a :class:`~fxsplit.TraceMismatchError` names the output that differs. A graph passed in
             is taken as it is.
-        progress: show a progress bar (default: when stderr is a terminal).
+        progress: show the run's progress and the share of conflicting task pairs so far on stderr: a bar on a
+            terminal, otherwise a line every tenth of the run (every 100 steps if ``data`` has no length). Default
+            (``None``): shown; ``False``: not.
         every: score only every ``every``-th step; with an optimizer the others are plain training steps
             (``sum(losses).backward()``), without one they are skipped. Scoring costs then shrink by ``every``.
         aggregator: with an optimizer, train on a gradient method's update instead of the summed gradient (see
             :class:`fxsplit.ConflictMonitor`).
+        on_step: hooks given every scored step's :class:`~fxsplit.StepFigures`, as the monitor's ``on_step``
+            (e.g. the TensorBoard logger of ``fxsplit.integrations.tensorboard``).
 
     Each scored step is :meth:`fxsplit.ConflictMonitor.backward`; the scores stay on the device until the end.
 
@@ -82,15 +87,18 @@ def analyze(
     forward = forward or _default_forward
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where batches go
     buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
-    batches = iter(_progress(islice(data, steps), steps if steps is not None else _length(data), progress))
-    first = next(batches, None)
-    if first is None:
-        raise FxsplitError("data gave no batch to analyze (empty data, or steps=0).")
-    if graph is None:
-        graph = _checked_graph(model, forward, _to(first, device), tracer_kwargs)
-    monitor = ConflictMonitor(model, losses, threshold=threshold, graph=graph, bins=bins, aggregator=aggregator)
-    outputs = None
+    hooks = step_hooks(on_step)
+    display = Progress("analyze", steps if steps is not None else _length(data), thresholds(threshold)[0], progress)
+    batches = iter(display.wrap(islice(data, steps)))
     try:
+        first = next(batches, None)
+        if first is None:
+            raise FxsplitError("data gave no batch to analyze (empty data, or steps=0).")
+        if graph is None:
+            graph = _checked_graph(model, forward, _to(first, device), tracer_kwargs)
+        monitor = ConflictMonitor(model, losses, threshold=threshold, graph=graph, bins=bins, aggregator=aggregator,
+                                  on_step=(*hooks, display.share) if display.enabled else hooks)
+        outputs = None
         for step, batch in enumerate(chain([first], batches)):
             if step % every and optimizer is None:
                 continue
@@ -108,6 +116,7 @@ def analyze(
             if optimizer is not None:
                 optimizer.step()
     finally:
+        display.close()
         if buffers is not None:
             with torch.no_grad():
                 for buffer, saved in zip(model.buffers(), buffers):
@@ -161,14 +170,3 @@ def _length(data: Iterable) -> int | None:
         return len(data)
     except TypeError:
         return None
-
-
-def _progress(batches: Iterable, total: int | None, enabled: bool | None) -> Iterable:
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return batches
-    from tqdm.auto import tqdm
-
-    return tqdm(batches, total=total, desc="analyze", unit="step", dynamic_ncols=True)
-

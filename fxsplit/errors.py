@@ -62,6 +62,10 @@ class ExportError(FxsplitError):
     """A model could not be exported, or the exported file does not reproduce it."""
 
 
+class MissingExtraError(FxsplitError, ImportError):
+    """An integration's framework is not installed; the message names the extra that installs it."""
+
+
 def unknown_layer(name: object, known: Iterable[str], what: str = "layer") -> UnknownLayerError:
     """An :class:`UnknownLayerError` for ``name`` that suggests the closest known names."""
     known = list(known)

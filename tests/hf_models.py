@@ -85,3 +85,25 @@ class ViTTwoHeads(nn.Module):
     def forward(self, pixel_values):
         tokens = self.vit(pixel_values=pixel_values).last_hidden_state
         return {"label": self.label(tokens[:, 0]), "score": self.score(tokens[:, 1:].mean(1))}
+
+
+class BertTaskLosses(nn.Module):
+    """``BertTwoHeads`` as a transformers ``Trainer`` trains it: the labels in, the per-task losses out beside their
+    total."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = BertTwoHeads()
+
+    def forward(self, input_ids, attention_mask, sentiment, topic):
+        out = self.model(input_ids, attention_mask)
+        losses = {"sentiment": nn.functional.cross_entropy(out["sentiment"], sentiment),
+                  "topic": nn.functional.cross_entropy(out["topic"], topic)}
+        return {"loss": sum(losses.values()), "losses": losses}
+
+
+def labelled_tokens(count: int) -> list[dict[str, torch.Tensor]]:
+    """``count`` examples for ``BertTaskLosses``: random token ids, some padded, and random labels."""
+    ids, mask = token_batch(count, padded=(5, 3, 6))
+    return [{"input_ids": i, "attention_mask": m, "sentiment": torch.randint(0, 3, ()),
+             "topic": torch.randint(0, 4, ())} for i, m in zip(ids, mask)]

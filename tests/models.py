@@ -228,3 +228,26 @@ def scoring_cases() -> dict:
         "called-twice-4-tasks": (MultiHead(Twice(), 8, tasks="abcd").double(),
                                  {t: _regress(t, i) for i, t in enumerate("abcd")}, vectors),
     }
+
+
+def step_losses(model, tasks, batch):
+    """The task losses of one batch ``(x, targets)``: ``tasks`` maps names to ``loss(output, batch)``."""
+    out = model(batch[0])
+    return {t: loss(out, batch) for t, loss in tasks.items()}
+
+
+def monitored(model, tasks, batches, optimizer=None, hooks=False, **options):
+    """Train (or probe) ``model`` on ``batches`` with a monitor in a plain loop; its report."""
+    monitor = fxsplit.ConflictMonitor(model, tasks, **options)
+    for batch in batches:
+        losses = step_losses(model, tasks, batch)
+        if hooks:
+            for k, (task, loss) in enumerate(losses.items()):
+                with monitor.task(task):
+                    loss.backward(retain_graph=k < len(losses) - 1)
+        else:
+            monitor.backward(losses)
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad()
+    return monitor.report()

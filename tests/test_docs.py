@@ -2,6 +2,8 @@ import re
 import runpy
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[1]
 
 
@@ -32,3 +34,13 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert set(namespace["out"]) == {"left", "right"} and (tmp_path / "split.pt2").exists()
+
+
+@pytest.mark.parametrize("section, framework", [("PyTorch Lightning", "lightning"),
+                                                ("HuggingFace Trainer", "accelerate"), ("TensorBoard", "tensorboard")])
+def test_the_training_guides_integration_examples_run(section, framework, tmp_path, monkeypatch):
+    pytest.importorskip(framework, reason="the integrations are optional extras")
+    monkeypatch.chdir(tmp_path)  # they write logs, checkpoints and reports where they run
+    text = (ROOT / "docs" / "training.md").read_text().split(f"\n## {section}\n")[1].split("\n## ")[0]
+    code = "\n".join(re.findall(r"```python\n(.*?)```", text, re.S))
+    exec(compile(code, f"docs/training.md: {section}", "exec"), {})

@@ -8,30 +8,10 @@ import torch
 from torch import nn
 
 import fxsplit
-from tests.models import MultiHead, TupleHeads, Twice, assert_unchanged, scoring_cases, snapshot
+from tests.models import (
+    MultiHead, TupleHeads, Twice, assert_unchanged, monitored, scoring_cases, snapshot, step_losses,
+)
 from tests.reference import reference
-
-
-def _step_losses(model, tasks, batch):
-    out = model(batch[0])
-    return {t: loss(out, batch) for t, loss in tasks.items()}
-
-
-def _monitored(model, tasks, batches, optimizer=None, hooks=False, **options):
-    """Train (or probe) ``model`` on ``batches`` with a monitor; its report."""
-    monitor = fxsplit.ConflictMonitor(model, tasks, **options)
-    for batch in batches:
-        losses = _step_losses(model, tasks, batch)
-        if hooks:
-            for k, (task, loss) in enumerate(losses.items()):
-                with monitor.task(task):
-                    loss.backward(retain_graph=k < len(losses) - 1)
-        else:
-            monitor.backward(losses)
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad()
-    return monitor.report()
 
 
 def _flat(rows):
@@ -66,7 +46,7 @@ def test_monitor_scores_and_trains_like_analyze_and_the_plain_loop(name, hooks):
     graph = fxsplit.layer_graph(model)
     twin, analyzed = copy.deepcopy(model), copy.deepcopy(model)
     sgd = dict(lr=0.1, momentum=0.9)
-    report = _monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), **sgd), hooks=hooks,
+    report = monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), **sgd), hooks=hooks,
                         threshold=[0.0, -0.05], graph=graph)
     expected = reference(twin, tasks, batches, graph, [0.0, -0.05], optimizer=torch.optim.SGD(twin.parameters(), **sgd))
     for S in (0.0, -0.05):
@@ -106,8 +86,8 @@ def test_grad_is_what_the_summed_loss_gives(before, between):
     _set_grads(model, before)
     _set_grads(twin, before)
     for batch in batches:
-        monitor.backward(_step_losses(model, tasks, batch))
-        sum(_step_losses(twin, tasks, batch).values()).backward()
+        monitor.backward(step_losses(model, tasks, batch))
+        sum(step_losses(twin, tasks, batch).values()).backward()
         _assert_same_grads(model, twin)
         if between != "keep":
             model.zero_grad(set_to_none=between == "set_to_none")
@@ -137,8 +117,8 @@ def test_parameters_of_several_dtypes_get_grads_of_their_own_dtype():
     x = torch.randn(5, 3)
     monitor = fxsplit.ConflictMonitor(model, tasks)
     for _ in range(2):  # .grad None, then accumulated into
-        monitor.backward(_step_losses(model, tasks, (x,)))
-        sum(_step_losses(twin, tasks, (x,)).values()).backward()
+        monitor.backward(step_losses(model, tasks, (x,)))
+        sum(step_losses(twin, tasks, (x,)).values()).backward()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert p.grad.dtype == p.dtype
         torch.testing.assert_close(p.grad, q.grad)
@@ -151,7 +131,7 @@ def test_scoring_only_leaves_the_model_and_its_grads_alone():
     before = snapshot(model)
     monitor = fxsplit.ConflictMonitor(model, tasks)
     for batch in batches:
-        monitor.backward(_step_losses(model, tasks, batch), update_grad=False)
+        monitor.backward(step_losses(model, tasks, batch), update_grad=False)
     report = monitor.report()
     assert_unchanged(model, before)
     assert report.steps == 3 and report.left_out["backbone.inp"] == "frozen (no parameter requires grad)"
@@ -164,7 +144,7 @@ def test_hook_style_restores_grads_and_removes_its_hooks_like_the_authors_loop()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = fxsplit.ConflictMonitor(model, tasks)
     for batch in batches:
-        losses = _step_losses(model, tasks, batch)
+        losses = step_losses(model, tasks, batch)
         for k, (task, loss) in enumerate(reversed(list(losses.items()))):  # any task order
             optimizer.zero_grad()  # the authors' loop zeroes the gradients before each task
             with monitor.task(task):
@@ -172,7 +152,7 @@ def test_hook_style_restores_grads_and_removes_its_hooks_like_the_authors_loop()
         assert all(not p._backward_hooks for p in model.parameters())
         optimizer.step()
         optimizer.zero_grad()
-    expected = _monitored(twin, tasks, batches, torch.optim.SGD(twin.parameters(), lr=0.05))
+    expected = monitored(twin, tasks, batches, torch.optim.SGD(twin.parameters(), lr=0.05))
     assert monitor.report().to_dict() == expected.to_dict()
     _assert_same_state(model, twin)
 
@@ -188,7 +168,7 @@ def test_four_accumulated_micro_batches_equal_one_batch_four_times_as_large(hook
     for batch in batches:
         for k, micro in enumerate(zip(batch[0].chunk(4), batch[1].chunk(4))):
             last = k == 3
-            losses = {t: loss / 4 for t, loss in _step_losses(model, tasks, micro).items()}
+            losses = {t: loss / 4 for t, loss in step_losses(model, tasks, micro).items()}
             if hooks:
                 for j, (task, loss) in enumerate(losses.items()):
                     with monitor.task(task, accumulate=not last):
@@ -199,7 +179,7 @@ def test_four_accumulated_micro_batches_equal_one_batch_four_times_as_large(hook
         optimizer.step()
         optimizer.zero_grad()
     report = monitor.report()
-    expected = _monitored(big, tasks, batches, torch.optim.SGD(big.parameters(), lr=0.1), threshold=[0.0, 0.2],
+    expected = monitored(big, tasks, batches, torch.optim.SGD(big.parameters(), lr=0.1), threshold=[0.0, 0.2],
                           graph=graph)
     assert report.steps == 2 and report.counts == expected.counts
     assert _flat(report.whole_cosine) == pytest.approx(_flat(expected.whole_cosine), rel=1e-9)
@@ -216,7 +196,7 @@ def test_grad_scaler_steps_score_unscaled_and_skipped_steps_are_not_scored():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = fxsplit.ConflictMonitor(model, tasks, scaler=scaler)
     for step, batch in enumerate(batches):
-        losses = _step_losses(model, tasks, batch)
+        losses = step_losses(model, tasks, batch)
         if step == 2:  # the scaled gradient of this step overflows float32
             losses["a"] = losses["a"] * 1e37
         monitor.backward(losses)
@@ -227,7 +207,7 @@ def test_grad_scaler_steps_score_unscaled_and_skipped_steps_are_not_scored():
     assert scaler.get_scale() == 2.0 ** 7  # the scaler skipped one step
     assert report.steps == 3 and report.skipped == 1 and monitor.nonfinite_tasks == ["a"]
     kept = [batches[i] for i in (0, 1, 3)]
-    expected = _monitored(twin, tasks, kept, torch.optim.SGD(twin.parameters(), lr=0.1))
+    expected = monitored(twin, tasks, kept, torch.optim.SGD(twin.parameters(), lr=0.1))
     assert report.counts == expected.counts
     assert _flat(report.whole_cosine) == pytest.approx(_flat(expected.whole_cosine), rel=1e-5)
     _assert_same_state(model, twin, rtol=1e-6)
@@ -237,7 +217,7 @@ def test_grad_scaler_steps_score_unscaled_and_skipped_steps_are_not_scored():
 def test_a_split_model_scores_only_its_still_shared_layers():
     model, tasks, batches = scoring_cases()["cnn-bn"]
     split = fxsplit.rewrite(model, ["backbone.block1.conv2"])
-    report = _monitored(split, tasks, batches)
+    report = monitored(split, tasks, batches)
     assert report.left_out["copies.a.backbone.block1.conv2"] == "only task 'a' reaches it"
     assert "backbone.block2.conv1" in report.layers
 
@@ -260,13 +240,13 @@ def test_misuse_is_a_typed_error(act, error, match):
     model, tasks, batches = scoring_cases()["cnn-bn"]
     monitor = fxsplit.ConflictMonitor(model, tasks)
     with pytest.raises(error, match=match):
-        act(monitor, _step_losses(model, tasks, batches[0]))
+        act(monitor, step_losses(model, tasks, batches[0]))
 
 
 def test_hook_style_misuse_is_a_typed_error():
     model, tasks, batches = scoring_cases()["cnn-3-tasks"]
     monitor = fxsplit.ConflictMonitor(model, tasks)
-    losses = _step_losses(model, tasks, batches[0])
+    losses = step_losses(model, tasks, batches[0])
     with monitor.task("a"):
         losses["a"].backward(retain_graph=True)
     with pytest.raises(fxsplit.TaskError, match="task 'a' was already captured in this step"):
@@ -290,7 +270,7 @@ def test_a_loss_that_reaches_no_parameter_names_its_task(use):
         if use == "analyze":
             fxsplit.analyze(model, tasks, batches, progress=False)
         else:
-            fxsplit.ConflictMonitor(model, tasks).backward(_step_losses(model.eval(), tasks, batches[0]))
+            fxsplit.ConflictMonitor(model, tasks).backward(step_losses(model.eval(), tasks, batches[0]))
     assert_unchanged(model.train(), before)
 
 
@@ -298,7 +278,7 @@ def test_a_nan_loss_is_reported_not_scored():
     model, tasks, batches = scoring_cases()["cnn-bn"]
     monitor = fxsplit.ConflictMonitor(model, tasks)
     for step, batch in enumerate(batches):
-        losses = _step_losses(model, tasks, batch)
+        losses = step_losses(model, tasks, batch)
         monitor.backward({**losses, "b": losses["b"] * math.nan} if step == 1 else losses)
     report = monitor.report()
     assert (report.steps, report.skipped, monitor.nonfinite_tasks) == (3, 1, ["b"])
@@ -336,7 +316,7 @@ def test_construction_errors():
 
 def test_a_report_of_the_first_format_still_loads(tmp_path):
     model, tasks, batches = scoring_cases()["cnn-bn"]
-    report = _monitored(model, tasks, batches)
+    report = monitored(model, tasks, batches)
     data = {**report.to_dict(), "format": "fxsplit.ConflictReport/1"}
     del data["skipped"]
     path = tmp_path / "old.json"
@@ -371,13 +351,13 @@ def test_a_float16_model_is_scored_in_float32_and_its_grads_stay_float16(between
     graph = fxsplit.layer_graph(model)
     monitor = fxsplit.ConflictMonitor(model, tasks, threshold=[0.0, 0.5], graph=graph)
     for batch, wide in zip(half, batches):
-        losses = _step_losses(model, tasks, batch)
+        losses = step_losses(model, tasks, batch)
         grads = torch.autograd.grad(losses["b"], list(model.parameters()), retain_graph=True)
-        exact = torch.autograd.grad(_step_losses(oracle, tasks, (wide[0].double(),))["b"], list(oracle.parameters()))
+        exact = torch.autograd.grad(step_losses(oracle, tasks, (wide[0].double(),))["b"], list(oracle.parameters()))
         assert all(torch.equal(g.double(), e) for g, e in zip(grads, exact))  # the oracle's gradients are exact
         assert max(g.float().pow(2).sum() for g in grads) > torch.finfo(torch.float16).max  # |g|^2 overflows
         monitor.backward(losses)
-        sum(_step_losses(summed, tasks, batch).values()).backward()
+        sum(step_losses(summed, tasks, batch).values()).backward()
         for p, q in zip(model.parameters(), summed.parameters()):
             assert p.grad.dtype == torch.float16 and torch.equal(p.grad, q.grad)
         if between == "set_to_none":
@@ -402,8 +382,8 @@ def test_a_layer_unfrozen_later_trains_as_the_summed_loss_and_is_left_out_of_the
         if step == 1:  # gradual unfreezing
             for m in (model, twin):
                 m.backbone.inp.requires_grad_(True)
-        monitor.backward(_step_losses(model, tasks, batch))
-        sum(_step_losses(twin, tasks, batch).values()).backward()
+        monitor.backward(step_losses(model, tasks, batch))
+        sum(step_losses(twin, tasks, batch).values()).backward()
         _assert_same_grads(model, twin)
         _step(optimizer, twin_optimizer)
     _assert_same_state(model, twin)
@@ -420,7 +400,7 @@ def test_the_scores_of_a_probe_with_a_layer_unfrozen_later_are_the_first_steps_l
     monitor = fxsplit.ConflictMonitor(model, tasks)
     for step, batch in enumerate(batches):
         model.backbone.inp.requires_grad_(step > 0)
-        monitor.backward(_step_losses(model, tasks, batch), update_grad=False)
+        monitor.backward(step_losses(model, tasks, batch), update_grad=False)
     report = monitor.report()
     del model.spare  # the plain loop differentiates every parameter: all trainable, all used
     expected = reference(model, tasks, batches, report.graph.subgraph(report.layers), [0.0])[0.0]
@@ -436,8 +416,8 @@ def test_a_layer_frozen_later_gets_no_grad_and_a_scored_one_is_a_typed_error():
         if step == 1:  # a head only task 'a' reaches: left out, so freezing it changes no score
             for m in (model, twin):
                 m.heads.a.requires_grad_(False)
-        monitor.backward(_step_losses(model, tasks, batch))
-        sum(_step_losses(twin, tasks, batch).values()).backward()
+        monitor.backward(step_losses(model, tasks, batch))
+        sum(step_losses(twin, tasks, batch).values()).backward()
         _assert_same_grads(model, twin)
         model.zero_grad()
         twin.zero_grad()
@@ -445,7 +425,7 @@ def test_a_layer_frozen_later_gets_no_grad_and_a_scored_one_is_a_typed_error():
     before = snapshot(model)
     with pytest.raises(fxsplit.ScoringError, match=r"'backbone\.mid\.bias' of the scored layer 'backbone\.mid' no "
                                                    r"longer requires grad.*monitor\.report\(\) before freezing it"):
-        monitor.backward(_step_losses(model, tasks, batches[2]))
+        monitor.backward(step_losses(model, tasks, batches[2]))
     assert_unchanged(model, before)
     assert monitor.report().steps == 2
 
@@ -453,12 +433,12 @@ def test_a_layer_frozen_later_gets_no_grad_and_a_scored_one_is_a_typed_error():
 def test_requires_grad_changed_between_micro_batches_of_a_step_is_a_typed_error():
     model, tasks, batches = _spare_model()
     monitor = fxsplit.ConflictMonitor(model, tasks)
-    monitor.backward(_step_losses(model, tasks, batches[0]), accumulate=True)
+    monitor.backward(step_losses(model, tasks, batches[0]), accumulate=True)
     model.backbone.inp.requires_grad_(True)
     with pytest.raises(fxsplit.ScoringError, match=r"'backbone\.inp\.weight' .*changed between micro-batches"):
-        monitor.backward(_step_losses(model, tasks, batches[1]))
+        monitor.backward(step_losses(model, tasks, batches[1]))
     model.backbone.inp.requires_grad_(False)
-    monitor.backward(_step_losses(model, tasks, batches[1]))  # the failed step was dropped whole
+    monitor.backward(step_losses(model, tasks, batches[1]))  # the failed step was dropped whole
     assert monitor.report().steps == 1
 
 
@@ -480,8 +460,8 @@ def test_a_grad_the_user_kept_never_changes_once_let_go(how):
     for batch in batches:
         held = {name for name, p in model.named_parameters() if name in kept and p.grad is kept[name]}
         values = {name: grad.clone() for name, grad in kept.items()}
-        monitor.backward(_step_losses(model, tasks, batch))
-        sum(_step_losses(twin, tasks, batch).values()).backward()
+        monitor.backward(step_losses(model, tasks, batch))
+        sum(step_losses(twin, tasks, batch).values()).backward()
         for name, grad in kept.items():  # what .grad still is accumulates, as autograd accumulates into it
             assert torch.equal(grad, values[name]) == (name not in held), name
         _assert_same_grads(model, twin)
@@ -577,10 +557,10 @@ def test_reentrant_checkpoint_is_a_typed_error_for_backward_and_exact_by_the_per
     monitor = fxsplit.ConflictMonitor(model, tasks, graph=graph)
     with pytest.raises(fxsplit.ScoringError, match=r"_Checkpointed runs torch\.utils\.checkpoint with "
                                                    r"use_reentrant=True.*use_reentrant=False.*monitor\.task"):
-        monitor.backward(_step_losses(model, tasks, batches[0]))
+        monitor.backward(step_losses(model, tasks, batches[0]))
     assert all(p.grad is None for p in model.parameters())
     sgd = dict(lr=0.1, momentum=0.9)
-    report = _monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), **sgd), hooks=True, graph=graph)
+    report = monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), **sgd), hooks=True, graph=graph)
     stem = list(plain.stem.parameters())  # the plain loop differentiates every parameter: a frozen stem keeps lr 0
     optimizer = torch.optim.SGD([{"params": stem, "lr": 0.0 if frozen_stem else 0.1},
                                  {"params": [p for p in plain.parameters() if all(p is not q for q in stem)]}], **sgd)
@@ -595,8 +575,8 @@ def test_non_reentrant_checkpoint_is_scored_by_backward_as_without_it():
     plain = copy.deepcopy(model)
     plain.reentrant = None
     graph = fxsplit.layer_graph(plain)
-    report = _monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), lr=0.1), graph=graph)
-    expected = _monitored(plain, tasks, batches, torch.optim.SGD(plain.parameters(), lr=0.1), graph=graph)
+    report = monitored(model, tasks, batches, torch.optim.SGD(model.parameters(), lr=0.1), graph=graph)
+    expected = monitored(plain, tasks, batches, torch.optim.SGD(plain.parameters(), lr=0.1), graph=graph)
     assert report.counts == expected.counts and report.layers == expected.layers
     _assert_same_state(model, plain)
 
@@ -627,14 +607,14 @@ def test_sparse_embedding_gradients_are_scored_dense_and_grad_stays_sparse(hooks
     optimizer, summed_optimizer = (torch.optim.SGD(m.parameters(), lr=0.02) for m in (model, summed))
     monitor = fxsplit.ConflictMonitor(model, tasks, graph=graph)
     for k, batch in enumerate(batches):
-        losses = _step_losses(model, tasks, batch)
+        losses = step_losses(model, tasks, batch)
         if hooks:
             for j, (task, loss) in enumerate(losses.items()):
                 with monitor.task(task, accumulate=k == 0):  # the first two batches are one accumulated step
                     loss.backward(retain_graph=j == 0)
         else:
             monitor.backward(losses, accumulate=k == 0)
-        sum(_step_losses(summed, tasks, batch).values()).backward()
+        sum(step_losses(summed, tasks, batch).values()).backward()
         if k == 0:
             continue
         _assert_same_grads(model, summed)
@@ -686,8 +666,8 @@ def test_complex_parameters_are_scored_by_the_real_cosine_and_get_complex_grads(
     monitor = fxsplit.ConflictMonitor(model, tasks, threshold=[0.0, 0.3], graph=graph)
     optimizer, summed_optimizer = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, summed))
     for batch in batches:
-        monitor.backward(_step_losses(model, tasks, batch))
-        sum(_step_losses(summed, tasks, batch).values()).backward()
+        monitor.backward(step_losses(model, tasks, batch))
+        sum(step_losses(summed, tasks, batch).values()).backward()
         assert model.mix.weight.grad.dtype == torch.complex128
         _assert_same_grads(model, summed)
         _step(optimizer, summed_optimizer)
@@ -707,8 +687,50 @@ def test_a_sparse_gradient_an_aggregator_combines_is_given_dense():
     tasks = {"a": lambda out, batch: out["a"].pow(2).sum(), "b": lambda out, batch: out["b"].sin().sum()}
     batch = (torch.randint(0, 20, (6, 4)),)
     monitor = fxsplit.ConflictMonitor(model, tasks, aggregator=lambda jacobian: jacobian.sum(0))  # the plain sum
-    monitor.backward(_step_losses(model, tasks, batch))
-    sum(_step_losses(summed, tasks, batch).values()).backward()
+    monitor.backward(step_losses(model, tasks, batch))
+    sum(step_losses(summed, tasks, batch).values()).backward()
     assert model.embedding.weight.grad.layout == torch.strided and summed.embedding.weight.grad.is_sparse
     for (name, p), q in zip(model.named_parameters(), summed.parameters()):
         torch.testing.assert_close(p.grad, q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_on_step_hooks_get_every_steps_figures_as_the_report_counts_them():
+    model, tasks, batches = scoring_cases()["cnn-3-tasks"]
+    thresholds = [0.0, -0.05]
+    seen, steps = [], []
+    report = monitored(model, tasks, batches, threshold=thresholds,
+                       on_step=[seen.append, lambda figures: steps.append(figures.step)])
+    assert steps == [figures.step for figures in seen] == list(range(len(batches)))
+    assert all(figures.layers == report.layers and list(map(list, figures.pairs)) == report.pairs for figures in seen)
+    assert torch.stack([figures.conflicts for figures in seen]).sum(0).tolist() == report.counts
+    assert torch.stack([figures.whole for figures in seen]).tolist() == report.whole_cosine
+    assert torch.stack([figures.conflicting_pairs() for figures in seen]).tolist() == \
+        [[sum(cosine < t for cosine in step) / len(step) for t in thresholds] for step in report.whole_cosine]
+    layer_means = torch.stack([figures.layer_cosine() for figures in seen]).mean(0).tolist()
+    pair_means = [[c for c in row if c is not None] for row in report.mean_cosine]
+    assert layer_means == pytest.approx([sum(row) / len(row) for row in pair_means], rel=1e-12)
+
+
+def test_a_step_not_scored_hands_over_nan_figures_and_no_conflicts():
+    net = nn.Linear(3, 2)
+    seen = []
+    monitor = fxsplit.ConflictMonitor(net, ["a", "b"], on_step=seen.append)
+    out = net(torch.randn(4, 3))
+    monitor.backward({"a": out[:, 0].sum() * math.inf, "b": out[:, 1].sum()})
+    (figures,) = seen
+    assert not figures.scored and not figures.conflicts.any()
+    assert figures.conflicting_pairs().isnan().all() and figures.layer_cosine().isnan().all()
+    with pytest.raises(fxsplit.FxsplitError, match="on_step takes a function of the step's figures"):
+        fxsplit.ConflictMonitor(net, ["a", "b"], on_step=[print, "not a function"])
+
+
+def test_retain_graph_leaves_the_losses_graph_to_the_loops_own_backward():
+    model, tasks, batches = scoring_cases()["cnn-bn"]
+    twin = copy.deepcopy(model)
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    losses = step_losses(model, tasks, batches[0])
+    monitor.backward(losses, update_grad=False, retain_graph=True)
+    sum(losses.values()).backward()
+    sum(step_losses(twin, tasks, batches[0]).values()).backward()
+    _assert_same_grads(model, twin)
+    assert monitor.report().steps == 1

@@ -57,11 +57,13 @@ def test_train_equals_plain_adam_loop_and_logs_each_epoch(capsys):
     assert report.steps == 3 * 2 and report.thresholds == [0.0, -0.5] and report.layers == ["backbone.0"]
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "training toy (3 epochs of 2 steps)"
-    epochs = [re.fullmatch(r"  toy: epoch (\d)/3, mean loss a (\S+), b (\S+) \(\d+ s\)", line) for line in lines[1:]]
+    epochs = [re.fullmatch(r"  toy: epoch (\d)/3, mean loss a (\S+), b (\S+), conflicting task pairs (\S+) "
+                           r"\(cos < 0\) \(\d+ s\)", line) for line in lines[1:]]
     assert len(epochs) == 3 and all(epochs)
     for epoch, (match, want) in enumerate(zip(epochs, means), 1):
         assert int(match[1]) == epoch
         assert (float(match[2]), float(match[3])) == (round(want["a"], 3), round(want["b"], 3))
+    assert epochs[-1][4] == f"{report.conflict_rate(0.0)[('a', 'b')]:.1%}"  # the share over the whole run
 
 
 @pytest.mark.parametrize("method", ["PCGrad", "CAGrad", "UPGrad"])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..progress import ConflictShare
 from ..report import ConflictReport
 from ..scoring import ConflictMonitor
 from ..scoring.methods import Aggregator, aggregator_of
@@ -64,7 +65,8 @@ def train(model: nn.Module, data: Dataset, tasks: Sequence[str], training: Train
     ``method``: a torchjd aggregator's class name (``"UPGrad"``): the shared parameters step on its combination of
     the task gradients, each task's own parameters on that task's gradient; ``None``: the summed losses' gradient.
     ``progress``: ``None`` shows a progress bar when stderr is a terminal and otherwise prints a line per epoch
-    with the mean task losses; ``True`` always shows the bar; ``False`` prints nothing.
+    with the mean task losses and the share of conflicting task pairs so far; ``True`` always shows the bar;
+    ``False`` prints nothing.
 
     >>> from fxsplit.datasets import MultiDigits
     >>> class Toy(nn.Module):
@@ -89,7 +91,9 @@ def train(model: nn.Module, data: Dataset, tasks: Sequence[str], training: Train
     if progress is not False:
         print(f"training {name} ({training.epochs} epochs of {len(loader)} steps)", file=sys.stderr, flush=True)
     losses_of = task_losses(tasks)
-    monitor = ConflictMonitor(model, tasks, threshold=list(training.thresholds), aggregator=aggregator(method))
+    share = ConflictShare()  # read once an epoch
+    monitor = ConflictMonitor(model, tasks, threshold=list(training.thresholds), aggregator=aggregator(method),
+                              on_step=share if progress is not False else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=training.lr)
     started = time.perf_counter()
     with tqdm(total=training.epochs * len(loader), desc=name, unit="step", disable=not bar) as steps:
@@ -107,8 +111,9 @@ def train(model: nn.Module, data: Dataset, tasks: Sequence[str], training: Train
                 steps.update()
             if progress is not False and not bar:
                 means = ", ".join(f"{task} {float(total) / len(loader):.3f}" for task, total in sums.items())
-                print(f"  {name}: epoch {epoch}/{training.epochs}, mean loss {means} "
-                      f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+                print(f"  {name}: epoch {epoch}/{training.epochs}, mean loss {means}, conflicting task pairs "
+                      f"{share.read():.1%} (cos < {training.thresholds[0]:g}) ({time.perf_counter() - started:.0f} s)",
+                      file=sys.stderr, flush=True)
     return monitor.report()
 
 

@@ -3,9 +3,11 @@ inside any training loop (``ConflictMonitor``; ``fxsplit.analyze`` is a loop ove
 
 rows (per-task gradient rows) -> scope (which layers are scored) -> counter (conflict counts on the device), and
 grads (the step's update into ``.grad``); checks (what the user hands in), distributed (reductions across
-processes) and methods (torchjd aggregators) serve the monitor.
+processes) and methods (torchjd aggregators) serve the monitor; figures (``StepFigures``) is what it hands to its
+per-step hooks.
 """
 
+from .figures import StepFigures
 from .monitor import ConflictMonitor
 
-__all__ = ["ConflictMonitor"]
+__all__ = ["ConflictMonitor", "StepFigures"]

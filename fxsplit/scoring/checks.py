@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.utils.checkpoint
@@ -31,6 +31,15 @@ def thresholds(threshold) -> list[float]:
     if not values or bad:
         raise FxsplitError(f"threshold must be a cosine in [-1, 1] (or a list of them), got {threshold!r}.")
     return [float(v) for v in dict.fromkeys(values)]
+
+
+def step_hooks(on_step) -> tuple[Callable, ...]:
+    """The monitor's ``on_step`` hooks as a tuple: ``None``, one callable, or an iterable of them."""
+    hooks = () if on_step is None else (on_step,) if callable(on_step) else tuple(on_step)
+    bad = [hook for hook in hooks if not callable(hook)]
+    if bad:
+        raise FxsplitError(f"on_step takes a function of the step's figures, or several; got {bad[0]!r}.")
+    return hooks
 
 
 def loss_value(task: str, value) -> torch.Tensor:

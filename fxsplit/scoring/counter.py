@@ -58,18 +58,21 @@ class ConflictCounter:
         self.whole: list[torch.Tensor] = []
         self.finite: list[torch.Tensor] = []
 
-    def update(self, gram: torch.Tensor, finite: torch.Tensor) -> None:
+    def update(self, gram: torch.Tensor, finite: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add one step: ``gram`` is ``(layers + 1, tasks * tasks)`` float64, the flattened Gram matrices of the
         task gradients on each layer and on all of them; ``finite`` a bool scalar, whether the step's gradients
-        were."""
+        were. Returns the step's cosines ``(layers + 1, pairs)`` and what it added to the counts
+        ``(thresholds, layers + 1, pairs)``, still on the device."""
         cosine = self._cosines(gram)
         scored = torch.bitwise_and(self.valid, finite)
-        self.counts.add_(torch.bitwise_and(torch.lt(cosine, self.thresholds), scored))
+        conflicts = torch.bitwise_and(torch.lt(cosine, self.thresholds), scored)
+        self.counts.add_(conflicts)
         self.cosine_sum.add_(torch.where(scored, cosine, self.zero))
         bins = torch.where(scored, torch.searchsorted(self.edges, cosine, right=True), self.overflow)
         self.histogram.scatter_add_(1, bins, self.one)
         self.whole.append(cosine[-1])
         self.finite.append(finite)
+        return cosine, conflicts
 
     def tally(self) -> Tally:
         whole = torch.stack(self.whole) if self.whole else self.cosine_sum.new_zeros(0, self.valid.shape[1])

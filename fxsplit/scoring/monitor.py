@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+import itertools
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -16,6 +17,7 @@ from ..report import ConflictReport
 from . import checks
 from .counter import ConflictCounter
 from .distributed import check_not_sharded, reduction, unwrap
+from .figures import StepFigures
 from .grads import GradWriter
 from .methods import Aggregator, aggregate, aggregator_of
 from .rows import GradientRows
@@ -93,6 +95,10 @@ class ConflictMonitor:
             step: every rank scores the global batch) or ``"local"`` (every rank scores its own gradients, the
             counts are summed in :meth:`report`); either way ``.grad`` ends as DDP's mean over ranks.
         group: the process group (default: the whole world).
+        on_step: a function, or several, called with the :class:`~fxsplit.StepFigures` of every completed
+            optimizer step (a logger, a progress display). The figures are tensors on the device: reading one waits
+            for it, so gather them and read once per logging interval (the TensorBoard logger of
+            ``fxsplit.integrations.tensorboard`` does).
 
     Under real training:
 
@@ -143,6 +149,7 @@ class ConflictMonitor:
         scaler: torch.amp.GradScaler | None = None,
         distributed: str = "global",
         group=None,
+        on_step: Callable[[StepFigures], object] | Iterable[Callable[[StepFigures], object]] | None = None,
     ):
         self.model = unwrap(model)
         self._ddp = model if model is not self.model else None
@@ -153,6 +160,8 @@ class ConflictMonitor:
         self.aggregator = aggregator_of(aggregator)
         self.scaler = scaler
         self._reduction = reduction(distributed, group)
+        self._on_step = checks.step_hooks(on_step)
+        self._completed = 0  # optimizer steps completed, scored or not
         named = list(self.model.named_parameters())  # every parameter, frozen ones too: they may be unfrozen
         check_not_sharded(named)
         self._names = [name for name, _ in named]
@@ -175,7 +184,7 @@ class ConflictMonitor:
     # --- the two ways in ------------------------------------------------------------------------------------------
 
     def backward(self, losses: Mapping[str, torch.Tensor], *, accumulate: bool = False,
-                 update_grad: bool = True) -> None:
+                 update_grad: bool = True, retain_graph: bool = False) -> None:
         """Each task's gradient by its own autograd pass, in place of ``sum(losses.values()).backward()``.
 
         Args:
@@ -184,6 +193,8 @@ class ConflictMonitor:
                 gradients are added up, and the step is scored, and ``.grad`` updated, by the first call without
                 ``accumulate``.
             update_grad: ``False`` scores only and leaves every ``.grad`` as it is.
+            retain_graph: keep the losses' graph after the last task's pass (as autograd's ``retain_graph``), for
+                a backward of the loop's own that follows.
         """
         self._check_no_open_step()
         values = self._values(losses)
@@ -191,7 +202,7 @@ class ConflictMonitor:
             checks.no_reentrant_checkpoint(self.model, values)
             params = self._open_step().layout.rows.params
             for t, value in enumerate(values):
-                self._capture(t, self._grads(params, value, retain_graph=t < len(values) - 1))  # freed before the next
+                self._capture(t, self._grads(params, value, retain_graph or t < len(values) - 1))
             self._complete(accumulate, update_grad)
 
     def _grads(self, params: list[torch.Tensor], loss: torch.Tensor,
@@ -287,8 +298,7 @@ class ConflictMonitor:
                                                                 self._outside_reach, self.tasks)
         return ConflictReport(
             tasks=list(self.tasks), thresholds=list(self.thresholds), layers=list(scope.layers),
-            pairs=[[self.tasks[i], self.tasks[j]] for i, j in zip(self._counter.first.tolist(),
-                                                                   self._counter.second.tolist())],
+            pairs=[list(pair) for pair in self._pairs],
             counts=tally.counts.cpu().tolist(), mean_cosine=mean, histogram=tally.histogram.cpu().tolist(),
             whole_cosine=tally.whole.cpu()[finite].tolist(), steps=steps, reach={**scope.reach, **outside_reach},
             left_out={**scope.left_out, **scope.unfrozen(self._trained_names()), **outside_left_out}, graph=graph,
@@ -395,10 +405,24 @@ class ConflictMonitor:
         grams = layout.rows.grams()
         finite = torch.lt(grams.sum(0).index_select(0, self._diagonal), layout.infinity)  # per task: |gradient|^2
         self._finite.bitwise_and_(finite)
-        self._counter.update(layout.layer_grams(grams).double(), finite.all())
+        scored = finite.all()
+        cosine, conflicts = self._counter.update(layout.layer_grams(grams).double(), scored)
         if update_grad:
             self._update_grad(step)
         self._step = None
+        self._completed += 1
+        if self._on_step:
+            self._hand_over(cosine, conflicts, scored)
+
+    def _hand_over(self, cosine: torch.Tensor, conflicts: torch.Tensor, scored: torch.Tensor) -> None:
+        """Give the step's figures to the ``on_step`` hooks, as they lie on the device."""
+        counter = self._counter
+        figures = StepFigures(
+            step=self._completed - 1, layers=self._scope.layers, pairs=self._pairs, thresholds=self.thresholds,
+            cosine=cosine[:-1], valid=counter.valid[:-1], whole=cosine[-1], conflicts=conflicts[:, :-1],
+            scored=scored, limits=counter.thresholds.view(-1, 1))
+        for hook in self._on_step:
+            hook(figures)
 
     def _fit_layout(self, step: _Step) -> None:
         """At a layout's first scored step: which tasks use the parameters that train for the first time (the
@@ -421,6 +445,7 @@ class ConflictMonitor:
         self._scope = ScoredLayers(self.graph, trainable, self.tasks, reached, self._owners)
         self._layer_of = self._scope.layer_of()
         self._counter = ConflictCounter(self._scope.reach_matrix(device), self.thresholds, self.bins)
+        self._pairs = list(itertools.combinations(self.tasks, 2))  # in the counter's order
         self._finite = torch.ones(len(self.tasks), dtype=torch.bool, device=device)  # per task, at every step so far
         self._diagonal = torch.arange(len(self.tasks), device=device) * (len(self.tasks) + 1)
 
