@@ -49,6 +49,18 @@ class Reversed(nn.Module):
         return self.outer(torch.tanh(ReverseGradient.apply(self.inner(x))))
 
 
+class Moded(nn.Module):
+    """A layer whose code reads its own mode (tracing goes through it): doubled in train mode."""
+
+    def __init__(self, width: int = WIDTH):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h * 2 if self.training else h
+
+
 class Block(nn.Module):
     def __init__(self):
         super().__init__()
@@ -106,15 +118,19 @@ class InferenceTeacher(nn.Module):
         return self.mix(self.student(x) + target.clone())
 
 
-class InplaceAfterLinear(nn.Module):
-    """The Recon authors' ResNet style: ``F.relu(h, inplace=True)`` right after a layer (here a shared one that
-    batched branches run once)."""
+class Chain(nn.Module):
+    """Three linear layers, ``first`` to ``third``, for the patterns below to connect."""
 
     def __init__(self):
         super().__init__()
         self.first = nn.Linear(4, WIDTH)
         self.second = nn.Linear(WIDTH, WIDTH)
         self.third = nn.Linear(WIDTH, WIDTH)
+
+
+class InplaceAfterLinear(Chain):
+    """The Recon authors' ResNet style: ``F.relu(h, inplace=True)`` right after a layer (here a shared one that
+    batched branches run once)."""
 
     def forward(self, x):
         h = self.second(self.first(x))
@@ -152,15 +168,9 @@ class InplaceInput(nn.Module):
         return self.second(self.first(x))
 
 
-class RowSelection(nn.Module):
+class RowSelection(Chain):
     """Keeps the rows whose first feature is positive (kept tokens, proposals), then pools them: how many rows a
     branch keeps depends on its copies."""
-
-    def __init__(self):
-        super().__init__()
-        self.first = nn.Linear(4, WIDTH)
-        self.second = nn.Linear(WIDTH, WIDTH)
-        self.third = nn.Linear(WIDTH, WIDTH)
 
     def forward(self, x):
         h = self.second(self.first(x))

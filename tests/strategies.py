@@ -15,34 +15,12 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from tests.patterns import Moded, ReverseGradient
+
 WIDTH, TOKENS = 8, 3
 UNARY = ("linear", "layernorm", "batchnorm", "attention", "reuse", "gelu_linear", "function", "gradient_hook",
          "forward_hook", "mode")
 BINARY = ("add", "cat_project", "chunk_mix", "inplace_add", "param_add", "select_rows")
-
-
-class HalveGradient(torch.autograd.Function):
-    """Identity forward; backward halves the gradient and flips its sign."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return -0.5 * grad
-
-
-class Moded(nn.Module):
-    """A layer whose code reads its own mode (tracing goes through it)."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(WIDTH, WIDTH)
-
-    def forward(self, x):
-        h = self.linear(x)
-        return h * 1.5 if self.training else h
 
 
 class Program(nn.Module):
@@ -67,7 +45,7 @@ class Program(nn.Module):
             if kind in ("linear", "layernorm", "reuse", "gelu_linear", "forward_hook", "mode"):
                 out = block(a)
             elif kind == "function":
-                out = HalveGradient.apply(block(a))
+                out = ReverseGradient.apply(block(a))
             elif kind == "gradient_hook":
                 out = block(a)
                 out.register_hook(lambda grad: grad * 3)
@@ -103,7 +81,7 @@ def _module(kind: str) -> nn.Module:
         linear.register_forward_hook(lambda module, args, out: out * 0.5)
         return linear
     if kind == "mode":
-        return Moded()
+        return Moded(WIDTH)
     if kind == "layernorm":
         return nn.LayerNorm(WIDTH)
     if kind == "batchnorm":

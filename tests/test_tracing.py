@@ -9,6 +9,7 @@ from torch import nn
 import fxsplit
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
 from tests.mtan import MTAN
+from tests.patterns import Moded
 
 
 class DataDependent(nn.Module):
@@ -26,16 +27,6 @@ class Wrapper(nn.Module):
 
     def forward(self, x):
         return self.inner(self.lin(x))
-
-
-class ModeDependent(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-
-    def forward(self, x):
-        x = self.lin(x)
-        return x * 2 if self.training else x
 
 
 def test_node_paths_are_dotted_module_paths():
@@ -111,7 +102,7 @@ def test_timm_registry_makes_leaves():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_code_that_reads_the_mode_gets_a_graph_per_mode(training):
-    model = ModeDependent().train(training)
+    model = Moded(4).train(training)
     x = torch.randn(3, 4)
     gm = fxsplit.trace(model, x)
     assert gm.has_two_graphs and gm.training == training

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import fxsplit
+from tests.patterns import Moded
 
 
 class DropPath(nn.Module):
@@ -28,18 +29,6 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.drop_prob)
 
 
-class Doubling(nn.Module):
-    """Code that reads its own mode: traced through, it is fixed in the graph."""
-
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(8, 8)
-
-    def forward(self, x):
-        h = self.linear(x)
-        return h * 2 if self.training else h
-
-
 class Scheduled(nn.Module):
     """An epoch the training loop sets (``model.epoch = e``) that forward reads; a note it never reads."""
 
@@ -47,7 +36,7 @@ class Scheduled(nn.Module):
         super().__init__()
         self.epoch, self.note = 0, "untouched"
         self.stem = nn.Linear(4, 8)
-        self.body = Doubling()
+        self.body = Moded()
         self.drop = DropPath()
         self.heads = nn.ModuleDict({"a": nn.Linear(8, 2), "b": nn.Linear(8, 2)})
 
@@ -107,7 +96,7 @@ def test_stand_ins_keep_the_models_classes_attributes_and_modes_and_still_export
     model, split, x = _split("fx")
     traced = fxsplit.trace(model, x)
     for module in (traced, split):
-        assert type(module.body) is Doubling and module.body.training and "Doubling" in str(module)
+        assert type(module.body) is Moded and module.body.training and "Moded" in str(module)
     assert type(split.drop) is DropPath  # the split keeps even what no graph calls
     assert traced.body.linear.weight is model.body.linear.weight  # a view: the model's own tensors
     assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
