@@ -102,3 +102,22 @@ def test_stand_ins_keep_the_models_classes_attributes_and_modes_and_still_export
     assert sum(p.numel() for p in traced.parameters()) == sum(p.numel() for p in model.parameters())
     fxsplit.export(split, tmp_path / "split.pt", x)
     fxsplit.export(split, tmp_path / "split.pt2", x)
+
+
+def test_a_list_the_graph_read_counts_as_changed_when_changed_in_place():
+    class Indexed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.order = [0, 1]
+            self.heads = nn.ModuleDict({"a": nn.Linear(4, 2), "b": nn.Linear(4, 2)})
+
+        def forward(self, x):
+            x = x[:, self.order[0]:self.order[1] + 3]
+            return {task: head(x) for task, head in self.heads.items()}
+
+    split = fxsplit.rewrite(Indexed(), [], tasks=["a", "b"])
+    x = torch.randn(2, 4)
+    split(x)
+    split.order.append(2)
+    with pytest.raises(fxsplit.StaleGraphError, match=r"order is \[0, 1, 2\]"):
+        split(x)

@@ -17,7 +17,7 @@ from torch import fx, nn
 from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
-from .frozen import first_change, stale, stand_in
+from .frozen import first_change, stale, stand_in, watched
 from .symbolic import torch_layer
 
 
@@ -75,8 +75,10 @@ class DualGraphModule(fx.GraphModule):
 
     def _check_frozen(self) -> None:
         """Stop before running a graph that holds a Python value which has changed since tracing."""
-        reads = self.meta.get("frozen", {}).get(self.training, ())  # one graph may serve both modes
-        change = first_change(reads, self._frozen_targets) if reads else None
+        watches = self.__dict__.setdefault("_frozen_watch", {})  # resolved once: the check runs every call
+        if self.training not in watches:  # one graph may serve both modes: the reads are the mode's
+            watches[self.training] = watched(self.meta.get("frozen", {}).get(self.training, ()), self._frozen_targets)
+        change = first_change(watches[self.training])
         if change is not None:
             raise stale(*change, self.training, self.meta.get("route", "fx"))
 

@@ -16,6 +16,7 @@ plain attributes and mode, and the children the graph uses. It is never called; 
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -78,8 +79,8 @@ def _recorder(cls: type) -> type | None:
         def __getattribute__(self, name):
             value = super(recorder, self).__getattribute__(name)
             if _recording is not None and name[0] != "_" and plain(value) and \
-                    name in object.__getattribute__(self, "__dict__"):
-                _recording.setdefault((id(self), name), value)
+                    name in object.__getattribute__(self, "__dict__") and (id(self), name) not in _recording:
+                _recording[id(self), name] = copy.deepcopy(value)  # a list changed in place is a change
             return value
 
         try:
@@ -92,15 +93,22 @@ def _recorder(cls: type) -> type | None:
     return _classes[cls]
 
 
-def first_change(reads: Iterable[Read], targets: Callable[[str], list[nn.Module]]) -> tuple[str, Any, Any] | None:
-    """``(where, value now, value read)`` for the first read whose attribute has another value now on a module
-    that ``targets(path)`` gives (an attribute no such module holds is taken as unchanged), else ``None``."""
+Watch = list[tuple[nn.Module, str, str, Any]]  # module, its path, attribute, the value read
+
+
+def watched(reads: Iterable[Read], targets: Callable[[str], list[nn.Module]]) -> Watch:
+    """The attributes to compare before a call: each read, on every module that ``targets(path)`` gives."""
+    return [(module, path, name, value) for path, name, value in reads for module in targets(path)]
+
+
+def first_change(watch: Watch) -> tuple[str, Any, Any] | None:
+    """``(where, value now, value read)`` for the first watched attribute whose value changed (one the module no
+    longer holds is taken as unchanged), else ``None``."""
     missing = object()
-    for path, name, value in reads:
-        for module in targets(path):
-            now = module.__dict__.get(name, missing)
-            if now is not missing and now != value:
-                return f"{path + '.' if path else ''}{name}", now, value
+    for module, path, name, value in watch:
+        now = module.__dict__.get(name, missing)
+        if now is not missing and now != value:
+            return f"{path + '.' if path else ''}{name}", now, value
     return None
 
 
