@@ -31,7 +31,7 @@ _OWN = frozenset(vars(nn.Module())) - {"training"}  # what an nn.Module keeps fo
 STAND_IN = "_fxsplit_stand_in"
 Read = tuple[str, str, Any]  # module path, attribute, the value read
 
-_recording: dict[tuple[int, str], Any] | None = None  # (id of module, attribute) -> value, while recording
+_recording: dict[tuple[int, str], tuple[Any, Any]] | None = None  # (id of module, attribute) -> (value, a copy)
 _classes: dict[type, type] = {}
 
 
@@ -67,10 +67,10 @@ def recording_reads(root: nn.Module) -> Iterator[list[Read]]:
         for module, cls in swapped:
             module.__class__ = cls
         owners = {id(module): module for module, _ in swapped}
-        for (owner, name), value in seen.items():
+        for (owner, name), (value, copied) in seen.items():
             if owner in paths:
-                reads.append((paths[owner], name, value))
-                owners[owner].__dict__[name] = value
+                reads.append((paths[owner], name, copied))
+                owners[owner].__dict__[name] = value  # the object read: what forward added to it is undone apart
 
 
 def _recorder(cls: type) -> type | None:
@@ -80,7 +80,7 @@ def _recorder(cls: type) -> type | None:
             value = super(recorder, self).__getattribute__(name)
             if _recording is not None and name[0] != "_" and plain(value) and \
                     name in object.__getattribute__(self, "__dict__") and (id(self), name) not in _recording:
-                _recording[id(self), name] = copy.deepcopy(value)  # a list changed in place is a change
+                _recording[id(self), name] = value, copy.deepcopy(value)  # a list changed in place is a change
             return value
 
         try:
