@@ -184,3 +184,18 @@ class Normalised(nn.Module):
 
 def inputs(batch: int = 6, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(batch, 4, dtype=dtype)
+
+
+class NamedTasks(nn.Module):
+    """Tasks named freely (``"type"``, ``"train"``: names ``nn.Module`` uses itself), so the heads sit in a list, as
+    code that names tasks by strings it reads from a config does: a ``ModuleDict`` cannot hold those keys."""
+
+    def __init__(self, tasks, width: int = WIDTH):
+        super().__init__()
+        self.names = list(tasks)
+        self.trunk = nn.Sequential(nn.Linear(4, width), nn.ReLU(), nn.Linear(width, width))
+        self.heads = nn.ModuleList(nn.Linear(width, 3) for _ in self.names)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {name: head(h) for name, head in zip(self.names, self.heads)}

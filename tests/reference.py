@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import keyword
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,20 @@ def perturb_copies(split, scale: float = 0.1, seed: int = 0) -> None:
                 parameter.add_((noise * (scale * rms if rms > 0 else scale / 10)).to(parameter.dtype))
 
 
+def copies_of(task: str) -> str:
+    """Where a split keeps task ``task``'s copies, by the rule SplitModule documents: ``copies.<task>``, with one
+    more trailing underscore for a name that every ``nn.Module`` has, a keyword, or a name ending in one."""
+    escaped = task in dir(torch.nn.Module()) or keyword.iskeyword(task) or task.endswith("_")
+    return f"copies.{task}_" if escaped else f"copies.{task}"
+
+
 def task_model(model, split, task: str):
     """A copy of the original ``model`` holding what task ``task`` computes with in ``split``: its copies in
     place of the split layers, the split's shared tensors everywhere else."""
     reference = copy.deepcopy(model)
     state = split.state_dict()
     own = reference.state_dict()
-    reference.load_state_dict({name: state.get(f"copies.{task}.{name}", state.get(name, value))
+    reference.load_state_dict({name: state.get(f"{copies_of(task)}.{name}", state.get(name, value))
                                for name, value in own.items()})
     return reference
 
@@ -107,7 +115,7 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
             probe(got).backward()
             reached = set()
             for name, p in reference.named_parameters(remove_duplicate=False):
-                copied = f"copies.{task}.{name}"
+                copied = f"{copies_of(task)}.{name}"
                 twin = split_names.get(copied, split_names.get(name))
                 if twin is None:
                     continue

@@ -10,6 +10,7 @@ from torch import nn
 
 import fxsplit
 from fxsplit.rewrite.streams import join
+from tests.patterns import NamedTasks
 from tests.reference import assert_per_task
 from tests.models import (
     MultiHead, SmallCNN, assert_equivalent, assert_unchanged, count, small_models, snapshot,
@@ -430,3 +431,21 @@ def test_a_hooked_shared_layer_in_the_branches_runs_once_per_branch_with_its_row
     split(x)
     assert seen == [4, 4]  # one call per branch, each with the branch's own rows
     assert _calls(split, "backbone.block2.conv2") == 1  # what has no hook still runs once on the joined branches
+
+
+@pytest.mark.parametrize("tasks, holders", [
+    (("type", "train"), ("type_", "train_")),  # names nn.Module uses itself
+    (("eval", "half", "cuda", "forward"), ("eval_", "half_", "cuda_", "forward_")),
+    (("copies", "class", "None"), ("copies", "class_", "None_")),  # Python keywords name no attribute
+    (("seg", "seg_", "seg__"), ("seg", "seg__", "seg___")),  # a trailing underscore gets one more: no two collide
+])
+def test_every_identifier_names_a_task_and_its_copies_sit_under_a_documented_name(tasks, holders):
+    torch.manual_seed(0)
+    model, x = NamedTasks(tasks), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x)
+    assert split.tasks == tasks
+    assert set(split.copies._modules) == set(holders)
+    for task, holder in zip(tasks, holders):
+        assert split.copy_of(task, "trunk.2") is split.get_submodule(f"copies.{holder}.trunk.2")
+    assert len({id(split.copy_of(task, "trunk.2").weight) for task in tasks}) == len(tasks)
+    assert_per_task(model, split, (x,))
