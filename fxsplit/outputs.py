@@ -7,8 +7,9 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Union
 
 import torch
-from torch.utils._pytree import tree_flatten_with_path
+from torch import fx
 
+from . import structure
 from .errors import TaskError
 
 OutputKey = Union[str, int, tuple]
@@ -19,8 +20,9 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
                outputs: Mapping[str, OutputKey] | None) -> dict[str, Path]:
     """Task -> the key path of its part of ``output`` (the traced output structure, or a real output).
 
-    A mapping output whose keys are the tasks gives each task its key; a single value goes whole to every task;
-    anything else (a tuple, a list, a mapping keyed otherwise) needs ``outputs``: guessing would be silently wrong.
+    A mapping output whose keys are the tasks (or a namedtuple or dataclass whose fields are) gives each task its
+    key; a single value goes whole to every task; anything else (a tuple, a list, a mapping or record keyed
+    otherwise) needs ``outputs``: guessing would be silently wrong. A key is a mapping key, an index or a field.
     """
     if isinstance(tasks, Mapping):
         tasks = list(tasks)
@@ -35,14 +37,15 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
         for task, path in paths.items():
             select(output, path, task)
         return paths
-    if isinstance(output, Mapping):
-        tasks = list(output) if tasks is None else tasks
+    names = _named_parts(output)
+    if names is not None:
+        tasks = list(names) if tasks is None else tasks
         check_tasks(tasks)
-        missing = [task for task in tasks if task not in output]
+        missing = [task for task in tasks if task not in names]
         if missing:
             raise TaskError(
-                f"task(s) {missing} are not keys of the model's output {list(output)}; name tasks after those "
-                f"keys, or say which output is whose: {_outputs_call(tasks, list(output))}."
+                f"task(s) {missing} are not {_what_names(output)} {list(names)}; name tasks after those "
+                f"names, or say which output is whose: {_outputs_call(tasks, list(names))}."
             )
         return {task: (task,) for task in tasks}
     if isinstance(output, (tuple, list)):
@@ -70,7 +73,7 @@ def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Pat
     >>> paths_read(out, {"a": out[0].sum(), "b": out[1]["x"].mean()})
     {'a': (0,), 'b': (1, 'x')}
     """
-    leaves = [(tuple(_plain(key) for key in path), value) for path, value in tree_flatten_with_path(output)[0]
+    leaves = [(path, value) for path, _, value in structure.leaves(output)
               if isinstance(value, torch.Tensor) and value.requires_grad]
     paths = {}
     for task, loss in losses.items():
@@ -78,14 +81,6 @@ def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Pat
         read = [path for (path, _), grad in zip(leaves, grads) if grad is not None]
         paths[task] = _common_prefix(read) if read else ()
     return paths
-
-
-def _plain(key: Any) -> Any:
-    """A pytree key entry as the key or index it stands for."""
-    for attribute in ("key", "idx", "name"):
-        if hasattr(key, attribute):
-            return getattr(key, attribute)
-    return key
 
 
 def _common_prefix(paths: list[Path]) -> Path:
@@ -100,14 +95,36 @@ def select(output: Any, path: Path, task: str) -> Any:
     """The part of ``output`` at ``path``."""
     for key in path:
         try:
-            output = output[key]
+            output = structure.part(output, key)
         except (KeyError, IndexError, TypeError):
-            keys = list(output) if isinstance(output, Mapping) else f"indices 0..{len(output) - 1}" if isinstance(
-                output, (tuple, list)) else f"a single {type(output).__name__}"
             given = path[0] if len(path) == 1 else path
-            raise TaskError(f"outputs[{task!r}] = {given!r}: the model's output has no {key!r} (it has {keys}).") \
-                from None
+            raise TaskError(f"outputs[{task!r}] = {given!r}: the model's output has no {key!r} (it has "
+                            f"{_parts_of(output)}).") from None
     return output
+
+
+def _named_parts(output: Any) -> list | None:
+    """The keys of a mapping output, or the fields of a namedtuple or dataclass one; ``None`` for other outputs."""
+    if isinstance(output, Mapping):
+        return list(output)
+    fields = structure.record_fields(output)
+    return None if fields is None else list(fields)
+
+
+def _what_names(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return "keys of the model's output"
+    return f"fields of the model's output ({structure.record_class(output).__name__})"
+
+
+def _parts_of(output: Any) -> str:
+    """What a part of the output holds, for a message: its keys, fields or indices, or what single value it is."""
+    names = _named_parts(output)
+    if names is not None:
+        return f"{names}" if isinstance(output, Mapping) else f"fields {names}"
+    if isinstance(output, (tuple, list)):
+        return f"indices 0..{len(output) - 1}"
+    return f"a single {'value' if isinstance(output, fx.Node) else type(output).__name__}"
 
 
 def check_tasks(tasks: Collection) -> None:

@@ -7,6 +7,9 @@ Each is a trunk under two task heads (``TwoHeads``): ``trunk.*`` are the shared 
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -199,3 +202,29 @@ class NamedTasks(nn.Module):
     def forward(self, x):
         h = self.trunk(x)
         return {name: head(h) for name, head in zip(self.names, self.heads)}
+
+
+@dataclasses.dataclass
+class SegDepth:
+    """A dataclass output (as detection and dense-prediction code returns them): a field per task."""
+
+    seg: torch.Tensor
+    depth: torch.Tensor
+
+
+SegDepthTuple = collections.namedtuple("SegDepthTuple", "seg depth")
+
+
+class RecordOutput(nn.Module):
+    """A trunk under two heads whose outputs come back as a record (``record(seg, depth)``: a dataclass or a
+    namedtuple), read by field name."""
+
+    def __init__(self, record=SegDepth):
+        super().__init__()
+        self.record = record
+        self.trunk = nn.Sequential(nn.Linear(4, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
+        self.seg, self.depth = nn.Linear(WIDTH, 3), nn.Linear(WIDTH, 2)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return self.record(self.seg(h), self.depth(h))

@@ -6,8 +6,10 @@ contract of a split whose copies trained apart (``assert_per_task``), written in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import keyword
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -79,11 +81,18 @@ def task_model(model, split, task: str):
     return reference
 
 
+def leaves(output) -> list:
+    """The leaves of ``output``, a dataclass's fields among them (pytree takes a dataclass for one leaf)."""
+    if dataclasses.is_dataclass(output) and not isinstance(output, Mapping):
+        return [leaf for field in dataclasses.fields(output) for leaf in leaves(getattr(output, field.name))]
+    return torch.utils._pytree.tree_leaves(output)
+
+
 def probe(output) -> torch.Tensor:
     """A fixed linear function of every floating-point tensor in ``output``: what gradients are compared on."""
-    leaves = [x for x in torch.utils._pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    tensors = [x for x in leaves(output) if isinstance(x, torch.Tensor) and x.is_floating_point()]
     generator = torch.Generator().manual_seed(1234)
-    return sum((x.double() * torch.randn(x.shape, generator=generator, dtype=torch.float64)).sum() for x in leaves)
+    return sum((x.double() * torch.randn(x.shape, generator=generator, dtype=torch.float64)).sum() for x in tensors)
 
 
 def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tolerance: float = 1e-5,
@@ -108,7 +117,8 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
             torch.manual_seed(0)
             got = split(*copy.deepcopy(args))[task]
             assert torch.utils._pytree.tree_structure(got) == torch.utils._pytree.tree_structure(expected), task
-            for e, g in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+            assert type(got) is type(expected) and len(leaves(got)) == len(leaves(expected)), task
+            for e, g in zip(leaves(expected), leaves(got)):
                 assert e.shape == g.shape and e.dtype == g.dtype, (task, e.shape, g.shape)
                 assert relative_error(e.double(), g.double()) <= tolerance, (task, training)
             probe(expected).backward()
@@ -130,6 +140,9 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
 
 
 def _select(output, key):
+    """The part of ``output`` at ``key`` (one key or a tuple of them): a field name reads a dataclass or a
+    namedtuple by attribute."""
     for part in key if isinstance(key, tuple) else (key,):
-        output = output[part]
+        by_name = isinstance(part, str) and not isinstance(output, Mapping)
+        output = getattr(output, part) if by_name else output[part]
     return output

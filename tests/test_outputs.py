@@ -3,6 +3,8 @@ import torch
 
 import fxsplit
 from fxsplit.outputs import paths_read, select, task_paths
+from tests.patterns import RecordOutput, SegDepth, SegDepthTuple
+from tests.reference import assert_per_task
 
 
 def _grad(*shape):
@@ -33,3 +35,54 @@ def test_task_paths_and_select():
         task_paths([1, 2], ["a", "b"], None)
     with pytest.raises(fxsplit.TaskError, match=r"not keys of the model's output \['x', 'y'\].*outputs=\{'a': 'x'"):
         task_paths({"x": 1, "y": 2}, ["a", "b"], None)
+
+
+RECORDS = [SegDepth, SegDepthTuple]
+
+
+@pytest.mark.parametrize("record", RECORDS)
+@pytest.mark.parametrize("choice", [{"outputs": {"seg": "seg", "depth": "depth"}}, {"tasks": ["seg", "depth"]}, {}])
+def test_a_record_output_is_read_by_field(record, choice):
+    torch.manual_seed(0)
+    model, x = RecordOutput(record), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x, **choice)
+    assert split.tasks == ("seg", "depth") and split(x)["depth"].shape == (5, 2)
+    assert_per_task(model, split, (x,), outputs={"seg": "seg", "depth": "depth"})
+
+
+def test_a_namedtuple_field_may_be_named_by_its_index():
+    torch.manual_seed(0)
+    model, x = RecordOutput(SegDepthTuple), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x, outputs={"seg": 0, "depth": 1})
+    assert_per_task(model, split, (x,), outputs={"seg": 0, "depth": 1})
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_analyze_finds_each_tasks_field_and_its_selection_rewrites(record):
+    torch.manual_seed(0)
+    model, x = RecordOutput(record), torch.randn(5, 4)
+    tasks = {"seg": lambda out, batch: out.seg.pow(2).mean(), "depth": lambda out, batch: -out.depth.mean()}
+    report = fxsplit.analyze(model, tasks, [x, torch.randn(5, 4)], progress=False)
+    assert report.outputs == {"seg": ["seg"], "depth": ["depth"]}
+    split = fxsplit.rewrite(model, report.top(2), example_inputs=x)
+    assert split.split_layers == ("trunk.0", "trunk.2")
+    assert_per_task(model, split, (x,), outputs={"seg": "seg", "depth": "depth"})
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_a_whole_record_goes_to_every_task_and_is_compared_field_by_field(record):
+    torch.manual_seed(0)
+    model, x = RecordOutput(record), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x, outputs={"p": (), "q": ()})
+    assert type(split(x)["p"]) is record
+    assert_per_task(model, split, (x,), outputs={"p": (), "q": ()})
+
+
+@pytest.mark.parametrize("record", RECORDS)
+def test_tasks_that_are_not_fields_of_a_record_need_outputs(record):
+    with pytest.raises(fxsplit.TaskError, match=r"\['p', 'q'\] are not fields of the model's output \(Seg.*"
+                                                r"\['seg', 'depth'\].*outputs=\{'p': 'seg', 'q': 'depth'\}"):
+        fxsplit.rewrite(RecordOutput(record), [], tasks=["p", "q"])
+    with pytest.raises(fxsplit.TaskError, match=r"outputs\['p'\] = 'mask': .*no 'mask' \(it has fields "
+                                                r"\['seg', 'depth'\]\)"):
+        fxsplit.rewrite(RecordOutput(record), [], outputs={"p": "mask", "q": "seg"})

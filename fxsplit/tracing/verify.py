@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
+from torch.utils._pytree import tree_map
 
+from .. import structure
 from ..errors import TraceError, TraceMismatchError
 from .symbolic import copy_module
 
@@ -152,7 +153,7 @@ def probe(value: Any) -> torch.Tensor | None:
     """A fixed linear function of every floating-point tensor in ``value`` that has a gradient (each summed with
     fixed random weights, in float64), or ``None`` when none has: what gradients are compared on."""
     total = None
-    for i, leaf in enumerate(tree_flatten(value)[0]):
+    for i, (_, _, leaf) in enumerate(structure.leaves(value)):
         if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.is_floating_point():
             generator = torch.Generator().manual_seed(SEED + i)
             weights = torch.randn(leaf.shape, generator=generator, dtype=torch.float64).to(leaf.device)
@@ -176,16 +177,16 @@ def _gradients(part: Any, parameters: Sequence[torch.Tensor]) -> list[torch.Tens
 def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
     """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``.
 
-    Outputs are matched by key path, so containers of another type with the same keys (an ``OrderedDict`` for a
-    ``dict``) are the same output.
+    Outputs are matched by key path (:mod:`fxsplit.structure`), so containers of another type with the same keys
+    (an ``OrderedDict`` for a ``dict``) are the same output; dataclasses are compared field by field.
     """
-    expected_leaves, got_leaves = tree_flatten_with_path(expected)[0], tree_flatten_with_path(got)[0]
+    expected_leaves, got_leaves = structure.leaves(expected), structure.leaves(got)
     if _keys(expected_leaves) != _keys(got_leaves):
         return "the output structure", f"{_keys(got_leaves)} instead of {_keys(expected_leaves)}"
-    for (path, a), (_, b) in zip(expected_leaves, got_leaves):
+    for (_, shown, a), (_, _, b) in zip(expected_leaves, got_leaves):
         how = difference(a, b)
         if how is not None:
-            return f"output{keystr(path)}", how
+            return f"output{shown}", how
     return None
 
 
@@ -296,4 +297,4 @@ def difference(expected: Any, got: Any, floor: float = 0.0) -> str | None:
 
 
 def _keys(leaves: list) -> list[str]:
-    return [keystr(path) for path, _ in leaves]
+    return [shown for _, shown, _ in leaves]
