@@ -19,7 +19,7 @@ from .report import ConflictReport
 from .scoring import ConflictMonitor
 from .scoring.checks import loss_value, task_names
 from .scoring.methods import Aggregator
-from .tracing import trace_graph
+from .tracing import trace_graph, unwrapped
 from .tracing.verify import check_trace, forwarding
 
 Loss = Callable[[Any, Any], torch.Tensor]
@@ -74,6 +74,7 @@ def analyze(
     >>> list(report.scores) == ["0", "2"] or list(report.scores) == ["2", "0"], report.steps
     (True, 5)
     """
+    model = unwrapped(model)
     losses = _check_tasks(tasks)
     if not (isinstance(every, int) and every >= 1):
         raise FxsplitError(f"every must be a whole number of steps >= 1, got {every!r}.")

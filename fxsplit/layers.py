@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .errors import FxsplitError
-from .tracing import as_example, trace_graph
+from .tracing import as_example, trace_graph, unwrapped
 from .tracing.symbolic import canonical_names, torch_layer
 
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
@@ -165,6 +165,7 @@ def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = N
     >>> list(g.edges), g.nodes["0"]["params"], g.graph["route"]
     ([('0', '1')], 224, 'export')
     """
+    model = unwrapped(model)
     return graph_of(trace_graph(model, tracer_kwargs, method=method, example=as_example(example_inputs,
                                                                                          example_kwargs)))
 

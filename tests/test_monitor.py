@@ -712,3 +712,17 @@ def test_a_sparse_gradient_an_aggregator_combines_is_given_dense():
     assert model.embedding.weight.grad.layout == torch.strided and summed.embedding.weight.grad.is_sparse
     for (name, p), q in zip(model.named_parameters(), summed.parameters()):
         torch.testing.assert_close(p.grad, q.grad.to_dense(), rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_a_data_parallel_model_is_scored_through_its_module():
+    model, tasks, batches = scoring_cases()["cnn-bn"]
+    model.train()
+    reports = []
+    for wrapped in (model, nn.DataParallel(model)):
+        monitor = fxsplit.ConflictMonitor(wrapped, list(tasks))
+        for batch in batches:
+            out = wrapped(batch[0])
+            monitor.backward({t: loss(out, batch) for t, loss in tasks.items()}, update_grad=False)
+        reports.append(monitor.report())
+    assert reports[1].counts == reports[0].counts and reports[1].layers == reports[0].layers
+    assert len(reports[0].layers) > 5

@@ -17,7 +17,7 @@ from ..errors import LayerError, ReportError, unknown_layer
 from ..layers import Layer, attribute, find_layers
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
-from ..tracing import as_example, trace_modes
+from ..tracing import as_example, trace_modes, unwrapped
 from ..tracing.frozen import stand_in
 from ..tracing.symbolic import check_names, copy_module
 from ..tracing.verify import calling
@@ -96,6 +96,7 @@ def rewrite(
     >>> sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in net.parameters())
     72
     """
+    model = unwrapped(model)
     if isinstance(model, SplitModule):
         raise LayerError("model is already split; rewrite the original model with all the layers at once.")
     check_init(init)
