@@ -228,3 +228,21 @@ class RecordOutput(nn.Module):
     def forward(self, x):
         h = self.trunk(x)
         return self.record(self.seg(h), self.depth(h))
+
+
+class OptionalInput(nn.Module):
+    """An input ``forward`` may go without, taken by name (``mask=None``) or through ``**kwargs``, as wrappers that
+    pass keywords on do; without it, ``forward`` takes another path (here: no gating)."""
+
+    def __init__(self, variadic: bool = False):
+        super().__init__()
+        self.variadic = variadic
+        self.trunk = nn.Sequential(nn.Linear(4, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
+        self.heads = nn.ModuleDict({task: nn.Linear(WIDTH, 3) for task in ("a", "b")})
+
+    def forward(self, x, mask=None, **kwargs):
+        h = self.trunk(x)
+        gate = kwargs.get("gate") if self.variadic else mask
+        if gate is not None:
+            h = h * 2  # a path only the call with the input takes
+        return {task: head(h) for task, head in self.heads.items()}

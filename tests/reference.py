@@ -96,13 +96,13 @@ def probe(output) -> torch.Tensor:
 
 
 def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tolerance: float = 1e-5,
-                    modes=(False, True)) -> None:
+                    modes=(False, True), kwargs: dict | None = None) -> None:
     """The contract after the copies train apart: with every copy perturbed independently, each task's output of
     ``split``, and its gradients with respect to every parameter, equal those of the original model with that
     task's copies loaded (``task_model``), in each mode; no task's gradient reaches another task's own parameters.
 
-    ``outputs`` maps tasks to output keys as rewrite takes them (default: the output is keyed by task). Works on
-    copies: neither model changes.
+    ``outputs`` maps tasks to output keys as rewrite takes them (default: the output is keyed by task); ``kwargs``
+    are keyword inputs of the call. Works on copies: neither model changes.
     """
     split = copy.deepcopy(split)
     perturb_copies(split)
@@ -113,9 +113,9 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
             reference = task_model(model, split, task).train(training)
             split.train(training).zero_grad(set_to_none=True)
             torch.manual_seed(0)
-            expected = _select(reference(*copy.deepcopy(args)), keys[task])
+            expected = _select(reference(*copy.deepcopy(args), **copy.deepcopy(kwargs or {})), keys[task])
             torch.manual_seed(0)
-            got = split(*copy.deepcopy(args))[task]
+            got = split(*copy.deepcopy(args), **copy.deepcopy(kwargs or {}))[task]
             assert torch.utils._pytree.tree_structure(got) == torch.utils._pytree.tree_structure(expected), task
             assert type(got) is type(expected) and len(leaves(got)) == len(leaves(expected)), task
             for e, g in zip(leaves(expected), leaves(got)):

@@ -9,7 +9,7 @@ from torch import nn
 import fxsplit
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
 from tests.mtan import MTAN
-from tests.patterns import TwoHeads
+from tests.patterns import OptionalInput, TwoHeads
 from tests.reference import assert_per_task
 
 
@@ -282,3 +282,17 @@ def test_a_distributed_data_parallel_model_is_read_through_its_module(one_proces
     torch.manual_seed(0)
     model = TwoHeads(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8)))
     _assert_read_through_the_wrapper(model, nn.parallel.DistributedDataParallel(model), torch.randn(6, 4))
+
+
+@pytest.mark.parametrize("name", ["mask", "gate"])
+def test_an_optional_input_the_example_gives_must_be_given_to_the_trace_and_the_split(name):
+    torch.manual_seed(0)
+    model, x, given = OptionalInput(variadic=name == "gate"), torch.randn(5, 4), {name: torch.ones(5, 8)}
+    traced = fxsplit.trace(model, x, example_kwargs=given)
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x, example_kwargs=given)
+    assert torch.equal(traced(x, **given)["a"], model(x, **given)["a"])
+    assert_per_task(model, split, (x,), kwargs=given)
+    for module in (traced, split, copy.deepcopy(split)):
+        with pytest.raises(fxsplit.TraceError, match=rf"traced with {name} given \(the example gave it\).*give "
+                                                     rf"{name} in every call"):
+            module(x)

@@ -141,7 +141,8 @@ def rewrite(
     _keep_the_rest(split, root, [m for layer in members.values() for m in layer])
     split._surgery = Surgery(tuple(paths), tuple(split_layers), members, _owners(split, uses, tuple(paths)),
                              _plain_attributes(split, root), *route)
-    split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}))
+    split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}),
+                      given=traced.meta.get("given", {}))
     if example is not None:
         check_split(model, traced, split, paths, calling(*example))
     return split

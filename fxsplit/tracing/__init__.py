@@ -27,7 +27,7 @@ from .mutations import follow_mutations, mutated_input, viewed, written_tensor
 from .symbolic import (
     OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
 )
-from .verify import calling, check_trace, example_call, given_arguments
+from .verify import calling, check_trace, example_call, given_arguments, optional_given
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PARALLEL_WRAPPERS", "PathTracer",
            "as_example", "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph",
@@ -144,6 +144,7 @@ def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
 
     traced = _route(model, method, example, options, (True, False), by_fx, by_export)
     traced.meta["canonical"] = canonical_names(model)
+    traced.meta["given"] = optional_given(model, *example) if example is not None else {}
     return traced
 
 

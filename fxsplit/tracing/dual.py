@@ -19,6 +19,7 @@ from torch.package import sys_importer
 
 from .frozen import first_change, stale, stand_in
 from .symbolic import torch_layer
+from .verify import check_given
 
 
 class DualGraphModule(fx.GraphModule):
@@ -71,6 +72,7 @@ class DualGraphModule(fx.GraphModule):
     def __call__(self, *args, **kwargs):
         self._follow_mode()  # also when .training was set directly, not through .train()
         self._check_frozen()
+        check_given(self.meta.get("given", {}), args, kwargs, type(self).__name__)
         return super().__call__(*args, **kwargs)
 
     def _check_frozen(self) -> None:

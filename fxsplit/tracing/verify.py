@@ -90,6 +90,32 @@ def given_arguments(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     return names[:len(args)] + list(kwargs)
 
 
+def optional_given(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, int | None]:
+    """The inputs an example call gives that ``forward`` could go without (a parameter with a default, a keyword
+    that ``**kwargs`` takes), each with its position when it can be passed by position: a trace holds the path
+    ``forward`` takes with them, so a traced module must be given them."""
+    parameters = inspect.signature(model.forward).parameters
+    positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    optional = {}
+    for name in given_arguments(model, args, kwargs):
+        parameter = parameters.get(name)
+        if parameter is None or parameter.kind == parameter.VAR_KEYWORD or parameter.default is not parameter.empty:
+            optional[name] = positional.index(name) if name in positional else None
+    return optional
+
+
+def check_given(needed: Mapping[str, int | None], args: tuple, kwargs: Mapping[str, Any], name: str) -> None:
+    """Raise :class:`TraceError` unless a call gives every input in ``needed`` (from :func:`optional_given`)."""
+    missing = [arg for arg, position in needed.items()
+               if arg not in kwargs and (position is None or position >= len(args))]
+    if missing:
+        raise TraceError(
+            f"{name} was traced with {', '.join(missing)} given (the example gave it), so its graph holds the path "
+            f"forward takes with {'them' if len(missing) > 1 else 'it'} (code that tests `is None` or "
+            f"kwargs.get(...) runs once while tracing): give {', '.join(missing)} in every call, or trace (and "
+            f"rewrite) with an example without {'them' if len(missing) > 1 else 'it'} for calls without.")
+
+
 @contextlib.contextmanager
 def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
     """Put ``modules`` in train or eval mode, then give every submodule back its own mode."""
