@@ -5,7 +5,9 @@ A *layer* is what splitting copies as one unit:
   the graph cannot see inside it);
 - a parameter read directly (``get_attr``): it belongs to its module's layer when that module is one of torch.nn's
   own layers (``F.linear(h, self.embed.weight)`` applies layer ``embed``: weight and bias are one vector), and is
-  a layer of its own otherwise (a ViT's ``pos_embed``, an entry of a ``ParameterDict``);
+  a layer of its own otherwise (a ViT's ``pos_embed``, an entry of a ``ParameterDict``); a parameter that a
+  ``torch.nn.utils.parametrize`` parametrization derives a weight from belongs to the parametrized module's
+  layer (``l.parametrizations.weight.original0`` to ``l``, as torch.fx calls ``l`` whole);
 - parameters shared by identity (tied weights: ``decoder.weight = encoder.weight``) join every module and direct
   read that uses them into one layer, named after the first in graph order.
 A module called several times is one layer whose ``calls`` lists every call.
@@ -22,6 +24,7 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .errors import FxsplitError
 from .tracing import as_example, trace_graph, unwrapped
@@ -188,8 +191,21 @@ def _member(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return node.target if next(gm.get_submodule(node.target).parameters(), None) is not None else None
     if node.op != "get_attr" or not isinstance(attribute(gm, node.target), nn.Parameter):
         return None
+    parametrized = _parametrized_module(gm, node.target)
+    if parametrized is not None:
+        return parametrized
     owner = node.target.rpartition(".")[0]
     return owner if owner and torch_layer(gm.get_submodule(owner)) else node.target
+
+
+def _parametrized_module(gm: fx.GraphModule, target: str) -> str | None:
+    """The module whose weight a parameter derives (``l.parametrizations.weight.original0`` -> ``l``), if the
+    parameter is one that ``torch.nn.utils.parametrize`` keeps: torch.fx calls a parametrized module whole (its
+    class comes from torch.nn), torch.export reads the parameters the parametrization derives from."""
+    path, found, _ = target.rpartition(".parametrizations.")
+    if not (found and path) or not parametrize.is_parametrized(gm.get_submodule(path)):
+        return None
+    return path
 
 
 def _parameters(gm: fx.GraphModule, member: str) -> list[tuple[str, nn.Parameter]]:

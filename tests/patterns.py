@@ -246,3 +246,38 @@ class OptionalInput(nn.Module):
         if gate is not None:
             h = h * 2  # a path only the call with the input takes
         return {task: head(h) for task, head in self.heads.items()}
+
+
+class Symmetric(nn.Module):
+    """A parametrization: the weight is symmetric, derived from its upper triangle."""
+
+    def forward(self, weight):
+        return weight.triu() + weight.triu(1).transpose(0, 1)
+
+
+class PlainLinear(nn.Module):
+    """A layer written by hand (not torch.nn's), to be weight-normalised."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(WIDTH, WIDTH) / WIDTH)
+        self.bias = nn.Parameter(torch.zeros(WIDTH))
+
+    def forward(self, x):
+        return x @ self.weight.transpose(0, 1) + self.bias
+
+
+class Parametrized(nn.Module):
+    """Weights derived by ``torch.nn.utils.parametrize`` (a symmetric weight, ``weight_norm`` on torch.nn's layer
+    and on a layer written by hand), as spectral- or weight-normalised networks have them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, WIDTH)
+        self.symmetric = nn.Linear(WIDTH, WIDTH)
+        nn.utils.parametrize.register_parametrization(self.symmetric, "weight", Symmetric())
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Linear(WIDTH, WIDTH))
+        self.plain = nn.utils.parametrizations.weight_norm(PlainLinear())
+
+    def forward(self, x):
+        return self.plain(torch.tanh(self.normed(torch.tanh(self.symmetric(self.stem(x))))))
