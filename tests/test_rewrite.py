@@ -10,7 +10,7 @@ from torch import nn
 
 import fxsplit
 from fxsplit.rewrite.streams import join
-from tests.patterns import NamedTasks
+from tests.patterns import NamedTasks, Parametrized, TwoHeads
 from tests.reference import assert_per_task
 from tests.models import (
     MultiHead, SmallCNN, assert_equivalent, assert_unchanged, count, small_models, snapshot,
@@ -449,3 +449,21 @@ def test_every_identifier_names_a_task_and_its_copies_sit_under_a_documented_nam
         assert split.copy_of(task, "trunk.2") is split.get_submodule(f"copies.{holder}.trunk.2")
     assert len({id(split.copy_of(task, "trunk.2").weight) for task in tasks}) == len(tasks)
     assert_per_task(model, split, (x,))
+
+
+def test_init_reset_resets_what_a_parametrization_derives_the_weight_from():
+    torch.manual_seed(0)
+    model, x = TwoHeads(Parametrized()), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.normed"], init="reset")
+    original = model.trunk.normed
+    bound = 1 / 8 ** 0.5  # nn.Linear's reset_parameters draws weight and bias within 1 / sqrt(fan_in)
+    copies = [split.copy_of(task, "trunk.normed") for task in split.tasks]
+    for copy_ in copies:
+        assert nn.utils.parametrize.is_parametrized(copy_, "weight")
+        assert not torch.allclose(copy_.weight, original.weight) and not torch.equal(copy_.bias, original.bias)
+        assert copy_.weight.abs().max() <= bound and copy_.bias.abs().max() <= bound
+        g, v = copy_.parametrizations.weight.original0, copy_.parametrizations.weight.original1
+        torch.testing.assert_close(copy_.weight, g * v / v.norm(dim=1, keepdim=True))
+    assert not torch.allclose(copies[0].weight, copies[1].weight)
+    _rejects(fxsplit.InitError, r"'trunk.symmetric'.*parametrization Symmetric of its weight has no right_inverse",
+             model=model, layers=["trunk.symmetric"], init="reset")
