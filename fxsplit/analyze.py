@@ -17,7 +17,7 @@ from .layers import graph_of
 from .outputs import paths_read
 from .report import ConflictReport
 from .scoring import ConflictMonitor
-from .scoring.checks import loss_value, task_names
+from .scoring.checks import loss_value, task_names, whole_number
 from .scoring.methods import Aggregator
 from .tracing import trace_graph, unwrapped
 from .tracing.verify import check_trace, forwarding
@@ -76,8 +76,10 @@ def analyze(
     """
     model = unwrapped(model)
     losses = _check_tasks(tasks)
-    if not (isinstance(every, int) and every >= 1):
-        raise FxsplitError(f"every must be a whole number of steps >= 1, got {every!r}.")
+    whole_number("every", every, 1, " of steps")
+    whole_number("bins", bins, 1)
+    if steps is not None:
+        whole_number("steps", steps, 0)
     if graph is not None and tracer_kwargs:
         raise FxsplitError("tracer_kwargs apply when analyze traces the model itself; a graph was given.")
     forward = forward or _default_forward

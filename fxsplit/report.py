@@ -10,7 +10,7 @@ from pathlib import Path
 
 import networkx as nx
 
-from .errors import FxsplitError, LayerError, ReportError
+from .errors import FxsplitError, LayerError, ReportError, unknown_layer
 
 FORMAT = "fxsplit.ConflictReport/2"
 READABLE = ("fxsplit.ConflictReport/1", FORMAT)  # version 1 files lack ``skipped`` (it was always 0)
@@ -83,6 +83,8 @@ class ConflictReport:
 
     def cost(self, layer: str) -> int:
         """Parameters that splitting ``layer`` adds: (tasks that use it - 1) x its parameters."""
+        if layer not in self.reach:
+            raise unknown_layer(layer, self.reach)
         return (len(self.reach[layer]) - 1) * self.graph.nodes[layer]["params"]
 
     def top(self, k: int) -> LayerSelection:

@@ -237,3 +237,22 @@ def test_a_model_both_routes_trace_gets_the_same_report():
     data = [{key: value for key, value in report.to_dict().items() if key != "graph"} for report in reports]
     assert data[0] == data[1] and str(reports[0]) == str(reports[1])
     assert reports[0].top(4) == reports[1].top(4) and len(reports[0].scores) == 12
+
+
+def test_the_cost_of_an_unknown_layer_names_the_close_ones():
+    model, tasks, batches = _model_tasks_batches()
+    report = fxsplit.analyze(model, tasks, batches[:1], progress=False)
+    with pytest.raises(fxsplit.UnknownLayerError, match=r"'backbone.stem.O' is not a layer.*Did you mean .*"
+                                                        r"'backbone.stem.0'"):
+        report.cost("backbone.stem.O")
+
+
+@pytest.mark.parametrize("argument, value", [("bins", 0), ("bins", -3), ("bins", 2.5), ("bins", True),
+                                             ("steps", -1), ("steps", 1.5), ("every", 2.0)])
+def test_counts_that_are_not_whole_numbers_are_typed_errors(argument, value):
+    model, tasks, batches = _model_tasks_batches()
+    with pytest.raises(fxsplit.FxsplitError, match=rf"{argument} must be a whole number .*got {value!r}"):
+        fxsplit.analyze(model, tasks, batches, progress=False, **{argument: value})
+    if argument == "bins":
+        with pytest.raises(fxsplit.FxsplitError, match=rf"bins must be a whole number .*got {value!r}"):
+            fxsplit.ConflictMonitor(model, list(tasks), bins=value)

@@ -150,7 +150,7 @@ class ConflictMonitor:
         self.tasks = checks.task_names(tasks)
         self.thresholds = checks.thresholds(threshold)
         self.graph = layer_graph(self.model) if graph is None else graph
-        self.bins = bins
+        self.bins = checks.whole_number("bins", bins, 1)
         self.aggregator = aggregator_of(aggregator)
         self.scaler = scaler
         self._reduction = reduction(distributed, group)
