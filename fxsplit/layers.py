@@ -26,6 +26,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from . import structure
 from .errors import FxsplitError
 from .tracing import as_example, trace_graph, unwrapped
 from .tracing.symbolic import canonical_names, torch_layer
@@ -104,10 +105,11 @@ class LayerGraph(nx.DiGraph):
     Node attributes: ``kind`` (module class, or ``"Parameter"``), ``params`` (count, tied weights once), ``order``
     (graph order of the first call), ``calls`` (names of the traced graph's nodes that compute with the layer:
     module calls on the ``torch.fx`` route, ATen operations on the ``torch.export`` route), ``parameters``
-    (qualified names, as ``named_parameters()`` gives them) and ``members`` (the modules and parameters a split
-    copies). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through parameter-free operations
+    (qualified names, as ``named_parameters()`` gives them), ``members`` (the modules and parameters a split
+    copies) and ``outputs`` (the key paths of the output's leaves computed with the layer). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through parameter-free operations
     only (reading a tensor's shape, dtype or device passes on no values: no edge). Graph attributes: ``route``
-    (``"fx"`` or ``"export"``) and ``route_reason``, how the model was traced and why.
+    (``"fx"`` or ``"export"``) and ``route_reason``, how the model was traced and why, and ``outputs``, the key
+    paths of all the output's leaves.
     """
 
     def __str__(self) -> str:
@@ -176,13 +178,35 @@ def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = N
 def graph_of(gm: fx.GraphModule) -> LayerGraph:
     """The layer graph of a traced module."""
     layers = find_layers(gm)
-    graph = LayerGraph(route=gm.meta.get("route", "fx"), route_reason=gm.meta.get("route_reason", ""))
+    leaves = _output_leaves(gm.graph)
+    graph = LayerGraph(route=gm.meta.get("route", "fx"), route_reason=gm.meta.get("route_reason", ""),
+                       outputs=[list(path) for path in leaves])
     for order, layer in enumerate(layers.values()):
         graph.add_node(layer.name, kind=layer.kind, params=layer.size, order=order,
                        calls=[node.name for node in layer.calls], parameters=list(layer.parameters),
-                       members=list(layer.members))
+                       members=list(layer.members), outputs=_outputs_fed(layer, leaves))
     graph.add_edges_from(_layer_edges(gm.graph, layers))
     return graph
+
+
+def _output_leaves(graph: fx.Graph) -> dict[tuple, set[fx.Node]]:
+    """Key path of every leaf of the graph's output -> the nodes it is computed from (itself among them)."""
+    output = next(node for node in reversed(graph.nodes) if node.op == "output").args[0]
+    leaves = {}
+    for path, _, value in structure.leaves(output):
+        ancestors, stack = set(), [value] if isinstance(value, fx.Node) else []
+        while stack:
+            node = stack.pop()
+            if node not in ancestors:
+                ancestors.add(node)
+                stack.extend(node.all_input_nodes)
+        leaves[path] = ancestors
+    return leaves
+
+
+def _outputs_fed(layer: Layer, leaves: Mapping[tuple, set[fx.Node]]) -> list[list]:
+    """The key paths of the output leaves that are computed with ``layer``."""
+    return [list(path) for path, ancestors in leaves.items() if not ancestors.isdisjoint(layer.reads)]
 
 
 def _member(gm: fx.GraphModule, node: fx.Node) -> str | None:

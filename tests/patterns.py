@@ -281,3 +281,19 @@ class Parametrized(nn.Module):
 
     def forward(self, x):
         return self.plain(torch.tanh(self.normed(torch.tanh(self.symmetric(self.stem(x))))))
+
+
+class DetachedProbe(nn.Module):
+    """Two task heads on a shared trunk and a linear probe that reads the trunk's features detached (a probe
+    trained on frozen features, as self-supervised code evaluates them): the probe's output uses the trunk, its
+    loss never reaches it."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
+        self.heads = nn.ModuleDict({task: nn.Linear(WIDTH, 3) for task in ("a", "b")})
+        self.probe = nn.Linear(WIDTH, 2)
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {"a": self.heads.a(h), "b": self.heads.b(h), "probe": self.probe(h.detach())}

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fxsplit
-from tests.reference import reference
+from tests.patterns import DetachedProbe
+from tests.reference import assert_per_task, reference
 from tests.models import MultiHead, SmallCNN, Twice, assert_unchanged, scoring_cases as cases, snapshot
 
 THRESHOLDS = [0.0, -0.05, 0.1]
@@ -256,3 +257,24 @@ def test_counts_that_are_not_whole_numbers_are_typed_errors(argument, value):
     if argument == "bins":
         with pytest.raises(fxsplit.FxsplitError, match=rf"bins must be a whole number .*got {value!r}"):
             fxsplit.ConflictMonitor(model, list(tasks), bins=value)
+
+
+def test_cost_and_within_count_the_copies_rewrite_makes_one_per_task_whose_output_uses_a_layer():
+    torch.manual_seed(0)
+    model = DetachedProbe()
+    batches = [torch.randn(8, 4) for _ in range(3)]
+    tasks = {"a": lambda out, x: out["a"].pow(2).mean(), "b": lambda out, x: -out["b"].mean(),
+             "probe": lambda out, x: out["probe"].pow(2).mean()}
+    report = fxsplit.analyze(model, tasks, batches, progress=False)
+    assert report.reach["trunk.2"] == ["a", "b"]  # the probe's loss is detached from the trunk
+    assert report.users("trunk.2") == ["a", "b", "probe"]  # its output is not: its branch runs the trunk
+    assert report.cost("trunk.2") == 2 * (8 * 8 + 8)
+    total = sum(p.numel() for p in model.parameters())
+    for budget in (0.3, 0.6, 1.0):
+        chosen = report.within(budget)
+        split = fxsplit.rewrite(model, chosen)
+        added = sum(p.numel() for p in split.parameters()) - total
+        assert added == sum(report.cost(layer) for layer in chosen) <= budget * total, budget
+    split = fxsplit.rewrite(model, report.top(2), example_inputs=batches[0])
+    assert sum(p.numel() for p in split.parameters()) - total == report.cost("trunk.0") + report.cost("trunk.2")
+    assert_per_task(model, split, (batches[0],))
