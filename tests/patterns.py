@@ -297,3 +297,21 @@ class DetachedProbe(nn.Module):
     def forward(self, x):
         h = self.trunk(x)
         return {"a": self.heads.a(h), "b": self.heads.b(h), "probe": self.probe(h.detach())}
+
+
+class WriteIntoView(nn.Module):
+    """``h = shared[:, :4]; h.add_(update)``: an update written in place into a view of an activation that is read
+    afterwards whole, as code that fills part of a feature map does. ``mid`` computes the update from the input,
+    ``last`` reads the activation after the write."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, WIDTH)
+        self.mid = nn.Linear(4, WIDTH // 2)
+        self.last = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x):
+        shared = self.stem(x)
+        part = shared[:, : WIDTH // 2]
+        part.add_(self.mid(x))
+        return self.last(shared)

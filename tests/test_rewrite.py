@@ -10,7 +10,7 @@ from torch import nn
 
 import fxsplit
 from fxsplit.rewrite.streams import join
-from tests.patterns import NamedTasks, Parametrized, TwoHeads
+from tests.patterns import NamedTasks, Parametrized, TwoHeads, WriteIntoView
 from tests.reference import assert_per_task
 from tests.models import (
     MultiHead, SmallCNN, assert_equivalent, assert_unchanged, count, small_models, snapshot,
@@ -467,3 +467,25 @@ def test_init_reset_resets_what_a_parametrization_derives_the_weight_from():
     assert not torch.allclose(copies[0].weight, copies[1].weight)
     _rejects(fxsplit.InitError, r"'trunk.symmetric'.*parametrization Symmetric of its weight has no right_inverse",
              model=model, layers=["trunk.symmetric"], init="reset")
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_write_into_a_view_of_an_activation_before_the_split_is_kept(method):
+    torch.manual_seed(0)
+    model, x = TwoHeads(WriteIntoView()), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.last"], example_inputs=x, method=method)
+    assert_per_task(model, split, (x,))
+    if method == "fx":
+        unchecked = fxsplit.rewrite(model, ["trunk.last"])  # kept without an example to catch it, too
+        assert sum(node.target == "add_" for node in unchecked.graph.nodes) == 1
+        assert_per_task(model, unchecked, (x,))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_branch_value_written_into_a_view_of_a_shared_activation_is_refused_by_name(method):
+    torch.manual_seed(0)
+    model, x = TwoHeads(WriteIntoView()), torch.randn(5, 4)
+    with pytest.raises(fxsplit.LayerError, match=r"in-place write at trunk\.add writes a value computed after the "
+                                                 r"split layer 'trunk\.mid' into .*trunk\.stem.*read afterwards \(at "
+                                                 r"trunk\.last.*write out of place"):
+        fxsplit.rewrite(model, ["trunk.mid"], example_inputs=x, method=method)

@@ -10,7 +10,6 @@ read. Each emitted node records the original node it came from (``meta["origin"]
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +18,7 @@ from torch import fx, nn
 
 from ..split_module import copy_target
 from ..errors import LayerError
-from ..tracing import mutated_input, viewed, written_tensor
+from ..tracing import aliases, mutated_input, viewed, written_input, written_tensor
 from ..outputs import Path, select
 
 NORMS = (nn.modules.batchnorm._NormBase,)  # norm layers with running statistics: shared ones update once per branch
@@ -66,7 +65,7 @@ def _side_effect(root: nn.Module, node: fx.Node, position: Mapping[fx.Node, int]
     an assertion), or a write that is read afterwards (into a buffer, an input, or a tensor read later)."""
     if node.op == "call_module":
         return getattr(root.get_submodule(node.target), "_is_impure", False) is True
-    written = node.args[0] if node.target is operator.setitem else mutated_input(root, node)
+    written = written_input(root, node)
     if written is None:
         return node.op == "call_function" and node.is_impure(impure_random=False)
     while written.op not in ("placeholder", "get_attr"):
@@ -82,7 +81,7 @@ def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen:
     """The graph in which every node in ``chosen`` (node -> its layer's name) applies a per-task copy and
     everything after it fans out."""
     tainted = tainted_by(graph, chosen)
-    clone_first = _writes_into_shared(root, tainted)
+    clone_first = _writes_into_shared(root, tainted, {node: i for i, node in enumerate(graph.nodes)})
     emitter = _Emitter(chosen, tainted, clone_first, needed_nodes(root, graph, paths))
     for node in graph.nodes:
         if node.op != "output":
@@ -104,12 +103,15 @@ def tainted_by(graph: fx.Graph, sources: Mapping[fx.Node, str]) -> dict[fx.Node,
     return tainted
 
 
-def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str]) -> set[fx.Node]:
+def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str], position: Mapping[fx.Node, int]
+                        ) -> set[fx.Node]:
     """The in-place nodes of the branches that write to a tensor of the shared part, each branch into its own
-    clone; a shared buffer that the branches would update is refused (BatchNorm statistics aside)."""
+    clone; a shared buffer that the branches would update is refused (BatchNorm statistics aside), and so is a
+    write whose tensor the shared part reads afterwards through another view of its memory (a clone would not
+    be what it reads)."""
     clone_first = set()
     for node, layer in tainted.items():
-        mutated = mutated_input(root, node)
+        mutated = written_input(root, node)
         if mutated is None or mutated in tainted:
             continue
         written = written_tensor(root, node)
@@ -120,9 +122,32 @@ def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str]) -> set[
                 f"{node.meta.get('path', node.name)}): each task's branch would update the one buffer in turn, so "
                 f"no split computes what the model computes. Split only layers after that update, or keep the state "
                 f"in a split layer's own module (each task then gets its own copy).")
+        reader = _read_unwritten(root, node, written, position)
+        if reader is not None:
+            raise LayerError(
+                f"the in-place write at {_where(node)} writes a value computed after the split layer {layer!r} into "
+                f"{_where(mutated)}, memory of {_where(written)}, which the tasks share and which is read afterwards "
+                f"(at {_where(reader)}): each task's branch would write into it in turn, so no split computes what "
+                f"the model computes. Split only layers after that write, or write out of place (h = h + update, "
+                f"torch.cat, torch.where) so that each branch computes its own value.")
         if mutated.op != "get_attr":  # a shared value: each branch writes into its own clone
             clone_first.add(node)
     return clone_first
+
+
+def _read_unwritten(root: nn.Module, write: fx.Node, written: fx.Node, position: Mapping[fx.Node, int]
+                    ) -> fx.Node | None:
+    """The first node after ``write`` that reads the memory it writes (of ``written``) other than through the
+    write's own result (which each branch's clone gives), if any."""
+    through_write = aliases(root, write)
+    stale = aliases(root, written) - through_write
+    readers = [user for alias in stale for user in alias.users
+               if position[user] > position[write] and user not in through_write]
+    return min(readers, key=position.__getitem__, default=None)
+
+
+def _where(node: fx.Node) -> str:
+    return node.meta.get("path", node.name)
 
 
 def _ancestors(value: Any) -> set[fx.Node]:

@@ -23,7 +23,7 @@ from .dual import DualGraphModule
 from .exported import (
     ExportedGraphModule, add_attributes, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
 )
-from .mutations import follow_mutations, mutated_input, viewed, written_tensor
+from .mutations import aliases, follow_mutations, mutated_input, viewed, written_input, written_tensor
 from .symbolic import (
     OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
 )
@@ -31,7 +31,7 @@ from .verify import calling, check_trace, example_call, given_arguments, optiona
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PARALLEL_WRAPPERS", "PathTracer",
            "as_example", "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph",
-           "trace_modes", "unwrapped", "viewed", "written_tensor"]
+           "trace_modes", "unwrapped", "viewed", "written_input", "written_tensor", "aliases"]
 
 METHODS = ("auto", "fx", "export")
 Example = tuple[tuple, dict]  # (args, kwargs) of one call of the model
