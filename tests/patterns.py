@@ -315,3 +315,34 @@ class WriteIntoView(nn.Module):
         part = shared[:, : WIDTH // 2]
         part.add_(self.mid(x))
         return self.last(shared)
+
+
+class RegularisedGate(nn.Module):
+    """A gate that back-propagates a regulariser of its weights from inside ``forward`` in train mode (LibMTL's
+    DSelect-k style: ``self.reg_loss.backward(retain_graph=True)``), so that its ``.grad`` holds it before the task
+    losses add theirs."""
+
+    def __init__(self, experts: int = 2):
+        super().__init__()
+        self.logits = nn.Linear(WIDTH, experts)
+
+    def forward(self, h):
+        weights = torch.softmax(self.logits(h), -1)
+        if self.training:
+            weights.pow(2).mean().backward(retain_graph=True)
+        return weights
+
+
+class GatedExperts(nn.Module):
+    """A stem, a regularised gate and two experts mixed by it (a mixture-of-experts layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, WIDTH)
+        self.gate = RegularisedGate()
+        self.experts = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        weights = self.gate(h)
+        return weights[:, :1] * self.experts[0](h) + weights[:, 1:] * self.experts[1](h)

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxsplit
 from fxsplit.rewrite.streams import join
-from tests.patterns import NamedTasks, Parametrized, TwoHeads, WriteIntoView
+from tests.patterns import GatedExperts, NamedTasks, Parametrized, TwoHeads, WriteIntoView
 from tests.reference import assert_per_task
 from tests.models import (
     MultiHead, SmallCNN, assert_equivalent, assert_unchanged, count, small_models, snapshot,
@@ -489,3 +489,32 @@ def test_a_branch_value_written_into_a_view_of_a_shared_activation_is_refused_by
                                                  r"split layer 'trunk\.mid' into .*trunk\.stem.*read afterwards \(at "
                                                  r"trunk\.last.*write out of place"):
         fxsplit.rewrite(model, ["trunk.mid"], example_inputs=x, method=method)
+
+
+def _grads_set_by_forward(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    module(x)
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_backward_call_inside_forward_runs_once_in_the_split(example):
+    torch.manual_seed(0)
+    model, x = TwoHeads(GatedExperts()).train(), torch.randn(6, 4)
+    split = fxsplit.rewrite(model, ["trunk.experts.0"], example_inputs=x if example else None)
+    assert sum(node.target == "backward" for node in split.graph.nodes) == 1
+    expected = _grads_set_by_forward(model, x)
+    assert sorted(expected) == ["trunk.gate.logits.bias", "trunk.gate.logits.weight", "trunk.stem.bias",
+                                "trunk.stem.weight"]
+    got = _grads_set_by_forward(split, x)
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[name], expected[name]) for name in expected)
+    assert not any(node.target == "backward" for node in split.eval().graph.nodes)  # train mode's code only
+    assert_per_task(model, split, (x,))
+
+
+def test_a_backward_call_inside_forward_after_a_split_layer_is_refused_by_name():
+    torch.manual_seed(0)
+    model, x = TwoHeads(GatedExperts()).train(), torch.randn(6, 4)
+    with pytest.raises(fxsplit.LayerError, match=r"trunk\.gate\.backward .*after the split layer 'trunk\.stem'.*"
+                                                 r"once per task"):
+        fxsplit.rewrite(model, ["trunk.stem"], example_inputs=x)

@@ -3,8 +3,8 @@
 A node that depends on a chosen layer is *tainted*: it is emitted once per task whose output needs it (its
 branch), with the task's copy in place of each chosen layer's module or parameter, and the one shared set of
 weights everywhere else. Untainted nodes are emitted once and shared by every branch. Nodes no task's output
-needs are dropped, except side effects (checks of the inputs, writes to buffers), which go with the values they
-read. Each emitted node records the original node it came from (``meta["origin"]``) and, in a branch, its task
+needs are dropped, except side effects (checks of the inputs, writes to buffers, a backward pass ``forward`` runs),
+which go with the values they read. Each emitted node records the original node it came from (``meta["origin"]``) and, in a branch, its task
 (``meta["task"]``), for the passes that follow.
 """
 
@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..split_module import copy_target
@@ -62,7 +63,10 @@ def needed_nodes(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path]) ->
 
 def _side_effect(root: nn.Module, node: fx.Node, position: Mapping[fx.Node, int]) -> bool:
     """Whether ``node`` does something besides computing a value: a check (torch.export's checks of the inputs,
-    an assertion), or a write that is read afterwards (into a buffer, an input, or a tensor read later)."""
+    an assertion), a backward pass (it adds to parameters' ``.grad``), or a write that is read afterwards (into a
+    buffer, an input, or a tensor read later)."""
+    if _runs_backward(node):
+        return True
     if node.op == "call_module":
         return getattr(root.get_submodule(node.target), "_is_impure", False) is True
     written = written_input(root, node)
@@ -77,10 +81,18 @@ def _side_effect(root: nn.Module, node: fx.Node, position: Mapping[fx.Node, int]
     return True
 
 
+def _runs_backward(node: fx.Node) -> bool:
+    """Whether ``node`` runs a backward pass (``loss.backward()``, ``torch.autograd.backward``), as a regulariser
+    inside ``forward`` does."""
+    return (node.op == "call_method" and node.target == "backward") or (
+        node.op == "call_function" and node.target in (torch.autograd.backward, torch.Tensor.backward))
+
+
 def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen: Mapping[fx.Node, str]) -> FanOut:
     """The graph in which every node in ``chosen`` (node -> its layer's name) applies a per-task copy and
     everything after it fans out."""
     tainted = tainted_by(graph, chosen)
+    _check_no_backward_in_branches(tainted)
     clone_first = _writes_into_shared(root, tainted, {node: i for i, node in enumerate(graph.nodes)})
     emitter = _Emitter(chosen, tainted, clone_first, needed_nodes(root, graph, paths))
     for node in graph.nodes:
@@ -101,6 +113,18 @@ def tainted_by(graph: fx.Graph, sources: Mapping[fx.Node, str]) -> dict[fx.Node,
         if source is not None:
             tainted[node] = source
     return tainted
+
+
+def _check_no_backward_in_branches(tainted: Mapping[fx.Node, str]) -> None:
+    """Refuse a backward pass that ``forward`` runs after a split layer: each branch would run it, adding to the
+    ``.grad`` of every shared parameter it reaches once per task, where the model adds once."""
+    node = next((node for node in tainted if _runs_backward(node)), None)
+    if node is not None:
+        raise LayerError(
+            f"forward runs a backward pass at {_where(node)} after the split layer {tainted[node]!r}: each task's "
+            f"branch would run it, once per task, adding to the .grad of the shared parameters it reaches each time, "
+            f"so no split computes what the model computes. Split only layers that the backward pass does not "
+            f"depend on (after it, or beside it).")
 
 
 def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str], position: Mapping[fx.Node, int]
