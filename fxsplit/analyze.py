@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_map
 
 from .errors import FxsplitError, TaskError
 from .layers import graph_of
-from .outputs import paths_read
+from .outputs import part_to_json, paths_read
 from .report import ConflictReport
 from .scoring import ConflictMonitor
 from .scoring.checks import loss_value, task_names, whole_number
@@ -119,7 +119,7 @@ def analyze(
         raise TaskError(f"the loss of task(s) {monitor.nonfinite_tasks} is NaN or infinite, or its gradient, at some "
                         f"step; check the data and the learning rate.")
     report = monitor.report()
-    report.outputs = {task: list(path) for task, path in outputs.items()}
+    report.outputs = {task: part_to_json(part) for task, part in outputs.items()}
     return report
 
 

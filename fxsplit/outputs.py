@@ -1,4 +1,5 @@
-"""Which part of a model's output belongs to which task: a key path per task, applied to graphs and to outputs."""
+"""Which part of a model's output belongs to which task: a key path per task (or several, :class:`Paths`), applied
+to graphs and to outputs."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
         check_tasks(tasks)
         if set(outputs) != set(tasks):
             raise TaskError(f"outputs names tasks {sorted(outputs)} but the tasks are {sorted(tasks)}.")
-        paths = {task: outputs[task] if isinstance(outputs[task], tuple) else (outputs[task],) for task in tasks}
+        paths = {task: as_part(outputs[task]) for task in tasks}
         for task, path in paths.items():
             select(output, path, task)
         return paths
@@ -62,37 +63,75 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
     return {task: () for task in tasks}
 
 
-def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Path]:
-    """Task -> the key path of the part of ``output`` its loss reads, found by autograd: the longest path that
-    holds every output tensor the loss depends on (``()``, the whole output, when it reads across parts).
-
-    Never too narrow: a loss that reaches a part through another (``out[1] = out[0][:, :3]``) reads both.
+def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Path | Paths]:
+    """Task -> the part of ``output`` its loss reads, found by autograd: the key path of the smallest part that
+    holds every output tensor the loss depends on and no other (``()``: the whole output), or, for a loss that
+    reads parts of several keys (its own and a deep-supervision entry), the :class:`Paths` of those parts. It is
+    never widened to parts the loss does not read, nor too narrow: a loss that reaches a part through another
+    (``out[1] = out[0][:, :3]``) reads both.
 
     >>> import torch
     >>> out = (torch.ones(2, requires_grad=True) * 2, {"x": torch.ones(3, requires_grad=True) * 3})
-    >>> paths_read(out, {"a": out[0].sum(), "b": out[1]["x"].mean()})
-    {'a': (0,), 'b': (1, 'x')}
+    >>> paths_read(out, {"a": out[0].sum(), "b": out[1]["x"].mean(), "both": out[0].sum() + out[1]["x"].sum()})
+    {'a': (0,), 'b': (1, 'x'), 'both': ()}
     """
     leaves = [(path, value) for path, _, value in structure.leaves(output)
               if isinstance(value, torch.Tensor) and value.requires_grad]
+    every = [path for path, _ in leaves]
     paths = {}
     for task, loss in losses.items():
         grads = torch.autograd.grad(loss, [value for _, value in leaves], retain_graph=True, allow_unused=True)
-        read = [path for (path, _), grad in zip(leaves, grads) if grad is not None]
-        paths[task] = _common_prefix(read) if read else ()
+        read = {path for path, grad in zip(every, grads) if grad is not None}
+        paths[task] = _covering(read, every) if read else ()
     return paths
 
 
-def _common_prefix(paths: list[Path]) -> Path:
-    prefix = paths[0]
-    for path in paths[1:]:
-        n = next((i for i, (a, b) in enumerate(zip(prefix, path)) if a != b), min(len(prefix), len(path)))
-        prefix = prefix[:n]
-    return prefix
+class Paths(tuple):
+    """Several parts of the output that one task reads: its own key and its entry of a deep-supervision mapping,
+    ``Paths([("seg",), ("deep_supervision", "seg")])``. The task's share is the output pruned to them (other keys
+    of a mapping left out, other elements of a tuple or a list ``None``), so that its loss reads it as it read the
+    whole output."""
 
 
-def select(output: Any, path: Path, task: str) -> Any:
-    """The part of ``output`` at ``path``."""
+def _covering(read: set[Path], every: list[Path]) -> Path | Paths:
+    """The fewest parts that hold exactly the ``read`` leaves (of ``every`` leaf): one path, or :class:`Paths`."""
+    def cover(prefix: Path) -> list[Path]:
+        under = [path for path in every if path[:len(prefix)] == prefix]
+        if all(path in read for path in under):
+            return [prefix]
+        keys = dict.fromkeys(path[len(prefix)] for path in under if path in read)  # in the output's order
+        return [part for key in keys for part in cover((*prefix, key))]
+
+    parts = cover(())
+    return parts[0] if len(parts) == 1 else Paths(parts)
+
+
+def as_part(value: OutputKey | list) -> Path | Paths:
+    """What ``outputs=`` gives for one task as a key path: a key, a tuple of keys (a nested path), or a list of
+    those (several parts, :class:`Paths`)."""
+    if isinstance(value, Paths):
+        return value
+    if isinstance(value, list):
+        return Paths(as_part(item) for item in value)
+    return value if isinstance(value, tuple) else (value,)
+
+
+def part_to_json(part: Path | Paths) -> list:
+    """A task's part as JSON holds it: a list of keys, or a list of such lists for several parts."""
+    return [list(path) for path in part] if isinstance(part, Paths) else list(part)
+
+
+def part_from_json(data: list) -> Path | Paths:
+    """The inverse of :func:`part_to_json` (keys are never lists, so a list of lists is several parts)."""
+    if data and all(isinstance(item, list) for item in data):
+        return Paths(tuple(path) for path in data)
+    return tuple(data)
+
+
+def select(output: Any, path: Path | Paths, task: str) -> Any:
+    """The part of ``output`` at ``path``, or ``output`` pruned to several parts (:class:`Paths`)."""
+    if isinstance(path, Paths):
+        return _pruned(output, list(path), task)
     for key in path:
         try:
             output = structure.part(output, key)
@@ -101,6 +140,26 @@ def select(output: Any, path: Path, task: str) -> Any:
             raise TaskError(f"outputs[{task!r}] = {given!r}: the model's output has no {key!r} (it has "
                             f"{_parts_of(output)}).") from None
     return output
+
+
+def _pruned(output: Any, paths: list[Path], task: str) -> Any:
+    """``output`` with only the parts at ``paths``: other keys of a mapping left out, other elements of a tuple or
+    a list ``None``."""
+    if () in paths:
+        return output
+    if structure.record_fields(output) is not None or not isinstance(output, (Mapping, tuple, list)):
+        raise TaskError(f"task {task!r} reads several parts of a {_parts_of(output)} output ({list(paths)}), which "
+                        f"fxsplit cannot hand to it alone: say which part is its with outputs={{{task!r}: ...}}.")
+    firsts = dict.fromkeys(path[0] for path in paths)
+    for key in firsts:
+        select(output, (key,), task)  # says which key is missing
+
+    def rest(key) -> list[Path]:
+        return [path[1:] for path in paths if path[0] == key]
+
+    if isinstance(output, Mapping):
+        return {key: _pruned(value, rest(key), task) for key, value in output.items() if key in firsts}
+    return type(output)(_pruned(value, rest(i), task) if i in firsts else None for i, value in enumerate(output))
 
 
 def _named_parts(output: Any) -> list | None:

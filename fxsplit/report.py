@@ -11,6 +11,7 @@ from pathlib import Path
 import networkx as nx
 
 from .errors import FxsplitError, LayerError, ReportError, unknown_layer
+from .outputs import Paths, part_from_json
 
 FORMAT = "fxsplit.ConflictReport/2"
 READABLE = ("fxsplit.ConflictReport/1", FORMAT)  # version 1 files lack ``skipped`` (it was always 0)
@@ -23,7 +24,7 @@ class LayerSelection(list):
     def __init__(self, layers, tasks, outputs=None):
         super().__init__(layers)
         self.tasks = list(tasks)
-        self.outputs = None if outputs is None else {task: tuple(path) for task, path in outputs.items()}
+        self.outputs = None if outputs is None else {task: part_from_json(part) for task, part in outputs.items()}
 
 
 @dataclass
@@ -36,8 +37,9 @@ class ConflictReport:
     at step ``s`` over all scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses
     reach a layer (:meth:`users`, those whose outputs use it, who get its copies); ``left_out[layer]`` says why a layer was not scored. ``skipped`` counts the steps left unscored
     because their gradients were not finite (a ``GradScaler``'s overflow steps, which it skips too). ``outputs``
-    gives, per task, the key path of the part of the model's output its loss read (``[]``: the whole output), as
-    :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``.
+    gives, per task, the key path of the part of the model's output its loss read (``[]``: the whole output; a list
+    of paths where it read parts of several keys), as :func:`fxsplit.analyze` found it; a selection passes it on to
+    ``rewrite``.
     """
 
     tasks: list[str]
@@ -108,7 +110,8 @@ class ConflictReport:
         """The key paths of ``task``'s part of the output: as analyze found it, else as ``rewrite`` reads it without
         ``outputs=`` (its key of an output keyed by task, else the whole output)."""
         if self.outputs is not None and task in self.outputs:
-            return [list(self.outputs[task])]
+            part = part_from_json(self.outputs[task])
+            return [list(path) for path in part] if isinstance(part, Paths) else [list(part)]
         keyed = any(path[:1] == [task] for path in self.graph.graph.get("outputs", []))
         return [[task]] if keyed else [[]]
 

@@ -346,3 +346,22 @@ class GatedExperts(nn.Module):
         h = self.stem(x)
         weights = self.gate(h)
         return weights[:, :1] * self.experts[0](h) + weights[:, 1:] * self.experts[1](h)
+
+
+class DeepSupervised(nn.Module):
+    """Task outputs beside a deep-supervision mapping of the same tasks' predictions from an earlier stage
+    (MTI-Net's ``out["deep_supervision"] = {...}``): each task's loss reads its own key and its entry there."""
+
+    def __init__(self):
+        super().__init__()
+        self.early = nn.Sequential(nn.Linear(4, WIDTH), nn.ReLU())
+        self.late = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.ReLU())
+        self.heads = nn.ModuleDict({task: nn.Linear(WIDTH, 3) for task in ("seg", "depth")})
+        self.early_heads = nn.ModuleDict({task: nn.Linear(WIDTH, 3) for task in ("seg", "depth")})
+
+    def forward(self, x):
+        early = self.early(x)
+        late = self.late(early)
+        out = {task: head(late) for task, head in self.heads.items()}
+        out["deep_supervision"] = {task: head(early) for task, head in self.early_heads.items()}
+        return out

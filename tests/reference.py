@@ -141,8 +141,25 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
 
 def _select(output, key):
     """The part of ``output`` at ``key`` (one key or a tuple of them): a field name reads a dataclass or a
-    namedtuple by attribute."""
+    namedtuple by attribute. A list of keys names several parts: the output pruned to them."""
+    if isinstance(key, list):
+        return _pruned(output, [part if isinstance(part, tuple) else (part,) for part in key])
     for part in key if isinstance(key, tuple) else (key,):
         by_name = isinstance(part, str) and not isinstance(output, Mapping)
         output = getattr(output, part) if by_name else output[part]
     return output
+
+
+def _pruned(output, paths: list[tuple]):
+    """``output`` with only the parts at ``paths``: other keys of a mapping left out, other elements of a tuple or a
+    list ``None``."""
+    if () in paths:
+        return output
+    firsts = {path[0] for path in paths}
+
+    def rest(key):
+        return [path[1:] for path in paths if path[0] == key]
+
+    if isinstance(output, Mapping):
+        return {key: _pruned(value, rest(key)) for key, value in output.items() if key in firsts}
+    return type(output)(_pruned(value, rest(i)) if i in firsts else None for i, value in enumerate(output))

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 import fxsplit
-from fxsplit.outputs import paths_read, select, task_paths
-from tests.patterns import RecordOutput, SegDepth, SegDepthTuple
+from fxsplit.outputs import Paths, paths_read, select, task_paths
+from tests.patterns import DeepSupervised, RecordOutput, SegDepth, SegDepthTuple
 from tests.reference import assert_per_task
 
 
@@ -16,7 +16,8 @@ def test_paths_read_by_each_loss():
     out = {"pair": (h * 2, h[:, :1] * 3), "other": _grad(4)}
     losses = {"first": out["pair"][0].sum(), "second": out["pair"][1].pow(2).mean(), "both": out["other"].sum()
               + out["pair"][0].mean(), "nothing": torch.zeros((), requires_grad=True)}
-    assert paths_read(out, losses) == {"first": ("pair", 0), "second": ("pair", 1), "both": (), "nothing": ()}
+    assert paths_read(out, losses) == {"first": ("pair", 0), "second": ("pair", 1), "nothing": (),
+                                       "both": Paths([("pair", 0), ("other",)])}  # not the whole output: no widening
 
 
 def test_a_part_computed_from_another_counts_as_reading_both():
@@ -86,3 +87,38 @@ def test_tasks_that_are_not_fields_of_a_record_need_outputs(record):
     with pytest.raises(fxsplit.TaskError, match=r"outputs\['p'\] = 'mask': .*no 'mask' \(it has fields "
                                                 r"\['seg', 'depth'\]\)"):
         fxsplit.rewrite(RecordOutput(record), [], outputs={"p": "mask", "q": "seg"})
+
+
+def _deep_supervision_losses() -> dict:
+    return {task: (lambda task: lambda out, batch: out[task].pow(2).mean() + out["deep_supervision"][task].abs().mean())(
+        task) for task in ("seg", "depth")}
+
+
+def test_a_loss_that_reads_its_key_and_a_deep_supervision_entry_reads_those_parts_only():
+    torch.manual_seed(0)
+    model, x = DeepSupervised(), torch.randn(6, 4)
+    out = model(x)
+    found = paths_read(out, {task: loss(out, None) for task, loss in _deep_supervision_losses().items()})
+    assert found == {task: Paths([(task,), ("deep_supervision", task)]) for task in ("seg", "depth")}
+    assert set(select(out, found["seg"], "seg")) == {"seg", "deep_supervision"}
+    assert list(select(out, found["seg"], "seg")["deep_supervision"]) == ["seg"]
+
+
+def test_deep_supervision_from_analyze_to_a_split_whose_branches_return_what_their_losses_read():
+    torch.manual_seed(0)
+    model, x = DeepSupervised(), torch.randn(6, 4)
+    tasks = _deep_supervision_losses()
+    report = fxsplit.analyze(model, tasks, [x, torch.randn(6, 4)], progress=False)
+    assert report.outputs == {task: [[task], ["deep_supervision", task]] for task in tasks}
+    assert sorted(report.layers) == ["early.0", "late.0"]  # every head is one task's
+    assert report.users("late.0") == ["seg", "depth"] and report.cost("late.0") == 8 * 8 + 8
+    split = fxsplit.rewrite(model, report.top(2), example_inputs=x)
+    assert split.split_layers == ("early.0", "late.0")
+    out = split(x)
+    assert set(out["seg"]) == {"seg", "deep_supervision"} and set(out["seg"]["deep_supervision"]) == {"seg"}
+    assert all(tasks[task](out[task], None).isfinite() for task in tasks)  # the losses read the branches as they are
+    assert {p for p in split.task_parameters("seg")} >= set(split.early_heads.seg.parameters())
+    parts = {task: [(task,), ("deep_supervision", task)] for task in tasks}
+    assert_per_task(model, split, (x,), outputs=parts)
+    again = fxsplit.rewrite(model, ["early.0"], outputs=parts, example_inputs=x)  # the same parts, given by hand
+    assert_per_task(model, again, (x,), outputs=parts)

@@ -54,12 +54,15 @@ def rewrite(
             route, or the ``torch.export`` route on the example when ``torch.fx`` fails or mis-traces; the split
             model's ``route`` and ``route_reason`` say which and why.
         layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
-            a conflict report (``report.top(k)``), which also brings the tasks and which output is whose.
+            a conflict report (``report.top(k)``), which also brings the tasks and which parts of the output each
+            task's loss read.
         tasks: task names; optional when the model returns a mapping (its keys are the tasks) or ``layers``
             comes from a report.
         outputs: which part of the model's output belongs to which task: ``{"seg": 0, "depth": 1}`` for a
-            tuple, ``{"seg": "out"}`` for a mapping, a tuple of keys for nested outputs. Needed when the model
-            returns a tuple, a list or a mapping not keyed by task; a single tensor goes whole to every task.
+            tuple, ``{"seg": "out"}`` for a mapping (or a namedtuple's or dataclass's field), a tuple of keys for
+            nested outputs, a list of those for several parts (``{"seg": ["seg", ("aux", "seg")]}``: the task's
+            branch returns the output pruned to them). Needed when the model returns a tuple, a list or a mapping
+            not keyed by task; a single tensor goes whole to every task.
         init: ``"copy"`` (copies start equal to the shared layer: the function is unchanged), ``"reset"``
             (each copy's ``reset_parameters()``) or a callable ``init(copy, layer, task)`` that edits the copy.
         split_norms: also split every normalisation layer with running statistics that lies wholly in the
