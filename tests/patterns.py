@@ -365,3 +365,19 @@ class DeepSupervised(nn.Module):
         out = {task: head(late) for task, head in self.heads.items()}
         out["deep_supervision"] = {task: head(early) for task, head in self.early_heads.items()}
         return out
+
+
+class GumbelRouted(nn.Module):
+    """Routing by Gumbel-softmax samples in both modes (learning-to-branch code samples in eval too): ``route``'s
+    logits are perturbed by random numbers on every call."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Linear(4, WIDTH)
+        self.route = nn.Linear(WIDTH, 2)
+        self.paths = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
+
+    def forward(self, x):
+        h = self.stem(x)
+        choice = F.gumbel_softmax(self.route(h), tau=1.0, hard=True)
+        return choice[:, :1] * self.paths[0](h) + choice[:, 1:] * self.paths[1](h)

@@ -12,10 +12,12 @@ import functools
 import operator
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 _TORCH_MODULES = ("torch", "torch.functional")  # where torch's own functions live (torch.split is in the second)
 _VIEW_ATTRIBUTES = frozenset({"T", "mT", "H", "mH", "real", "imag"})
+_SAMPLING_FUNCTIONS = frozenset({F.gumbel_softmax, F.fractional_max_pool2d, F.fractional_max_pool3d})
 
 
 def overloads(node: fx.Node) -> tuple[torch._ops.OpOverload, ...]:
@@ -42,7 +44,10 @@ def aliases_input(node: fx.Node) -> bool:
 
 
 def draws_random(node: fx.Node) -> bool:
-    """Whether ``node`` draws from the random number generator (``torch.rand``, ``bernoulli_``, ``exponential_``)."""
+    """Whether ``node`` draws from the random number generator (``torch.rand``, ``bernoulli_``, ``exponential_``,
+    and the functions of ``torch.nn.functional`` that torch.fx records whole and that sample in either mode)."""
+    if node.op == "call_function" and node.target in _SAMPLING_FUNCTIONS:
+        return True
     return any(torch.Tag.nondeterministic_seeded in overload.tags for overload in overloads(node))
 
 
