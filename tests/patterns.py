@@ -381,3 +381,40 @@ class GumbelRouted(nn.Module):
         h = self.stem(x)
         choice = F.gumbel_softmax(self.route(h), tau=1.0, hard=True)
         return choice[:, :1] * self.paths[0](h) + choice[:, 1:] * self.paths[1](h)
+
+
+class Aggregation(nn.Module):
+    """Pools node features per graph, overriding ``__call__`` to fill in its arguments before ``forward`` runs,
+    as PyTorch Geometric's ``Aggregation`` does (the number of graphs is read off the batch vector's values)."""
+
+    def __call__(self, x, index=None, dim_size=None):
+        if index is None:
+            index = x.new_zeros(x.size(0), dtype=torch.long)
+        if dim_size is None:
+            dim_size = int(index.max()) + 1 if index.numel() > 0 else 0
+        return super().__call__(x, index=index, dim_size=dim_size)
+
+
+class SumAggregation(Aggregation):
+    def forward(self, x, index, dim_size):
+        return x.new_zeros(dim_size, x.size(-1)).index_add(0, index, x)
+
+
+class GraphRegressor(nn.Module):
+    """A molecular property regressor in a QM9 model's pattern: node features, message-free node layers, a sum
+    over each graph's nodes (``batch`` says which graph a node is in), one head per target."""
+
+    def __init__(self, targets=("mu", "alpha")):
+        super().__init__()
+        self.node = nn.Sequential(nn.Linear(4, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH))
+        self.pool = SumAggregation()
+        self.heads = nn.ModuleDict({target: nn.Linear(WIDTH, 1) for target in targets})
+
+    def forward(self, x, batch):
+        pooled = self.pool(self.node(x), batch)
+        return {target: head(pooled) for target, head in self.heads.items()}
+
+
+def graph_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten nodes of three graphs, and the batch vector."""
+    return torch.randn(10, 4), torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])

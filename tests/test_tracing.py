@@ -9,7 +9,7 @@ from torch import nn
 import fxsplit
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
 from tests.mtan import MTAN
-from tests.patterns import OptionalInput, TwoHeads
+from tests.patterns import GraphRegressor, OptionalInput, SumAggregation, TwoHeads, graph_batch
 from tests.reference import assert_per_task
 
 
@@ -296,3 +296,18 @@ def test_an_optional_input_the_example_gives_must_be_given_to_the_trace_and_the_
         with pytest.raises(fxsplit.TraceError, match=rf"traced with {name} given \(the example gave it\).*give "
                                                      rf"{name} in every call"):
             module(x)
+
+
+def test_a_module_that_overrides_call_is_named_and_becomes_a_leaf_when_asked():
+    torch.manual_seed(0)
+    model, (x, batch) = GraphRegressor(), graph_batch()
+    with pytest.raises(fxsplit.TraceError, match=r"module 'pool' \(SumAggregation\).*int\(index.max\(\)\).*"
+                                                 r"overrides nn.Module.__call__.*'leaf_modules': \[SumAggregation\]"):
+        fxsplit.trace(model, method="fx")
+    leaves = {"leaf_modules": [SumAggregation]}
+    traced = fxsplit.trace(model, (x, batch), tracer_kwargs=leaves)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"][-3] == "pool"
+    assert torch.equal(traced(x, batch)["mu"], model(x, batch)["mu"])
+    split = fxsplit.rewrite(model, ["node.2"], tracer_kwargs=leaves, example_inputs=(x, batch))
+    assert split.route == "fx"
+    assert_per_task(model, split, (x, batch))
