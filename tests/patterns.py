@@ -418,3 +418,14 @@ class GraphRegressor(nn.Module):
 def graph_batch() -> tuple[torch.Tensor, torch.Tensor]:
     """Ten nodes of three graphs, and the batch vector."""
     return torch.randn(10, 4), torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 2])
+
+
+class Unscriptable(nn.Module):
+    """A layer whose Python TorchScript cannot compile (a type's ``__class__``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, WIDTH)
+
+    def forward(self, x):
+        return self.linear(x) * len({1: 2}.items().__class__.__name__)
