@@ -94,16 +94,25 @@ class Paths(tuple):
 
 
 def _covering(read: set[Path], every: list[Path]) -> Path | Paths:
-    """The fewest parts that hold exactly the ``read`` leaves (of ``every`` leaf): one path, or :class:`Paths`."""
+    """The fewest parts, each as deep as it can be, that hold exactly the ``read`` leaves (of ``every`` leaf): one
+    path, or :class:`Paths`."""
     def cover(prefix: Path) -> list[Path]:
         under = [path for path in every if path[:len(prefix)] == prefix]
         if all(path in read for path in under):
-            return [prefix]
+            return [_common_prefix(under)]
         keys = dict.fromkeys(path[len(prefix)] for path in under if path in read)  # in the output's order
         return [part for key in keys for part in cover((*prefix, key))]
 
     parts = cover(())
     return parts[0] if len(parts) == 1 else Paths(parts)
+
+
+def _common_prefix(paths: list[Path]) -> Path:
+    prefix = paths[0]
+    for path in paths[1:]:
+        n = next((i for i, (a, b) in enumerate(zip(prefix, path)) if a != b), min(len(prefix), len(path)))
+        prefix = prefix[:n]
+    return prefix
 
 
 def as_part(value: OutputKey | list) -> Path | Paths:
