@@ -24,12 +24,12 @@ FORMATS = {".pt": "torchscript", ".pt2": "export"}
 def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.ScriptModule:
     """``torch.jit.script`` a copy of ``model`` in eval mode.
 
-    For a traced or split model, the arguments fixed while tracing (``task_name=None``) and their guards are left
-    out, and ``example_inputs`` (a tuple of positional inputs) give the other arguments their types: TorchScript
-    takes an argument it knows nothing of for a tensor, so a dict or a list input needs an example. Scripting a
-    fresh copy each time, and forgetting the types a failed attempt made, keeps a failed attempt from leaving a
-    half-compiled class behind (the next attempt fails for the same reason). Errors name the model's class. A model traced
-    through ``torch.export`` cannot be scripted: an :class:`~fxsplit.ExportError` says to save it as ``.pt2``.
+    For a traced or split model, the arguments fixed while tracing (``task_name=None``) and their guards are left out,
+    and ``example_inputs`` (a tuple of positional inputs) give the other arguments their types: TorchScript takes an
+    argument it knows nothing of for a tensor, so a dict or a list input needs an example. Scripting a fresh copy each
+    time, and forgetting the types a failed attempt made, keeps a failed attempt from leaving a half-compiled class
+    behind (the next attempt fails for the same reason). Errors name the model's class. A model traced through
+    ``torch.export`` cannot be scripted: an :class:`~fxsplit.ExportError` says to save it as ``.pt2``.
 
     >>> import torch, fxsplit
     >>> gm = fxsplit.trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))

@@ -103,13 +103,13 @@ class LayerGraph(nx.DiGraph):
     picture them.
 
     Node attributes: ``kind`` (module class, or ``"Parameter"``), ``params`` (count, tied weights once), ``order``
-    (graph order of the first call), ``calls`` (names of the traced graph's nodes that compute with the layer:
-    module calls on the ``torch.fx`` route, ATen operations on the ``torch.export`` route), ``parameters``
-    (qualified names, as ``named_parameters()`` gives them), ``members`` (the modules and parameters a split
-    copies) and ``outputs`` (the key paths of the output's leaves computed with the layer). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through parameter-free operations
-    only (reading a tensor's shape, dtype or device passes on no values: no edge). Graph attributes: ``route``
-    (``"fx"`` or ``"export"``) and ``route_reason``, how the model was traced and why, and ``outputs``, the key
-    paths of all the output's leaves.
+    (graph order of the first call), ``calls`` (names of the traced graph's nodes that compute with the layer: module
+    calls on the ``torch.fx`` route, ATen operations on the ``torch.export`` route), ``parameters`` (qualified names, as
+    ``named_parameters()`` gives them), ``members`` (the modules and parameters a split copies) and ``outputs`` (the key
+    paths of the output's leaves computed with the layer). An edge ``a -> b`` means a value computed by ``a`` reaches
+    ``b`` through parameter-free operations only (reading a tensor's shape, dtype or device passes on no values: no
+    edge). Graph attributes: ``route`` (``"fx"`` or ``"export"``) and ``route_reason``, how the model was traced and
+    why, and ``outputs``, the key paths of all the output's leaves.
     """
 
     def __str__(self) -> str:

@@ -31,15 +31,15 @@ class LayerSelection(list):
 class ConflictReport:
     """Recon conflict scores of every shared layer, and what the paper plots.
 
-    ``counts[k][l][p]`` is the number of steps at which the gradients of task pair ``pairs[p]`` on layer
-    ``layers[l]`` had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and
-    ``histogram[l]`` (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine
-    at step ``s`` over all scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses
-    reach a layer (:meth:`users`, those whose outputs use it, who get its copies); ``left_out[layer]`` says why a layer was not scored. ``skipped`` counts the steps left unscored
-    because their gradients were not finite (a ``GradScaler``'s overflow steps, which it skips too). ``outputs``
-    gives, per task, the key path of the part of the model's output its loss read (``[]``: the whole output; a list
-    of paths where it read parts of several keys), as :func:`fxsplit.analyze` found it; a selection passes it on to
-    ``rewrite``.
+    ``counts[k][l][p]`` is the number of steps at which the gradients of task pair ``pairs[p]`` on layer ``layers[l]``
+    had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and ``histogram[l]``
+    (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine at step ``s`` over all
+    scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses reach a layer (:meth:`users`,
+    those whose outputs use it, who get its copies); ``left_out[layer]`` says why a layer was not scored. ``skipped``
+    counts the steps left unscored because their gradients were not finite (a ``GradScaler``'s overflow steps, which it
+    skips too). ``outputs`` gives, per task, the key path of the part of the model's output its loss read (``[]``: the
+    whole output; a list of paths where it read parts of several keys), as :func:`fxsplit.analyze` found it; a selection
+    passes it on to ``rewrite``.
     """
 
     tasks: list[str]

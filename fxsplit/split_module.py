@@ -21,9 +21,9 @@ from .tracing import DualGraphModule
 @dataclass(frozen=True)
 class Surgery:
     """What a rewrite did: ``tasks`` in output order, the ``layers`` split (graph order) with the ``members`` each
-    copies (modules and parameters, under ``copies.<holder>.<member>``, :func:`copy_holder`), ``owners`` (every name of every parameter and
-    buffer -> the tasks whose outputs use it), the model's plain ``attributes`` kept on the split model, and the ``route``
-    that traced the model (``"fx"`` or ``"export"``) with the reason it was taken."""
+    copies (modules and parameters, under ``copies.<holder>.<member>``, :func:`copy_holder`), ``owners`` (every name
+    of every parameter and buffer -> the tasks whose outputs use it), the model's plain ``attributes`` kept on the
+    split model, and the ``route`` that traced the model (``"fx"`` or ``"export"``) with the reason it was taken."""
 
     tasks: tuple[str, ...]
     layers: tuple[str, ...]

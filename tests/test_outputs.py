@@ -90,8 +90,10 @@ def test_tasks_that_are_not_fields_of_a_record_need_outputs(record):
 
 
 def _deep_supervision_losses() -> dict:
-    return {task: (lambda task: lambda out, batch: out[task].pow(2).mean() + out["deep_supervision"][task].abs().mean())(
-        task) for task in ("seg", "depth")}
+    def loss(task):
+        return lambda out, batch: out[task].pow(2).mean() + out["deep_supervision"][task].abs().mean()
+
+    return {task: loss(task) for task in ("seg", "depth")}
 
 
 def test_a_loss_that_reads_its_key_and_a_deep_supervision_entry_reads_those_parts_only():

@@ -31,9 +31,10 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     computing with that task's copies in place of the split layers (norm layers' statistics aside, as documented:
     a shared one in the branches updates once per branch, and a task's copy sees only its own branch).
 
-    Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
-    says that only eval mode was checked. A model random in eval mode (Gumbel sampling) is compared, and where it
-    differs, a warning names the draws (the split's task branches draw their own numbers) instead of an error. When a task differs, the trace is checked too, to say whose fault it is.
+    Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning says
+    that only eval mode was checked. A model random in eval mode (Gumbel sampling) is compared, and where it differs, a
+    warning names the draws (the split's task branches draw their own numbers) instead of an error. When a task differs,
+    the trace is checked too, to say whose fault it is.
     """
     model = copy_module(model, share_tensors=True)  # forward may change Python state: never the user's
     surgery = split._surgery

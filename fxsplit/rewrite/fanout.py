@@ -4,8 +4,8 @@ A node that depends on a chosen layer is *tainted*: it is emitted once per task 
 branch), with the task's copy in place of each chosen layer's module or parameter, and the one shared set of
 weights everywhere else. Untainted nodes are emitted once and shared by every branch. Nodes no task's output
 needs are dropped, except side effects (checks of the inputs, writes to buffers, a backward pass ``forward`` runs),
-which go with the values they read. Each emitted node records the original node it came from (``meta["origin"]``) and, in a branch, its task
-(``meta["task"]``), for the passes that follow.
+which go with the values they read. Each emitted node records the original node it came from (``meta["origin"]``)
+and, in a branch, its task (``meta["task"]``), for the passes that follow.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str], positio
                 root.get_submodule(written.target.rpartition(".")[0]), NORMS):
             raise LayerError(
                 f"buffer {written.target!r} is updated in forward after the split layer {layer!r} (at "
-                f"{node.meta.get('path', node.name)}): each task's branch would update the one buffer in turn, so "
+                f"{_where(node)}): each task's branch would update the one buffer in turn, so "
                 f"no split computes what the model computes. Split only layers after that update, or keep the state "
                 f"in a split layer's own module (each task then gets its own copy).")
         reader = _read_unwritten(root, node, written, position)
