@@ -13,13 +13,13 @@ from torch.utils._pytree import tree_map
 
 from .errors import FxsplitError, TaskError
 from .layers import graph_of
-from .outputs import paths_read
+from .outputs import part_to_json, paths_read
 from .progress import Progress
 from .report import ConflictReport
 from .scoring import ConflictMonitor, StepFigures
-from .scoring.checks import loss_value, step_hooks, task_names, thresholds
+from .scoring.checks import loss_value, step_hooks, task_names, thresholds, whole_number
 from .scoring.methods import Aggregator
-from .tracing import trace_graph
+from .tracing import trace_graph, unwrapped
 from .tracing.verify import check_trace, forwarding
 
 Loss = Callable[[Any, Any], torch.Tensor]
@@ -79,9 +79,12 @@ def analyze(
     >>> list(report.scores) == ["0", "2"] or list(report.scores) == ["2", "0"], report.steps
     (True, 5)
     """
+    model = unwrapped(model)
     losses = _check_tasks(tasks)
-    if not (isinstance(every, int) and every >= 1):
-        raise FxsplitError(f"every must be a whole number of steps >= 1, got {every!r}.")
+    whole_number("every", every, 1, " of steps")
+    whole_number("bins", bins, 1)
+    if steps is not None:
+        whole_number("steps", steps, 0)
     if graph is not None and tracer_kwargs:
         raise FxsplitError("tracer_kwargs apply when analyze traces the model itself; a graph was given.")
     forward = forward or _default_forward
@@ -125,7 +128,7 @@ def analyze(
         raise TaskError(f"the loss of task(s) {monitor.nonfinite_tasks} is NaN or infinite, or its gradient, at some "
                         f"step; check the data and the learning rate.")
     report = monitor.report()
-    report.outputs = {task: list(path) for task, path in outputs.items()}
+    report.outputs = {task: part_to_json(part) for task, part in outputs.items()}
     return report
 
 

@@ -25,11 +25,12 @@ FORMATS = {".pt": "torchscript", ".pt2": "export"}
 def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.ScriptModule:
     """``torch.jit.script`` a copy of ``model`` in eval mode.
 
-    For a traced or split model, the arguments fixed while tracing (``task_name=None``) and their guards are left
-    out, and ``example_inputs`` (a tuple of positional inputs) give the other arguments their types: TorchScript
-    takes an argument it knows nothing of for a tensor, so a dict or a list input needs an example. Scripting a
-    fresh copy each time keeps a failed attempt from leaving a half-registered class behind. A model traced
-    through ``torch.export`` cannot be scripted: an :class:`~fxsplit.ExportError` says to save it as ``.pt2``.
+    For a traced or split model, the arguments fixed while tracing (``task_name=None``) and their guards are left out,
+    and ``example_inputs`` (a tuple of positional inputs) give the other arguments their types: TorchScript takes an
+    argument it knows nothing of for a tensor, so a dict or a list input needs an example. Scripting a fresh copy each
+    time, and forgetting the types a failed attempt made, keeps a failed attempt from leaving a half-compiled class
+    behind (the next attempt fails for the same reason). Errors name the model's class. A model traced through
+    ``torch.export`` cannot be scripted: an :class:`~fxsplit.ExportError` says to save it as ``.pt2``.
 
     >>> import torch, fxsplit
     >>> gm = fxsplit.trace(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.ReLU()))
@@ -49,13 +50,31 @@ def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.S
         if example_inputs is not None:
             _annotate(model, example_inputs)
     try:
-        with _torchscript_quietly():
+        with _torchscript_quietly(), _forgetting_failed_types():
             return torch.jit.script(model)
     except Exception as error:
         raise ExportError(
             f"TorchScript cannot compile {type(model).__name__}: {type(error).__name__}: {error}\n"
             f"torch.export (format='export', a .pt2 file) handles more models."
         ) from error
+
+
+@contextlib.contextmanager
+def _forgetting_failed_types():
+    """TorchScript keeps the type it made for each module class; when compiling fails, the half-compiled types are
+    forgotten, so that the next attempt compiles afresh and fails for the same reason (not with "Can't redefine
+    method")."""
+    store = torch.jit._recursive.concrete_type_store.type_store
+    known = {cls: list(types) for cls, types in store.items()}
+    try:
+        yield
+    except BaseException:
+        for cls in list(store):
+            if cls in known:
+                store[cls][:] = known[cls]
+            else:
+                del store[cls]
+        raise
 
 
 def export(
@@ -100,8 +119,10 @@ def export(
 def _exportable(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in eval mode, its batched streams as plain tensor operations (no autograd to keep), and
     the modules its graph does not call (stand-ins, modules kept whole) as plain holders of their tensors."""
+    name = type(model).__name__
     model = copy_module(model, share_tensors=False).eval()
     if isinstance(model, fx.GraphModule):
+        type(model).__name__ = name  # the copy's class is its own, which copying names GraphModule(Impl)
         plain_streams(model.graph)
         model.recompile()
         called = {node.target for node in model.graph.nodes if node.op == "call_module" or (  # or run by an

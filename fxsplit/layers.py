@@ -5,7 +5,9 @@ A *layer* is what splitting copies as one unit:
   the graph cannot see inside it);
 - a parameter read directly (``get_attr``): it belongs to its module's layer when that module is one of torch.nn's
   own layers (``F.linear(h, self.embed.weight)`` applies layer ``embed``: weight and bias are one vector), and is
-  a layer of its own otherwise (a ViT's ``pos_embed``, an entry of a ``ParameterDict``);
+  a layer of its own otherwise (a ViT's ``pos_embed``, an entry of a ``ParameterDict``); a parameter that a
+  ``torch.nn.utils.parametrize`` parametrization derives a weight from belongs to the parametrized module's
+  layer (``l.parametrizations.weight.original0`` to ``l``, as torch.fx calls ``l`` whole);
 - parameters shared by identity (tied weights: ``decoder.weight = encoder.weight``) join every module and direct
   read that uses them into one layer, named after the first in graph order.
 A module called several times is one layer whose ``calls`` lists every call.
@@ -22,9 +24,11 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
+from . import structure
 from .errors import FxsplitError
-from .tracing import as_example, trace_graph
+from .tracing import as_example, trace_graph, unwrapped
 from .tracing.symbolic import canonical_names, torch_layer
 
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
@@ -99,12 +103,13 @@ class LayerGraph(nx.DiGraph):
     picture them.
 
     Node attributes: ``kind`` (module class, or ``"Parameter"``), ``params`` (count, tied weights once), ``order``
-    (graph order of the first call), ``calls`` (names of the traced graph's nodes that compute with the layer:
-    module calls on the ``torch.fx`` route, ATen operations on the ``torch.export`` route), ``parameters``
-    (qualified names, as ``named_parameters()`` gives them) and ``members`` (the modules and parameters a split
-    copies). An edge ``a -> b`` means a value computed by ``a`` reaches ``b`` through parameter-free operations
-    only (reading a tensor's shape, dtype or device passes on no values: no edge). Graph attributes: ``route``
-    (``"fx"`` or ``"export"``) and ``route_reason``, how the model was traced and why.
+    (graph order of the first call), ``calls`` (names of the traced graph's nodes that compute with the layer: module
+    calls on the ``torch.fx`` route, ATen operations on the ``torch.export`` route), ``parameters`` (qualified names, as
+    ``named_parameters()`` gives them), ``members`` (the modules and parameters a split copies) and ``outputs`` (the key
+    paths of the output's leaves computed with the layer). An edge ``a -> b`` means a value computed by ``a`` reaches
+    ``b`` through parameter-free operations only (reading a tensor's shape, dtype or device passes on no values: no
+    edge). Graph attributes: ``route`` (``"fx"`` or ``"export"``) and ``route_reason``, how the model was traced and
+    why, and ``outputs``, the key paths of all the output's leaves.
     """
 
     def __str__(self) -> str:
@@ -165,6 +170,7 @@ def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = N
     >>> list(g.edges), g.nodes["0"]["params"], g.graph["route"]
     ([('0', '1')], 224, 'export')
     """
+    model = unwrapped(model)
     return graph_of(trace_graph(model, tracer_kwargs, method=method, example=as_example(example_inputs,
                                                                                          example_kwargs)))
 
@@ -172,13 +178,35 @@ def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = N
 def graph_of(gm: fx.GraphModule) -> LayerGraph:
     """The layer graph of a traced module."""
     layers = find_layers(gm)
-    graph = LayerGraph(route=gm.meta.get("route", "fx"), route_reason=gm.meta.get("route_reason", ""))
+    leaves = _output_leaves(gm.graph)
+    graph = LayerGraph(route=gm.meta.get("route", "fx"), route_reason=gm.meta.get("route_reason", ""),
+                       outputs=[list(path) for path in leaves])
     for order, layer in enumerate(layers.values()):
         graph.add_node(layer.name, kind=layer.kind, params=layer.size, order=order,
                        calls=[node.name for node in layer.calls], parameters=list(layer.parameters),
-                       members=list(layer.members))
+                       members=list(layer.members), outputs=_outputs_fed(layer, leaves))
     graph.add_edges_from(_layer_edges(gm.graph, layers))
     return graph
+
+
+def _output_leaves(graph: fx.Graph) -> dict[tuple, set[fx.Node]]:
+    """Key path of every leaf of the graph's output -> the nodes it is computed from (itself among them)."""
+    output = next(node for node in reversed(graph.nodes) if node.op == "output").args[0]
+    leaves = {}
+    for path, _, value in structure.leaves(output):
+        ancestors, stack = set(), [value] if isinstance(value, fx.Node) else []
+        while stack:
+            node = stack.pop()
+            if node not in ancestors:
+                ancestors.add(node)
+                stack.extend(node.all_input_nodes)
+        leaves[path] = ancestors
+    return leaves
+
+
+def _outputs_fed(layer: Layer, leaves: Mapping[tuple, set[fx.Node]]) -> list[list]:
+    """The key paths of the output leaves that are computed with ``layer``."""
+    return [list(path) for path, ancestors in leaves.items() if not ancestors.isdisjoint(layer.reads)]
 
 
 def _member(gm: fx.GraphModule, node: fx.Node) -> str | None:
@@ -187,8 +215,21 @@ def _member(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return node.target if next(gm.get_submodule(node.target).parameters(), None) is not None else None
     if node.op != "get_attr" or not isinstance(attribute(gm, node.target), nn.Parameter):
         return None
+    parametrized = _parametrized_module(gm, node.target)
+    if parametrized is not None:
+        return parametrized
     owner = node.target.rpartition(".")[0]
     return owner if owner and torch_layer(gm.get_submodule(owner)) else node.target
+
+
+def _parametrized_module(gm: fx.GraphModule, target: str) -> str | None:
+    """The module whose weight a parameter derives (``l.parametrizations.weight.original0`` -> ``l``), if the
+    parameter is one that ``torch.nn.utils.parametrize`` keeps: torch.fx calls a parametrized module whole (its
+    class comes from torch.nn), torch.export reads the parameters the parametrization derives from."""
+    path, found, _ = target.rpartition(".parametrizations.")
+    if not (found and path) or not parametrize.is_parametrized(gm.get_submodule(path)):
+        return None
+    return path
 
 
 def _parameters(gm: fx.GraphModule, member: str) -> list[tuple[str, nn.Parameter]]:

@@ -1,4 +1,5 @@
-"""Which part of a model's output belongs to which task: a key path per task, applied to graphs and to outputs."""
+"""Which part of a model's output belongs to which task: a key path per task (or several, :class:`Paths`), applied
+to graphs and to outputs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Union
 
 import torch
-from torch.utils._pytree import tree_flatten_with_path
+from torch import fx
 
+from . import structure
 from .errors import TaskError
 
 OutputKey = Union[str, int, tuple]
@@ -19,8 +21,9 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
                outputs: Mapping[str, OutputKey] | None) -> dict[str, Path]:
     """Task -> the key path of its part of ``output`` (the traced output structure, or a real output).
 
-    A mapping output whose keys are the tasks gives each task its key; a single value goes whole to every task;
-    anything else (a tuple, a list, a mapping keyed otherwise) needs ``outputs``: guessing would be silently wrong.
+    A mapping output whose keys are the tasks (or a namedtuple or dataclass whose fields are) gives each task its
+    key; a single value goes whole to every task; anything else (a tuple, a list, a mapping or record keyed
+    otherwise) needs ``outputs``: guessing would be silently wrong. A key is a mapping key, an index or a field.
     """
     if isinstance(tasks, Mapping):
         tasks = list(tasks)
@@ -31,18 +34,19 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
         check_tasks(tasks)
         if set(outputs) != set(tasks):
             raise TaskError(f"outputs names tasks {sorted(outputs)} but the tasks are {sorted(tasks)}.")
-        paths = {task: outputs[task] if isinstance(outputs[task], tuple) else (outputs[task],) for task in tasks}
+        paths = {task: as_part(outputs[task]) for task in tasks}
         for task, path in paths.items():
             select(output, path, task)
         return paths
-    if isinstance(output, Mapping):
-        tasks = list(output) if tasks is None else tasks
+    names = _named_parts(output)
+    if names is not None:
+        tasks = list(names) if tasks is None else tasks
         check_tasks(tasks)
-        missing = [task for task in tasks if task not in output]
+        missing = [task for task in tasks if task not in names]
         if missing:
             raise TaskError(
-                f"task(s) {missing} are not keys of the model's output {list(output)}; name tasks after those "
-                f"keys, or say which output is whose: {_outputs_call(tasks, list(output))}."
+                f"task(s) {missing} are not {_what_names(output)} {list(names)}; name tasks after those "
+                f"names, or say which output is whose: {_outputs_call(tasks, list(names))}."
             )
         return {task: (task,) for task in tasks}
     if isinstance(output, (tuple, list)):
@@ -59,33 +63,48 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
     return {task: () for task in tasks}
 
 
-def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Path]:
-    """Task -> the key path of the part of ``output`` its loss reads, found by autograd: the longest path that
-    holds every output tensor the loss depends on (``()``, the whole output, when it reads across parts).
-
-    Never too narrow: a loss that reaches a part through another (``out[1] = out[0][:, :3]``) reads both.
+def paths_read(output: Any, losses: Mapping[str, torch.Tensor]) -> dict[str, Path | Paths]:
+    """Task -> the part of ``output`` its loss reads, found by autograd: the key path of the smallest part that
+    holds every output tensor the loss depends on and no other (``()``: the whole output), or, for a loss that
+    reads parts of several keys (its own and a deep-supervision entry), the :class:`Paths` of those parts. It is
+    never widened to parts the loss does not read, nor too narrow: a loss that reaches a part through another
+    (``out[1] = out[0][:, :3]``) reads both.
 
     >>> import torch
     >>> out = (torch.ones(2, requires_grad=True) * 2, {"x": torch.ones(3, requires_grad=True) * 3})
-    >>> paths_read(out, {"a": out[0].sum(), "b": out[1]["x"].mean()})
-    {'a': (0,), 'b': (1, 'x')}
+    >>> paths_read(out, {"a": out[0].sum(), "b": out[1]["x"].mean(), "both": out[0].sum() + out[1]["x"].sum()})
+    {'a': (0,), 'b': (1, 'x'), 'both': ()}
     """
-    leaves = [(tuple(_plain(key) for key in path), value) for path, value in tree_flatten_with_path(output)[0]
+    leaves = [(path, value) for path, _, value in structure.leaves(output)
               if isinstance(value, torch.Tensor) and value.requires_grad]
+    every = [path for path, _ in leaves]
     paths = {}
     for task, loss in losses.items():
         grads = torch.autograd.grad(loss, [value for _, value in leaves], retain_graph=True, allow_unused=True)
-        read = [path for (path, _), grad in zip(leaves, grads) if grad is not None]
-        paths[task] = _common_prefix(read) if read else ()
+        read = {path for path, grad in zip(every, grads) if grad is not None}
+        paths[task] = _covering(read, every) if read else ()
     return paths
 
 
-def _plain(key: Any) -> Any:
-    """A pytree key entry as the key or index it stands for."""
-    for attribute in ("key", "idx", "name"):
-        if hasattr(key, attribute):
-            return getattr(key, attribute)
-    return key
+class Paths(tuple):
+    """Several parts of the output that one task reads: its own key and its entry of a deep-supervision mapping,
+    ``Paths([("seg",), ("deep_supervision", "seg")])``. The task's share is the output pruned to them (other keys
+    of a mapping left out, other elements of a tuple or a list ``None``), so that its loss reads it as it read the
+    whole output."""
+
+
+def _covering(read: set[Path], every: list[Path]) -> Path | Paths:
+    """The fewest parts, each as deep as it can be, that hold exactly the ``read`` leaves (of ``every`` leaf): one
+    path, or :class:`Paths`."""
+    def cover(prefix: Path) -> list[Path]:
+        under = [path for path in every if path[:len(prefix)] == prefix]
+        if all(path in read for path in under):
+            return [_common_prefix(under)]
+        keys = dict.fromkeys(path[len(prefix)] for path in under if path in read)  # in the output's order
+        return [part for key in keys for part in cover((*prefix, key))]
+
+    parts = cover(())
+    return parts[0] if len(parts) == 1 else Paths(parts)
 
 
 def _common_prefix(paths: list[Path]) -> Path:
@@ -96,18 +115,84 @@ def _common_prefix(paths: list[Path]) -> Path:
     return prefix
 
 
-def select(output: Any, path: Path, task: str) -> Any:
-    """The part of ``output`` at ``path``."""
+def as_part(value: OutputKey | list) -> Path | Paths:
+    """What ``outputs=`` gives for one task as a key path: a key, a tuple of keys (a nested path), or a list of
+    those (several parts, :class:`Paths`)."""
+    if isinstance(value, Paths):
+        return value
+    if isinstance(value, list):
+        return Paths(as_part(item) for item in value)
+    return value if isinstance(value, tuple) else (value,)
+
+
+def part_to_json(part: Path | Paths) -> list:
+    """A task's part as JSON holds it: a list of keys, or a list of such lists for several parts."""
+    return [list(path) for path in part] if isinstance(part, Paths) else list(part)
+
+
+def part_from_json(data: list) -> Path | Paths:
+    """The inverse of :func:`part_to_json` (keys are never lists, so a list of lists is several parts)."""
+    if data and all(isinstance(item, list) for item in data):
+        return Paths(tuple(path) for path in data)
+    return tuple(data)
+
+
+def select(output: Any, path: Path | Paths, task: str) -> Any:
+    """The part of ``output`` at ``path``, or ``output`` pruned to several parts (:class:`Paths`)."""
+    if isinstance(path, Paths):
+        return _pruned(output, list(path), task)
     for key in path:
         try:
-            output = output[key]
+            output = structure.part(output, key)
         except (KeyError, IndexError, TypeError):
-            keys = list(output) if isinstance(output, Mapping) else f"indices 0..{len(output) - 1}" if isinstance(
-                output, (tuple, list)) else f"a single {type(output).__name__}"
             given = path[0] if len(path) == 1 else path
-            raise TaskError(f"outputs[{task!r}] = {given!r}: the model's output has no {key!r} (it has {keys}).") \
-                from None
+            raise TaskError(f"outputs[{task!r}] = {given!r}: the model's output has no {key!r} (it has "
+                            f"{_parts_of(output)}).") from None
     return output
+
+
+def _pruned(output: Any, paths: list[Path], task: str) -> Any:
+    """``output`` with only the parts at ``paths``: other keys of a mapping left out, other elements of a tuple or
+    a list ``None``."""
+    if () in paths:
+        return output
+    if structure.record_fields(output) is not None or not isinstance(output, (Mapping, tuple, list)):
+        raise TaskError(f"task {task!r} reads several parts of a {_parts_of(output)} output ({list(paths)}), which "
+                        f"fxsplit cannot hand to it alone: say which part is its with outputs={{{task!r}: ...}}.")
+    firsts = dict.fromkeys(path[0] for path in paths)
+    for key in firsts:
+        select(output, (key,), task)  # says which key is missing
+
+    def rest(key) -> list[Path]:
+        return [path[1:] for path in paths if path[0] == key]
+
+    if isinstance(output, Mapping):
+        return {key: _pruned(value, rest(key), task) for key, value in output.items() if key in firsts}
+    return type(output)(_pruned(value, rest(i), task) if i in firsts else None for i, value in enumerate(output))
+
+
+def _named_parts(output: Any) -> list | None:
+    """The keys of a mapping output, or the fields of a namedtuple or dataclass one; ``None`` for other outputs."""
+    if isinstance(output, Mapping):
+        return list(output)
+    fields = structure.record_fields(output)
+    return None if fields is None else list(fields)
+
+
+def _what_names(output: Any) -> str:
+    if isinstance(output, Mapping):
+        return "keys of the model's output"
+    return f"fields of the model's output ({structure.record_class(output).__name__})"
+
+
+def _parts_of(output: Any) -> str:
+    """What a part of the output holds, for a message: its keys, fields or indices, or what single value it is."""
+    names = _named_parts(output)
+    if names is not None:
+        return f"{names}" if isinstance(output, Mapping) else f"fields {names}"
+    if isinstance(output, (tuple, list)):
+        return f"indices 0..{len(output) - 1}"
+    return f"a single {'value' if isinstance(output, fx.Node) else type(output).__name__}"
 
 
 def check_tasks(tasks: Collection) -> None:

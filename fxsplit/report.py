@@ -10,7 +10,8 @@ from pathlib import Path
 
 import networkx as nx
 
-from .errors import FxsplitError, LayerError, ReportError
+from .errors import FxsplitError, LayerError, ReportError, unknown_layer
+from .outputs import Paths, part_from_json
 
 FORMAT = "fxsplit.ConflictReport/2"
 READABLE = ("fxsplit.ConflictReport/1", FORMAT)  # version 1 files lack ``skipped`` (it was always 0)
@@ -23,21 +24,22 @@ class LayerSelection(list):
     def __init__(self, layers, tasks, outputs=None):
         super().__init__(layers)
         self.tasks = list(tasks)
-        self.outputs = None if outputs is None else {task: tuple(path) for task, path in outputs.items()}
+        self.outputs = None if outputs is None else {task: part_from_json(part) for task, part in outputs.items()}
 
 
 @dataclass
 class ConflictReport:
     """Recon conflict scores of every shared layer, and what the paper plots.
 
-    ``counts[k][l][p]`` is the number of steps at which the gradients of task pair ``pairs[p]`` on layer
-    ``layers[l]`` had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and
-    ``histogram[l]`` (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine
-    at step ``s`` over all scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses
-    reach a layer; ``left_out[layer]`` says why a layer was not scored. ``skipped`` counts the steps left unscored
-    because their gradients were not finite (a ``GradScaler``'s overflow steps, which it skips too). ``outputs``
-    gives, per task, the key path of the part of the model's output its loss read (``[]``: the whole output), as
-    :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``.
+    ``counts[k][l][p]`` is the number of steps at which the gradients of task pair ``pairs[p]`` on layer ``layers[l]``
+    had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and ``histogram[l]``
+    (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine at step ``s`` over all
+    scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses reach a layer (:meth:`users`,
+    those whose outputs use it, who get its copies); ``left_out[layer]`` says why a layer was not scored. ``skipped``
+    counts the steps left unscored because their gradients were not finite (a ``GradScaler``'s overflow steps, which it
+    skips too). ``outputs`` gives, per task, the key path of the part of the model's output its loss read (``[]``: the
+    whole output; a list of paths where it read parts of several keys), as :func:`fxsplit.analyze` found it; a selection
+    passes it on to ``rewrite``.
     """
 
     tasks: list[str]
@@ -82,8 +84,36 @@ class ConflictReport:
                 for l, layer in enumerate(self.layers)}
 
     def cost(self, layer: str) -> int:
-        """Parameters that splitting ``layer`` adds: (tasks that use it - 1) x its parameters."""
-        return (len(self.reach[layer]) - 1) * self.graph.nodes[layer]["params"]
+        """Parameters that splitting ``layer`` adds: (tasks that use it - 1) x its parameters, with the tasks of
+        :meth:`users`, for whom :func:`fxsplit.rewrite` makes the copies."""
+        return (len(self.users(layer)) - 1) * self.graph.nodes[layer]["params"]
+
+    def users(self, layer: str) -> list[str]:
+        """The tasks whose outputs use ``layer``, in task order: splitting it gives each of them a copy.
+
+        Recon's split network runs one stream per task from the first split layer on, and task ``t``'s head reads
+        stream ``t``: every task whose output is computed with a layer gets a copy of it, as ``rewrite`` makes
+        them. The tasks whose losses reach the layer (``reach``, which the scores count) are among them; a task
+        whose output uses it but whose loss does not reach it (a probe on detached features) gets a copy too,
+        which its loss never trains.
+        """
+        if layer not in self.reach:
+            raise unknown_layer(layer, self.reach)
+        fed = self.graph.nodes[layer].get("outputs")
+        if fed is None:  # a graph that does not say which outputs a layer feeds (made by hand, or saved before)
+            return list(self.reach[layer])
+        using = {task for task in self.tasks for part in self._parts(task) for path in fed
+                 if path[:len(part)] == part}
+        return [task for task in self.tasks if task in using or task in self.reach[layer]]
+
+    def _parts(self, task: str) -> list[list]:
+        """The key paths of ``task``'s part of the output: as analyze found it, else as ``rewrite`` reads it without
+        ``outputs=`` (its key of an output keyed by task, else the whole output)."""
+        if self.outputs is not None and task in self.outputs:
+            part = part_from_json(self.outputs[task])
+            return [list(path) for path in part] if isinstance(part, Paths) else [list(part)]
+        keyed = any(path[:1] == [task] for path in self.graph.graph.get("outputs", []))
+        return [[task]] if keyed else [[]]
 
     def top(self, k: int) -> LayerSelection:
         """The ``k`` highest-scoring layers."""
@@ -92,8 +122,9 @@ class ConflictReport:
         return LayerSelection(list(self.scores)[:k], self.tasks, self.outputs)
 
     def within(self, budget: float) -> LayerSelection:
-        """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters;
-        a layer that would overshoot is skipped and the next ones are tried."""
+        """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters (by
+        :meth:`cost`: the copies ``rewrite`` makes); a layer that would overshoot is skipped and the next ones are
+        tried."""
         if not budget >= 0:
             raise LayerError(f"within(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
         allowance = budget * sum(params for _, params in self.graph.nodes(data="params"))

@@ -7,6 +7,7 @@ made, not re-derived from the graph later; it travels with the module through ``
 
 from __future__ import annotations
 
+import keyword
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
@@ -20,9 +21,9 @@ from .tracing import DualGraphModule
 @dataclass(frozen=True)
 class Surgery:
     """What a rewrite did: ``tasks`` in output order, the ``layers`` split (graph order) with the ``members`` each
-    copies (modules and parameters, under ``copies.<task>.<member>``), ``owners`` (every name of every parameter and
-    buffer -> the tasks whose outputs use it), the model's plain ``attributes`` kept on the split model, and the ``route``
-    that traced the model (``"fx"`` or ``"export"``) with the reason it was taken."""
+    copies (modules and parameters, under ``copies.<holder>.<member>``, :func:`copy_holder`), ``owners`` (every name
+    of every parameter and buffer -> the tasks whose outputs use it), the model's plain ``attributes`` kept on the
+    split model, and the ``route`` that traced the model (``"fx"`` or ``"export"``) with the reason it was taken."""
 
     tasks: tuple[str, ...]
     layers: tuple[str, ...]
@@ -35,6 +36,11 @@ class Surgery:
 
 class SplitModule(DualGraphModule):
     """A multi-task ``GraphModule``: shared modules under their original names, copies under ``copies.<task>``.
+
+    Task ``t``'s copy of a member ``m`` of a split layer is ``copies.<t>.<m>`` (``copies.seg.backbone.conv1``), or
+    ``copies.<t>_.<m>`` where ``t`` is an attribute of every ``nn.Module`` (``type``, ``train``, ``forward``), a
+    Python keyword, or ends in an underscore (``copies.type_``, ``copies.seg__`` for task ``seg_``): every
+    identifier names a task, and no two tasks share a holder. ``split.copy_of(task, layer)`` finds it by name.
 
     ``forward`` returns ``{task: output}``. It runs the graph of its current mode (a model whose Python code reads
     ``self.training`` traces to two), keeps everything the original model owned at the same path (parameters,
@@ -112,8 +118,22 @@ class SplitModule(DualGraphModule):
 
 
 COPIES = "copies"
+_TAKEN = frozenset(dir(nn.Module()))  # attribute names every module has: no child module can take them
+
+
+def copy_holder(task: str) -> str:
+    """The name of the module under ``copies`` that holds task ``task``'s copies: the task's own name, with one
+    more trailing underscore where that name is an attribute of every ``nn.Module`` (``type``, ``train``), a Python
+    keyword, or ends in an underscore already (so that ``seg`` and ``seg_`` stay apart)."""
+    if not (task in _TAKEN or keyword.iskeyword(task) or task.endswith("_")):
+        return task
+    holder = task + "_"
+    if holder in _TAKEN:  # a dunder of nn.Module less its last underscore: the one name the rule cannot hold
+        raise TaskError(f"task name {task!r} cannot name the module that holds its copies ({holder!r} is an "
+                        f"attribute of every nn.Module); rename the task.")
+    return holder
 
 
 def copy_target(task: str, target: str) -> str:
     """Qualified name of task ``task``'s copy of a module or parameter ``target``."""
-    return f"{COPIES}.{task}.{target}"
+    return f"{COPIES}.{copy_holder(task)}.{target}"

@@ -6,7 +6,10 @@ contract of a split whose copies trained apart (``assert_per_task``), written in
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
+import keyword
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -60,32 +63,46 @@ def perturb_copies(split, scale: float = 0.1, seed: int = 0) -> None:
                 parameter.add_((noise * (scale * rms if rms > 0 else scale / 10)).to(parameter.dtype))
 
 
+def copies_of(task: str) -> str:
+    """Where a split keeps task ``task``'s copies, by the rule SplitModule documents: ``copies.<task>``, with one
+    more trailing underscore for a name that every ``nn.Module`` has, a keyword, or a name ending in one."""
+    escaped = task in dir(torch.nn.Module()) or keyword.iskeyword(task) or task.endswith("_")
+    return f"copies.{task}_" if escaped else f"copies.{task}"
+
+
 def task_model(model, split, task: str):
     """A copy of the original ``model`` holding what task ``task`` computes with in ``split``: its copies in
     place of the split layers, the split's shared tensors everywhere else."""
     reference = copy.deepcopy(model)
     state = split.state_dict()
     own = reference.state_dict()
-    reference.load_state_dict({name: state.get(f"copies.{task}.{name}", state.get(name, value))
+    reference.load_state_dict({name: state.get(f"{copies_of(task)}.{name}", state.get(name, value))
                                for name, value in own.items()})
     return reference
 
 
+def leaves(output) -> list:
+    """The leaves of ``output``, a dataclass's fields among them (pytree takes a dataclass for one leaf)."""
+    if dataclasses.is_dataclass(output) and not isinstance(output, Mapping):
+        return [leaf for field in dataclasses.fields(output) for leaf in leaves(getattr(output, field.name))]
+    return torch.utils._pytree.tree_leaves(output)
+
+
 def probe(output) -> torch.Tensor:
     """A fixed linear function of every floating-point tensor in ``output``: what gradients are compared on."""
-    leaves = [x for x in torch.utils._pytree.tree_leaves(output) if isinstance(x, torch.Tensor) and x.is_floating_point()]
+    tensors = [x for x in leaves(output) if isinstance(x, torch.Tensor) and x.is_floating_point()]
     generator = torch.Generator().manual_seed(1234)
-    return sum((x.double() * torch.randn(x.shape, generator=generator, dtype=torch.float64)).sum() for x in leaves)
+    return sum((x.double() * torch.randn(x.shape, generator=generator, dtype=torch.float64)).sum() for x in tensors)
 
 
 def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tolerance: float = 1e-5,
-                    modes=(False, True)) -> None:
+                    modes=(False, True), kwargs: dict | None = None) -> None:
     """The contract after the copies train apart: with every copy perturbed independently, each task's output of
     ``split``, and its gradients with respect to every parameter, equal those of the original model with that
     task's copies loaded (``task_model``), in each mode; no task's gradient reaches another task's own parameters.
 
-    ``outputs`` maps tasks to output keys as rewrite takes them (default: the output is keyed by task). Works on
-    copies: neither model changes.
+    ``outputs`` maps tasks to output keys as rewrite takes them (default: the output is keyed by task); ``kwargs``
+    are keyword inputs of the call. Works on copies: neither model changes.
     """
     split = copy.deepcopy(split)
     perturb_copies(split)
@@ -96,18 +113,19 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
             reference = task_model(model, split, task).train(training)
             split.train(training).zero_grad(set_to_none=True)
             torch.manual_seed(0)
-            expected = _select(reference(*copy.deepcopy(args)), keys[task])
+            expected = _select(reference(*copy.deepcopy(args), **copy.deepcopy(kwargs or {})), keys[task])
             torch.manual_seed(0)
-            got = split(*copy.deepcopy(args))[task]
+            got = split(*copy.deepcopy(args), **copy.deepcopy(kwargs or {}))[task]
             assert torch.utils._pytree.tree_structure(got) == torch.utils._pytree.tree_structure(expected), task
-            for e, g in zip(torch.utils._pytree.tree_leaves(expected), torch.utils._pytree.tree_leaves(got)):
+            assert type(got) is type(expected) and len(leaves(got)) == len(leaves(expected)), task
+            for e, g in zip(leaves(expected), leaves(got)):
                 assert e.shape == g.shape and e.dtype == g.dtype, (task, e.shape, g.shape)
                 assert relative_error(e.double(), g.double()) <= tolerance, (task, training)
             probe(expected).backward()
             probe(got).backward()
             pairs = {}
             for name, p in reference.named_parameters(remove_duplicate=False):
-                twin = split_names.get(f"copies.{task}.{name}", split_names.get(name))
+                twin = split_names.get(f"{copies_of(task)}.{name}", split_names.get(name))
                 if twin is not None:
                     assert (p.grad is None) == (twin.grad is None), (task, name, p.grad is None)
                     if p.grad is not None:
@@ -116,12 +134,32 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
             for name, (e, g) in pairs.items():  # a gradient that is zero but for rounding is measured by the whole
                 scale = max(e.norm().item(), 1e-3 * whole, 1e-12)
                 assert (e - g).norm().item() <= 10 * tolerance * scale, (task, name, training)
-            reached = {id(split_names.get(f"copies.{task}.{name}", split_names.get(name))) for name in pairs}
+            reached = {id(split_names.get(f"{copies_of(task)}.{name}", split_names.get(name))) for name in pairs}
             strays = [name for name, p in split.named_parameters() if p.grad is not None and id(p) not in reached]
             assert not strays, (task, training, strays)
 
 
 def _select(output, key):
+    """The part of ``output`` at ``key`` (one key or a tuple of them): a field name reads a dataclass or a
+    namedtuple by attribute. A list of keys names several parts: the output pruned to them."""
+    if isinstance(key, list):
+        return _pruned(output, [part if isinstance(part, tuple) else (part,) for part in key])
     for part in key if isinstance(key, tuple) else (key,):
-        output = output[part]
+        by_name = isinstance(part, str) and not isinstance(output, Mapping)
+        output = getattr(output, part) if by_name else output[part]
     return output
+
+
+def _pruned(output, paths: list[tuple]):
+    """``output`` with only the parts at ``paths``: other keys of a mapping left out, other elements of a tuple or a
+    list ``None``."""
+    if () in paths:
+        return output
+    firsts = {path[0] for path in paths}
+
+    def rest(key):
+        return [path[1:] for path in paths if path[0] == key]
+
+    if isinstance(output, Mapping):
+        return {key: _pruned(value, rest(key)) for key, value in output.items() if key in firsts}
+    return type(output)(_pruned(value, rest(i)) if i in firsts else None for i, value in enumerate(output))

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import fxsplit
-from tests.reference import reference
+from tests.patterns import DetachedProbe
+from tests.reference import assert_per_task, reference
 from tests.models import MultiHead, SmallCNN, Twice, assert_unchanged, scoring_cases as cases, snapshot
 
 THRESHOLDS = [0.0, -0.05, 0.1]
@@ -237,3 +238,43 @@ def test_a_model_both_routes_trace_gets_the_same_report():
     data = [{key: value for key, value in report.to_dict().items() if key != "graph"} for report in reports]
     assert data[0] == data[1] and str(reports[0]) == str(reports[1])
     assert reports[0].top(4) == reports[1].top(4) and len(reports[0].scores) == 12
+
+
+def test_the_cost_of_an_unknown_layer_names_the_close_ones():
+    model, tasks, batches = _model_tasks_batches()
+    report = fxsplit.analyze(model, tasks, batches[:1], progress=False)
+    with pytest.raises(fxsplit.UnknownLayerError, match=r"'backbone.stem.O' is not a layer.*Did you mean .*"
+                                                        r"'backbone.stem.0'"):
+        report.cost("backbone.stem.O")
+
+
+@pytest.mark.parametrize("argument, value", [("bins", 0), ("bins", -3), ("bins", 2.5), ("bins", True),
+                                             ("steps", -1), ("steps", 1.5), ("every", 2.0)])
+def test_counts_that_are_not_whole_numbers_are_typed_errors(argument, value):
+    model, tasks, batches = _model_tasks_batches()
+    with pytest.raises(fxsplit.FxsplitError, match=rf"{argument} must be a whole number .*got {value!r}"):
+        fxsplit.analyze(model, tasks, batches, progress=False, **{argument: value})
+    if argument == "bins":
+        with pytest.raises(fxsplit.FxsplitError, match=rf"bins must be a whole number .*got {value!r}"):
+            fxsplit.ConflictMonitor(model, list(tasks), bins=value)
+
+
+def test_cost_and_within_count_the_copies_rewrite_makes_one_per_task_whose_output_uses_a_layer():
+    torch.manual_seed(0)
+    model = DetachedProbe()
+    batches = [torch.randn(8, 4) for _ in range(3)]
+    tasks = {"a": lambda out, x: out["a"].pow(2).mean(), "b": lambda out, x: -out["b"].mean(),
+             "probe": lambda out, x: out["probe"].pow(2).mean()}
+    report = fxsplit.analyze(model, tasks, batches, progress=False)
+    assert report.reach["trunk.2"] == ["a", "b"]  # the probe's loss is detached from the trunk
+    assert report.users("trunk.2") == ["a", "b", "probe"]  # its output is not: its branch runs the trunk
+    assert report.cost("trunk.2") == 2 * (8 * 8 + 8)
+    total = sum(p.numel() for p in model.parameters())
+    for budget in (0.3, 0.6, 1.0):
+        chosen = report.within(budget)
+        split = fxsplit.rewrite(model, chosen)
+        added = sum(p.numel() for p in split.parameters()) - total
+        assert added == sum(report.cost(layer) for layer in chosen) <= budget * total, budget
+    split = fxsplit.rewrite(model, report.top(2), example_inputs=batches[0])
+    assert sum(p.numel() for p in split.parameters()) - total == report.cost("trunk.0") + report.cost("trunk.2")
+    assert_per_task(model, split, (batches[0],))

@@ -5,15 +5,16 @@ branches that only appear once the copies differ."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
-from torch import fx, nn
+from torch import nn
 
 import fxsplit
 from fxsplit.rewrite.check import check_split
 from fxsplit.tracing.verify import calling, check_trace
-from tests.patterns import InplaceInput, Normalised, RowSelection, TwoHeads, inputs
+from tests.patterns import GumbelRouted, InplaceInput, Normalised, RowSelection, TwoHeads, inputs
 from tests.reference import assert_per_task
 
 
@@ -112,3 +113,24 @@ def test_branches_that_keep_different_rows_stay_apart(batch_branches):
     x = inputs(16)
     split = fxsplit.rewrite(model, ["trunk.second"], batch_branches=batch_branches, example_inputs=x)
     assert_per_task(model, split, (x,))
+
+
+def test_randomness_in_eval_mode_that_the_branches_draw_apart_is_named_not_called_a_bug():
+    torch.manual_seed(0)
+    model, x = TwoHeads(GumbelRouted()), inputs()
+    with pytest.warns(UserWarning, match=r"TwoHeads draws random numbers in eval mode \(at trunk\.gumbel_softmax: "
+                                         r"1 draw in the model's graph, 2 in the split's \(its task branches draw "
+                                         r"apart\)\).*eval mode was not checked"):
+        fxsplit.rewrite(model.eval(), ["trunk.stem"], example_inputs=x)
+
+
+def test_randomness_in_eval_mode_drawn_once_before_the_branches_is_checked():
+    torch.manual_seed(0)
+    model, x = TwoHeads(GumbelRouted()), inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = fxsplit.rewrite(model.eval(), ["trunk.paths.0"], example_inputs=x)
+    assert [str(w.message) for w in caught] == [  # train mode's draws are the documented exception
+        "TwoHeads is random in train mode even without dropout, so the split model was checked in eval mode only."]
+    assert sum(node.target is torch.nn.functional.gumbel_softmax for node in split.graph.nodes) == 1
+    assert_per_task(model, split, (x,), modes=(False,))

@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -6,6 +7,7 @@ from torch import nn
 
 import fxsplit
 from tests.models import assert_unchanged, small_models, snapshot
+from tests.patterns import TwoHeads, Unscriptable
 
 MODELS = small_models()
 SPLITS = {"cnn": ["backbone.block1.conv2"], "cnn3": ["backbone.stem.1"], "vit": ["vit.blocks.0.qkv"],
@@ -117,3 +119,16 @@ def test_a_split_traced_through_torch_export_saves_as_pt2_with_a_dynamic_batch(t
     bigger = torch.cat([x, x, x[:1]])
     _assert_same(split(bigger), loaded(bigger))
     _assert_same(model.eval()(bigger), loaded(bigger))
+
+
+def test_a_failed_torchscript_export_names_the_model_and_the_cause_every_time(tmp_path):
+    torch.manual_seed(0)
+    model = TwoHeads(nn.Sequential(Unscriptable(), nn.ReLU(), nn.Linear(8, 8)))
+    split = fxsplit.rewrite(model.eval(), ["trunk.2"], tracer_kwargs={"leaf_modules": [Unscriptable]}).eval()
+    assert type(copy.deepcopy(split)).__name__ == "TwoHeads"
+    for attempt in range(2):  # a failed attempt must leave nothing behind that hides the cause the next time
+        with pytest.raises(fxsplit.ExportError, match=r"(?s)^TorchScript cannot compile TwoHeads: .*'__class__'"):
+            fxsplit.export(split, tmp_path / "split.pt", torch.randn(4, 4))
+        with pytest.raises(fxsplit.ExportError, match=r"(?s)^TorchScript cannot compile TwoHeads: .*'__class__'"):
+            fxsplit.script(split)
+    assert os.listdir(tmp_path) == []

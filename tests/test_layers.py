@@ -5,7 +5,9 @@ from torch import nn
 
 import fxsplit
 from tests.models import MultiHead, SmallCNN, Twice, TupleHeads, small_models
+from tests.patterns import Parametrized, TwoHeads
 from tests.real_models import CASES
+from tests.reference import assert_per_task
 
 
 def test_one_node_per_parametrised_module_in_graph_order():
@@ -118,3 +120,21 @@ def test_reading_a_size_as_torch_export_records_it_is_no_edge():
     second = graph.call_module("second", (x,))
     graph.output(graph.call_module("third", (graph.call_function(torch.ops.aten.view.default, (second, [batch, -1])),)))
     assert set(fxsplit.layer_graph(torch.fx.GraphModule(root, graph)).edges) == {("second", "third")}
+
+
+def test_both_routes_name_a_parametrized_layer_after_its_module():
+    torch.manual_seed(0)
+    model, x = TwoHeads(Parametrized()), torch.randn(5, 4)
+    by_fx, by_export = fxsplit.layer_graph(model), fxsplit.layer_graph(model, example_inputs=x, method="export")
+    assert list(by_fx.nodes) == ["trunk.stem", "trunk.symmetric", "trunk.normed", "trunk.plain", "heads.a", "heads.b"]
+    assert list(by_export.nodes) == list(by_fx.nodes)
+    assert _without_calls(by_export) == _without_calls(by_fx)
+    assert set(by_export.edges) == set(by_fx.edges)
+    assert by_export.nodes["trunk.plain"]["parameters"] == [
+        "trunk.plain.bias", "trunk.plain.parametrizations.weight.original0",
+        "trunk.plain.parametrizations.weight.original1"]
+    layers = ["trunk.symmetric", "trunk.normed", "trunk.plain"]
+    for method in ("fx", "export"):
+        split = fxsplit.rewrite(model, layers, example_inputs=x, method=method)
+        assert split.split_layers == tuple(layers)
+        assert_per_task(model, split, (x,))

@@ -734,3 +734,17 @@ def test_retain_graph_leaves_the_losses_graph_to_the_loops_own_backward():
     sum(step_losses(twin, tasks, batches[0]).values()).backward()
     _assert_same_grads(model, twin)
     assert monitor.report().steps == 1
+
+
+def test_a_data_parallel_model_is_scored_through_its_module():
+    model, tasks, batches = scoring_cases()["cnn-bn"]
+    model.train()
+    reports = []
+    for wrapped in (model, nn.DataParallel(model)):
+        monitor = fxsplit.ConflictMonitor(wrapped, list(tasks))
+        for batch in batches:
+            out = wrapped(batch[0])
+            monitor.backward({t: loss(out, batch) for t, loss in tasks.items()}, update_grad=False)
+        reports.append(monitor.report())
+    assert reports[1].counts == reports[0].counts and reports[1].layers == reports[0].layers
+    assert len(reports[0].layers) > 5

@@ -10,6 +10,7 @@ from torch import nn
 
 import fxsplit
 from fxsplit.rewrite.streams import join
+from tests.patterns import GatedExperts, NamedTasks, Parametrized, TwoHeads, WriteIntoView
 from tests.reference import assert_per_task
 from tests.models import (
     MultiHead, SmallCNN, assert_equivalent, assert_unchanged, count, small_models, snapshot,
@@ -430,3 +431,90 @@ def test_a_hooked_shared_layer_in_the_branches_runs_once_per_branch_with_its_row
     split(x)
     assert seen == [4, 4]  # one call per branch, each with the branch's own rows
     assert _calls(split, "backbone.block2.conv2") == 1  # what has no hook still runs once on the joined branches
+
+
+@pytest.mark.parametrize("tasks, holders", [
+    (("type", "train"), ("type_", "train_")),  # names nn.Module uses itself
+    (("eval", "half", "cuda", "forward"), ("eval_", "half_", "cuda_", "forward_")),
+    (("copies", "class", "None"), ("copies", "class_", "None_")),  # Python keywords name no attribute
+    (("seg", "seg_", "seg__"), ("seg", "seg__", "seg___")),  # a trailing underscore gets one more: no two collide
+])
+def test_every_identifier_names_a_task_and_its_copies_sit_under_a_documented_name(tasks, holders):
+    torch.manual_seed(0)
+    model, x = NamedTasks(tasks), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x)
+    assert split.tasks == tasks
+    assert set(split.copies._modules) == set(holders)
+    for task, holder in zip(tasks, holders):
+        assert split.copy_of(task, "trunk.2") is split.get_submodule(f"copies.{holder}.trunk.2")
+    assert len({id(split.copy_of(task, "trunk.2").weight) for task in tasks}) == len(tasks)
+    assert_per_task(model, split, (x,))
+
+
+def test_init_reset_resets_what_a_parametrization_derives_the_weight_from():
+    torch.manual_seed(0)
+    model = TwoHeads(Parametrized())
+    split = fxsplit.rewrite(model, ["trunk.normed"], init="reset")
+    original = model.trunk.normed
+    bound = 1 / 8 ** 0.5  # nn.Linear's reset_parameters draws weight and bias within 1 / sqrt(fan_in)
+    copies = [split.copy_of(task, "trunk.normed") for task in split.tasks]
+    for copy_ in copies:
+        assert nn.utils.parametrize.is_parametrized(copy_, "weight")
+        assert not torch.allclose(copy_.weight, original.weight) and not torch.equal(copy_.bias, original.bias)
+        assert copy_.weight.abs().max() <= bound and copy_.bias.abs().max() <= bound
+        g, v = copy_.parametrizations.weight.original0, copy_.parametrizations.weight.original1
+        torch.testing.assert_close(copy_.weight, g * v / v.norm(dim=1, keepdim=True))
+    assert not torch.allclose(copies[0].weight, copies[1].weight)
+    _rejects(fxsplit.InitError, r"'trunk.symmetric'.*parametrization Symmetric of its weight has no right_inverse",
+             model=model, layers=["trunk.symmetric"], init="reset")
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_write_into_a_view_of_an_activation_before_the_split_is_kept(method):
+    torch.manual_seed(0)
+    model, x = TwoHeads(WriteIntoView()), torch.randn(5, 4)
+    split = fxsplit.rewrite(model, ["trunk.last"], example_inputs=x, method=method)
+    assert_per_task(model, split, (x,))
+    if method == "fx":
+        unchecked = fxsplit.rewrite(model, ["trunk.last"])  # kept without an example to catch it, too
+        assert sum(node.target == "add_" for node in unchecked.graph.nodes) == 1
+        assert_per_task(model, unchecked, (x,))
+
+
+@pytest.mark.parametrize("method", ["fx", "export"])
+def test_a_branch_value_written_into_a_view_of_a_shared_activation_is_refused_by_name(method):
+    torch.manual_seed(0)
+    model, x = TwoHeads(WriteIntoView()), torch.randn(5, 4)
+    with pytest.raises(fxsplit.LayerError, match=r"in-place write at trunk\.add writes a value computed after the "
+                                                 r"split layer 'trunk\.mid' into .*trunk\.stem.*read afterwards \(at "
+                                                 r"trunk\.last.*write out of place"):
+        fxsplit.rewrite(model, ["trunk.mid"], example_inputs=x, method=method)
+
+
+def _grads_set_by_forward(module: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    module.zero_grad(set_to_none=True)
+    module(x)
+    return {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("example", [False, True])
+def test_a_backward_call_inside_forward_runs_once_in_the_split(example):
+    torch.manual_seed(0)
+    model, x = TwoHeads(GatedExperts()).train(), torch.randn(6, 4)
+    split = fxsplit.rewrite(model, ["trunk.experts.0"], example_inputs=x if example else None)
+    assert sum(node.target == "backward" for node in split.graph.nodes) == 1
+    expected = _grads_set_by_forward(model, x)
+    assert sorted(expected) == ["trunk.gate.logits.bias", "trunk.gate.logits.weight", "trunk.stem.bias",
+                                "trunk.stem.weight"]
+    got = _grads_set_by_forward(split, x)
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[name], expected[name]) for name in expected)
+    assert not any(node.target == "backward" for node in split.eval().graph.nodes)  # train mode's code only
+    assert_per_task(model, split, (x,))
+
+
+def test_a_backward_call_inside_forward_after_a_split_layer_is_refused_by_name():
+    torch.manual_seed(0)
+    model, x = TwoHeads(GatedExperts()).train(), torch.randn(6, 4)
+    with pytest.raises(fxsplit.LayerError, match=r"trunk\.gate\.backward .*after the split layer 'trunk\.stem'.*"
+                                                 r"once per task"):
+        fxsplit.rewrite(model, ["trunk.stem"], example_inputs=x)

@@ -9,7 +9,8 @@ from torch import nn
 import fxsplit
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
 from tests.mtan import MTAN
-from tests.patterns import Moded
+from tests.patterns import GraphRegressor, Moded, OptionalInput, SumAggregation, TwoHeads, graph_batch
+from tests.reference import assert_per_task
 
 
 class DataDependent(nn.Module):
@@ -231,3 +232,72 @@ def test_the_export_route_refuses_modules_in_another_mode_than_the_model():
         fxsplit.rewrite(model, ["backbone.stem.0"], example_inputs=x, method="export")
     split = fxsplit.rewrite(model, ["backbone.stem.0"], example_inputs=x)  # the fx route calls the module
     assert split.route == "fx" and not split.get_submodule("backbone.stem.1").training
+
+
+def _entry_points(wrapped: nn.Module, x: torch.Tensor) -> dict:
+    """What each entry point gives for ``wrapped`` (trace, layer graph, split, report)."""
+    tasks = {t: (lambda t: lambda out, batch: out[t].pow(2).mean())(t) for t in "ab"}
+    return {"trace": fxsplit.trace(wrapped, x), "layer_graph": fxsplit.layer_graph(wrapped),
+            "rewrite": fxsplit.rewrite(wrapped, ["trunk.2"], example_inputs=x),
+            "analyze": fxsplit.analyze(wrapped, tasks, [x, x], progress=False)}
+
+
+def _assert_read_through_the_wrapper(model: nn.Module, wrapped: nn.Module, x: torch.Tensor) -> None:
+    with pytest.warns(UserWarning, match=rf"{type(wrapped).__name__} wraps the model: fxsplit reads model.module "
+                                         r"\(TwoHeads\).*wrap the split again") as caught:
+        got = _entry_points(wrapped, x)
+    assert len(caught) == 4
+    expected = _entry_points(model, x)
+    assert torch.equal(got["trace"](x)["a"], model(x)["a"])
+    assert list(got["layer_graph"].nodes) == list(expected["layer_graph"].nodes)
+    assert got["rewrite"].split_layers == ("trunk.2",)
+    assert_per_task(model, got["rewrite"], (x,))
+    assert got["analyze"].counts == expected["analyze"].counts and got["analyze"].layers == ["trunk.0", "trunk.2"]
+
+
+def test_a_data_parallel_model_is_read_through_its_module():
+    torch.manual_seed(0)
+    model = TwoHeads(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8)))
+    _assert_read_through_the_wrapper(model, nn.DataParallel(model), torch.randn(6, 4))
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'group'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_a_distributed_data_parallel_model_is_read_through_its_module(one_process_group):
+    torch.manual_seed(0)
+    model = TwoHeads(nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8)))
+    _assert_read_through_the_wrapper(model, nn.parallel.DistributedDataParallel(model), torch.randn(6, 4))
+
+
+@pytest.mark.parametrize("name", ["mask", "gate"])
+def test_an_optional_input_the_example_gives_must_be_given_to_the_trace_and_the_split(name):
+    torch.manual_seed(0)
+    model, x, given = OptionalInput(variadic=name == "gate"), torch.randn(5, 4), {name: torch.ones(5, 8)}
+    traced = fxsplit.trace(model, x, example_kwargs=given)
+    split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x, example_kwargs=given)
+    assert torch.equal(traced(x, **given)["a"], model(x, **given)["a"])
+    assert_per_task(model, split, (x,), kwargs=given)
+    for module in (traced, split, copy.deepcopy(split)):
+        with pytest.raises(fxsplit.TraceError, match=rf"traced with {name} given \(the example gave it\).*give "
+                                                     rf"{name} in every call"):
+            module(x)
+
+
+def test_a_module_that_overrides_call_is_named_and_becomes_a_leaf_when_asked():
+    torch.manual_seed(0)
+    model, (x, batch) = GraphRegressor(), graph_batch()
+    with pytest.raises(fxsplit.TraceError, match=r"module 'pool' \(SumAggregation\).*int\(index.max\(\)\).*"
+                                                 r"overrides nn.Module.__call__.*'leaf_modules': \[SumAggregation\]"):
+        fxsplit.trace(model, method="fx")
+    leaves = {"leaf_modules": [SumAggregation]}
+    traced = fxsplit.trace(model, (x, batch), tracer_kwargs=leaves)
+    assert [n.target for n in traced.graph.nodes if n.op == "call_module"][-3] == "pool"
+    assert torch.equal(traced(x, batch)["mu"], model(x, batch)["mu"])
+    split = fxsplit.rewrite(model, ["node.2"], tracer_kwargs=leaves, example_inputs=(x, batch))
+    assert split.route == "fx"
+    assert_per_task(model, split, (x, batch))

@@ -17,7 +17,7 @@ from ..errors import LayerError, ReportError, unknown_layer
 from ..layers import Layer, attribute, find_layers
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
-from ..tracing import as_example, trace_modes
+from ..tracing import as_example, trace_modes, unwrapped
 from ..tracing.frozen import stand_in
 from ..tracing.symbolic import check_names, copy_module
 from ..tracing.verify import calling
@@ -54,12 +54,15 @@ def rewrite(
             route, or the ``torch.export`` route on the example when ``torch.fx`` fails or mis-traces; the split
             model's ``route`` and ``route_reason`` say which and why.
         layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
-            a conflict report (``report.top(k)``), which also brings the tasks and which output is whose.
+            a conflict report (``report.top(k)``), which also brings the tasks and which parts of the output each
+            task's loss read.
         tasks: task names; optional when the model returns a mapping (its keys are the tasks) or ``layers``
             comes from a report.
         outputs: which part of the model's output belongs to which task: ``{"seg": 0, "depth": 1}`` for a
-            tuple, ``{"seg": "out"}`` for a mapping, a tuple of keys for nested outputs. Needed when the model
-            returns a tuple, a list or a mapping not keyed by task; a single tensor goes whole to every task.
+            tuple, ``{"seg": "out"}`` for a mapping (or a namedtuple's or dataclass's field), a tuple of keys for
+            nested outputs, a list of those for several parts (``{"seg": ["seg", ("aux", "seg")]}``: the task's
+            branch returns the output pruned to them). Needed when the model returns a tuple, a list or a mapping
+            not keyed by task; a single tensor goes whole to every task.
         init: ``"copy"`` (copies start equal to the shared layer: the function is unchanged), ``"reset"``
             (each copy's ``reset_parameters()``) or a callable ``init(copy, layer, task)`` that edits the copy.
         split_norms: also split every normalisation layer with running statistics that lies wholly in the
@@ -96,6 +99,7 @@ def rewrite(
     >>> sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in net.parameters())
     72
     """
+    model = unwrapped(model)
     if isinstance(model, SplitModule):
         raise LayerError("model is already split; rewrite the original model with all the layers at once.")
     check_init(init)
@@ -140,7 +144,8 @@ def rewrite(
     _keep_the_rest(split, root, [m for layer in members.values() for m in layer])
     split._surgery = Surgery(tuple(paths), tuple(split_layers), members, _owners(split, uses, tuple(paths)),
                              _plain_attributes(split, root), *route)
-    split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}))
+    split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}),
+                      given=traced.meta.get("given", {}))
     if example is not None:
         check_split(model, traced, split, paths, calling(*example))
     return split

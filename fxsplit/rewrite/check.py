@@ -13,6 +13,7 @@ from torch import fx, nn
 from ..errors import SplitMismatchError
 from ..outputs import Path, select
 from ..split_module import COPIES, copy_target
+from ..tracing import aten
 from ..tracing.exported import drop_probability
 from ..tracing.symbolic import copy_module
 from ..tracing.verify import (
@@ -30,8 +31,10 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     computing with that task's copies in place of the split layers (norm layers' statistics aside, as documented:
     a shared one in the branches updates once per branch, and a task's copy sees only its own branch).
 
-    Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning
-    says that only eval mode was checked. When a task differs, the trace is checked too, to say whose fault it is.
+    Train mode is compared with dropout off; a model that is still random there cannot be compared, and a warning says
+    that only eval mode was checked. A model random in eval mode (Gumbel sampling) is compared, and where it differs, a
+    warning names the draws (the split's task branches draw their own numbers) instead of an error. When a task differs,
+    the trace is checked too, to say whose fault it is.
     """
     model = copy_module(model, share_tensors=True)  # forward may change Python state: never the user's
     surgery = split._surgery
@@ -50,6 +53,11 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
             if found is not None and training and _random(call, split):  # drop-path in a torch.export graph
                 warnings.warn(f"the split {type(model).__name__} is random in train mode even without dropout, so "
                               f"it was checked in eval mode only.", stacklevel=3)
+                continue
+            if found is not None and not training and _random(call, model):
+                warnings.warn(f"{type(model).__name__} draws random numbers in eval mode "
+                              f"({_draws(traced, split, training)}), so the split and the model, run from one seed, "
+                              f"do not draw the same numbers for a task: eval mode was not checked.", stacklevel=3)
                 continue
         if found is None:
             continue
@@ -130,6 +138,19 @@ def _updated_for(task: str, name: str, owners: Mapping[str, tuple[str, ...]]) ->
         return True
     users = owners.get(name, ())
     return bool(users) and users[0] == task
+
+
+def _draws(traced: nn.Module, split: nn.Module, training: bool) -> str:
+    """Where the model draws random numbers in a mode, and how many draws its graph and the split's make: the
+    split's task branches each draw their own, where the model draws once."""
+    model_draws = [node for node in traced.graph_for(training).nodes if aten.draws_random(node)]
+    split_draws = [node for node in split.graph_for(training).nodes if aten.draws_random(node)]
+    if not model_draws:
+        return "inside a module that the graph calls whole"
+    where = ", ".join(dict.fromkeys(node.meta.get("path", node.name) for node in model_draws))
+    why = "its task branches draw apart" if len(split_draws) > len(model_draws) else "in another order"
+    return (f"at {where}: {len(model_draws)} draw{'s' if len(model_draws) > 1 else ''} in the model's graph, "
+            f"{len(split_draws)} in the split's ({why})")
 
 
 def _random(call: Call, module: nn.Module) -> bool:

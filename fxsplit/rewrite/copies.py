@@ -6,7 +6,9 @@ import copy
 from collections.abc import Callable
 from typing import Any, Union
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import InitError
 from ..layers import Layer, attribute
@@ -47,7 +49,44 @@ def _reset(copies: list, layer: str) -> None:
             f"use init='copy' or a callable init(copy, layer, task)."
         )
     for module in dict.fromkeys(resettable):
-        module.reset_parameters()
+        if parametrize.is_parametrized(module):
+            _reset_parametrized(module, layer)
+        else:
+            module.reset_parameters()
+
+
+def _reset_parametrized(module: nn.Module, layer: str) -> None:
+    """``reset_parameters()`` for a module whose weights a parametrization derives: on the module itself it would
+    write into a derived tensor, made afresh at each read, and leave the weights as they were. A twin without the
+    parametrizations is reset instead, and its tensors are set through them (each parametrization's
+    ``right_inverse`` gives the tensors it derives from)."""
+    for name, chain in module.parametrizations.items():
+        lacking = next((type(p).__name__ for p in chain if not hasattr(p, "right_inverse")), None)
+        if lacking is not None:
+            raise InitError(
+                f"layer {layer!r} ({type(module).__name__}) cannot be reset: the parametrization {lacking} of its "
+                f"{name} has no right_inverse, so no reset value can be set through it. Give it one, or use "
+                f"init='copy' or a callable init(copy, layer, task).")
+    twin = _unparametrized(module)
+    twin.reset_parameters()
+    with torch.no_grad():
+        for name, tensor in [*twin.named_parameters(), *twin.named_buffers()]:
+            if name in module.parametrizations:
+                setattr(module, name, tensor.detach())  # through right_inverse into what it derives from
+            else:
+                attribute(module, name).copy_(tensor)
+
+
+def _unparametrized(module: nn.Module) -> nn.Module:
+    """A copy of a parametrized module as its own class, holding the derived weights as plain parameters.
+    (``parametrize.remove_parametrizations`` would do it by editing the class, which the module shares.)"""
+    derived = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    twin = copy.deepcopy(module)
+    del twin._modules["parametrizations"]
+    twin.__class__ = parametrize.type_before_parametrizations(module)
+    for name, value in derived.items():
+        twin.register_parameter(name, nn.Parameter(value))
+    return twin
 
 
 def install(root: nn.Module, target: str, obj) -> None:

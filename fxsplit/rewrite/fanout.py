@@ -3,23 +3,23 @@
 A node that depends on a chosen layer is *tainted*: it is emitted once per task whose output needs it (its
 branch), with the task's copy in place of each chosen layer's module or parameter, and the one shared set of
 weights everywhere else. Untainted nodes are emitted once and shared by every branch. Nodes no task's output
-needs are dropped, except side effects (checks of the inputs, writes to buffers), which go with the values they
-read. Each emitted node records the original node it came from (``meta["origin"]``) and, in a branch, its task
-(``meta["task"]``), for the passes that follow.
+needs are dropped, except side effects (checks of the inputs, writes to buffers, a backward pass ``forward`` runs),
+which go with the values they read. Each emitted node records the original node it came from (``meta["origin"]``)
+and, in a branch, its task (``meta["task"]``), for the passes that follow.
 """
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from ..split_module import copy_target
 from ..errors import LayerError
-from ..tracing import mutated_input, viewed, written_tensor
+from ..tracing import aliases, mutated_input, viewed, written_input, written_tensor
 from ..outputs import Path, select
 
 NORMS = (nn.modules.batchnorm._NormBase,)  # norm layers with running statistics: shared ones update once per branch
@@ -63,10 +63,13 @@ def needed_nodes(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path]) ->
 
 def _side_effect(root: nn.Module, node: fx.Node, position: Mapping[fx.Node, int]) -> bool:
     """Whether ``node`` does something besides computing a value: a check (torch.export's checks of the inputs,
-    an assertion), or a write that is read afterwards (into a buffer, an input, or a tensor read later)."""
+    an assertion), a backward pass (it adds to parameters' ``.grad``), or a write that is read afterwards (into a
+    buffer, an input, or a tensor read later)."""
+    if _runs_backward(node):
+        return True
     if node.op == "call_module":
         return getattr(root.get_submodule(node.target), "_is_impure", False) is True
-    written = node.args[0] if node.target is operator.setitem else mutated_input(root, node)
+    written = written_input(root, node)
     if written is None:
         return node.op == "call_function" and node.is_impure(impure_random=False)
     while written.op not in ("placeholder", "get_attr"):
@@ -78,11 +81,19 @@ def _side_effect(root: nn.Module, node: fx.Node, position: Mapping[fx.Node, int]
     return True
 
 
+def _runs_backward(node: fx.Node) -> bool:
+    """Whether ``node`` runs a backward pass (``loss.backward()``, ``torch.autograd.backward``), as a regulariser
+    inside ``forward`` does."""
+    return (node.op == "call_method" and node.target == "backward") or (
+        node.op == "call_function" and node.target in (torch.autograd.backward, torch.Tensor.backward))
+
+
 def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen: Mapping[fx.Node, str]) -> FanOut:
     """The graph in which every node in ``chosen`` (node -> its layer's name) applies a per-task copy and
     everything after it fans out."""
     tainted = tainted_by(graph, chosen)
-    clone_first = _writes_into_shared(root, tainted)
+    _check_no_backward_in_branches(tainted)
+    clone_first = _writes_into_shared(root, tainted, {node: i for i, node in enumerate(graph.nodes)})
     emitter = _Emitter(chosen, tainted, clone_first, needed_nodes(root, graph, paths))
     for node in graph.nodes:
         if node.op != "output":
@@ -104,12 +115,27 @@ def tainted_by(graph: fx.Graph, sources: Mapping[fx.Node, str]) -> dict[fx.Node,
     return tainted
 
 
-def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str]) -> set[fx.Node]:
+def _check_no_backward_in_branches(tainted: Mapping[fx.Node, str]) -> None:
+    """Refuse a backward pass that ``forward`` runs after a split layer: each branch would run it, adding to the
+    ``.grad`` of every shared parameter it reaches once per task, where the model adds once."""
+    node = next((node for node in tainted if _runs_backward(node)), None)
+    if node is not None:
+        raise LayerError(
+            f"forward runs a backward pass at {_where(node)} after the split layer {tainted[node]!r}: each task's "
+            f"branch would run it, once per task, adding to the .grad of the shared parameters it reaches each time, "
+            f"so no split computes what the model computes. Split only layers that the backward pass does not "
+            f"depend on (after it, or beside it).")
+
+
+def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str], position: Mapping[fx.Node, int]
+                        ) -> set[fx.Node]:
     """The in-place nodes of the branches that write to a tensor of the shared part, each branch into its own
-    clone; a shared buffer that the branches would update is refused (BatchNorm statistics aside)."""
+    clone; a shared buffer that the branches would update is refused (BatchNorm statistics aside), and so is a
+    write whose tensor the shared part reads afterwards through another view of its memory (a clone would not
+    be what it reads)."""
     clone_first = set()
     for node, layer in tainted.items():
-        mutated = mutated_input(root, node)
+        mutated = written_input(root, node)
         if mutated is None or mutated in tainted:
             continue
         written = written_tensor(root, node)
@@ -117,12 +143,35 @@ def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str]) -> set[
                 root.get_submodule(written.target.rpartition(".")[0]), NORMS):
             raise LayerError(
                 f"buffer {written.target!r} is updated in forward after the split layer {layer!r} (at "
-                f"{node.meta.get('path', node.name)}): each task's branch would update the one buffer in turn, so "
+                f"{_where(node)}): each task's branch would update the one buffer in turn, so "
                 f"no split computes what the model computes. Split only layers after that update, or keep the state "
                 f"in a split layer's own module (each task then gets its own copy).")
+        reader = _read_unwritten(root, node, written, position)
+        if reader is not None:
+            raise LayerError(
+                f"the in-place write at {_where(node)} writes a value computed after the split layer {layer!r} into "
+                f"{_where(mutated)}, memory of {_where(written)}, which the tasks share and which is read afterwards "
+                f"(at {_where(reader)}): each task's branch would write into it in turn, so no split computes what "
+                f"the model computes. Split only layers after that write, or write out of place (h = h + update, "
+                f"torch.cat, torch.where) so that each branch computes its own value.")
         if mutated.op != "get_attr":  # a shared value: each branch writes into its own clone
             clone_first.add(node)
     return clone_first
+
+
+def _read_unwritten(root: nn.Module, write: fx.Node, written: fx.Node, position: Mapping[fx.Node, int]
+                    ) -> fx.Node | None:
+    """The first node after ``write`` that reads the memory it writes (of ``written``) other than through the
+    write's own result (which each branch's clone gives), if any."""
+    through_write = aliases(root, write)
+    stale = aliases(root, written) - through_write
+    readers = [user for alias in stale for user in alias.users
+               if position[user] > position[write] and user not in through_write]
+    return min(readers, key=position.__getitem__, default=None)
+
+
+def _where(node: fx.Node) -> str:
+    return node.meta.get("path", node.name)
 
 
 def _ancestors(value: Any) -> set[fx.Node]:

@@ -24,6 +24,13 @@ def task_names(tasks: Iterable) -> list[str]:
     return names
 
 
+def whole_number(name: str, value, minimum: int, unit: str = "") -> int:
+    """``value`` if it is a whole number (a bool is not) of at least ``minimum``, else an :class:`FxsplitError`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise FxsplitError(f"{name} must be a whole number{unit} >= {minimum}, got {value!r}.")
+    return value
+
+
 def thresholds(threshold) -> list[float]:
     """S as a list of distinct cosines in [-1, 1], the primary one first."""
     values = [threshold] if isinstance(threshold, (int, float)) else list(threshold)

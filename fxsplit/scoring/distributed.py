@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from ..errors import FxsplitError, ScoringError
 from .counter import Tally
@@ -32,11 +31,6 @@ def check_not_sharded(named: list[tuple[str, torch.Tensor]]) -> None:
             f"computes with all-gathered copies and hands gradients to the shards only through .grad, one "
             f"reduce-scatter per backward, so the monitor cannot take each task's gradient. Score under "
             f"DistributedDataParallel or in one process; the split model then trains under fully_shard.")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module a ``DistributedDataParallel`` wrapper holds (its parameters and graph are the module's)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 class Reduction:

@@ -14,9 +14,10 @@ from torch import nn
 from ..errors import FxsplitError, ScoringError, TaskError
 from ..layers import layer_graph
 from ..report import ConflictReport
+from ..tracing import unwrapped
 from . import checks
 from .counter import ConflictCounter
-from .distributed import check_not_sharded, reduction, unwrap
+from .distributed import check_not_sharded, reduction
 from .figures import StepFigures
 from .grads import GradWriter
 from .methods import Aggregator, aggregate, aggregator_of
@@ -80,8 +81,8 @@ class ConflictMonitor:
     ``monitor.report()`` is the same :class:`ConflictReport` that :func:`fxsplit.analyze` returns.
 
     Args:
-        model: the model the losses come from (a ``DistributedDataParallel`` wrapper is accepted: its module is
-            scored). The monitor keeps no hook on it and changes nothing but ``.grad``.
+        model: the model the losses come from (a ``DistributedDataParallel`` or ``DataParallel`` wrapper is
+            accepted: its module is scored). The monitor keeps no hook on it and changes nothing but ``.grad``.
         tasks: the task names: the keys of the mapping given to :meth:`backward`.
         threshold: S, or several (the first is the primary one).
         graph: the layer graph to score (default ``fxsplit.layer_graph(model)``, traced from ``forward``).
@@ -151,12 +152,12 @@ class ConflictMonitor:
         group=None,
         on_step: Callable[[StepFigures], object] | Iterable[Callable[[StepFigures], object]] | None = None,
     ):
-        self.model = unwrap(model)
-        self._ddp = model if model is not self.model else None
+        self.model = unwrapped(model, quietly=True)  # the documented way in: scoring inside a parallel loop
+        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.tasks = checks.task_names(tasks)
         self.thresholds = checks.thresholds(threshold)
         self.graph = layer_graph(self.model) if graph is None else graph
-        self.bins = bins
+        self.bins = checks.whole_number("bins", bins, 1)
         self.aggregator = aggregator_of(aggregator)
         self.scaler = scaler
         self._reduction = reduction(distributed, group)

@@ -12,6 +12,7 @@ module records the route taken and why in ``gm.meta["route"]`` and ``gm.meta["ro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -22,15 +23,15 @@ from .dual import DualGraphModule
 from .exported import (
     ExportedGraphModule, add_attributes, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
 )
-from .mutations import follow_mutations, mutated_input, viewed, written_tensor
+from .mutations import aliases, follow_mutations, mutated_input, viewed, written_input, written_tensor
 from .symbolic import (
     OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
 )
-from .verify import calling, check_trace, example_call, given_arguments
+from .verify import calling, check_trace, example_call, given_arguments, optional_given
 
-__all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PathTracer", "as_example",
-           "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph", "trace_modes",
-           "viewed", "written_tensor"]
+__all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PARALLEL_WRAPPERS", "PathTracer",
+           "as_example", "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph",
+           "trace_modes", "unwrapped", "viewed", "written_input", "written_tensor", "aliases"]
 
 METHODS = ("auto", "fx", "export")
 Example = tuple[tuple, dict]  # (args, kwargs) of one call of the model
@@ -57,6 +58,9 @@ def trace(
     ``"auto"`` (default) with ``torch.fx``, and with ``torch.export`` when ``torch.fx`` fails or, given an example,
     mis-traces. ``gm.meta["route"]`` and ``gm.meta["route_reason"]`` say which route was taken and why.
 
+    A ``DataParallel`` or ``DistributedDataParallel`` wrapper is read through its ``module`` (with a warning), here
+    and in ``layer_graph``, ``analyze`` and ``rewrite``.
+
     ``tracer_kwargs`` (``torch.fx``'s route; as torchvision's feature extraction takes them): ``leaf_modules``
     (classes, or qualified names of single modules, called whole), ``autowrap_functions`` (called whole) and
     ``concrete_args`` (argument values fixed while tracing). Arguments of ``forward`` whose default is not a
@@ -75,8 +79,26 @@ def trace(
     >>> [n.meta["path"] for n in gm.graph.nodes if n.op == "call_function"]
     ['0.linear', '1.relu', '2.linear']
     """
+    model = unwrapped(model)
     _check_module(model)
     return trace_modes(model, tracer_kwargs, method=method, example=as_example(example_inputs, example_kwargs))
+
+
+PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def unwrapped(model: Any, *, quietly: bool = False) -> Any:
+    """The module a ``DataParallel`` or ``DistributedDataParallel`` wrapper holds (with a warning, unless
+    ``quietly``), or ``model`` itself: a wrapper's ``forward`` scatters inputs and synchronises gradients, which no
+    trace can record, and its parameters and layers are its module's."""
+    if not isinstance(model, PARALLEL_WRAPPERS):
+        return model
+    if not quietly:
+        warnings.warn(
+            f"{type(model).__name__} wraps the model: fxsplit reads model.module ({type(model.module).__name__}), so "
+            f"layer names are its own (without 'module.') and a split is a split of model.module: wrap the split "
+            f"again to train it in parallel.", stacklevel=3)
+    return model.module
 
 
 def as_example(example_inputs: Any, example_kwargs: dict[str, Any] | None) -> Example | None:
@@ -122,6 +144,7 @@ def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
 
     traced = _route(model, method, example, options, (True, False), by_fx, by_export)
     traced.meta["canonical"] = canonical_names(model)
+    traced.meta["given"] = optional_given(model, *example) if example is not None else {}
     return traced
 
 

@@ -9,6 +9,7 @@ graph survives ``copy.deepcopy``, pickling and ``torch.save``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ from torch.package import sys_importer
 
 from .frozen import first_change, stale, stand_in, watched
 from .symbolic import torch_layer
+from .verify import check_given
 
 
 class DualGraphModule(fx.GraphModule):
@@ -71,6 +73,7 @@ class DualGraphModule(fx.GraphModule):
     def __call__(self, *args, **kwargs):
         self._follow_mode()  # also when .training was set directly, not through .train()
         self._check_frozen()
+        check_given(self.meta.get("given", {}), args, kwargs, type(self).__name__)
         return super().__call__(*args, **kwargs)
 
     def _check_frozen(self) -> None:
@@ -95,7 +98,7 @@ class DualGraphModule(fx.GraphModule):
             self._graph_training = self.training
 
     def _deepcopy_init(self):
-        return _init_from_copy
+        return functools.partial(_init_from_copy, class_name=type(self).__name__)  # the copy's class is new
 
     def __reduce__(self):
         self._follow_mode()
@@ -114,12 +117,13 @@ def _source(graph: fx.Graph) -> str:
     return graph.python_code("self").src
 
 
-def _init_from_copy(module: DualGraphModule, root: nn.Module, graph: fx.Graph) -> None:
-    """``copy.deepcopy``'s way into ``__init__``: ``root`` holds a deep copy of the original's attributes."""
+def _init_from_copy(module: DualGraphModule, root: nn.Module, graph: fx.Graph, class_name: str) -> None:
+    """``copy.deepcopy``'s way into ``__init__``: ``root`` holds a deep copy of the original's attributes, and
+    ``class_name`` is the original's (the model's class name, which messages show)."""
     other = root.__dict__.pop("_other_graph", None)
     mode = root.__dict__.pop("_graph_training")
     graphs = {mode: graph, not mode: other if other is not None else graph}
-    type(module).__init__(module, root, graphs, type(module).__name__, **_arguments(type(module), root))
+    type(module).__init__(module, root, graphs, class_name, **_arguments(type(module), root))
 
 
 def _rebuild(cls: type, class_name: str, body: dict, import_block: str, other_code: str | None) -> DualGraphModule:

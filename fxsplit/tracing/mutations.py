@@ -1,4 +1,5 @@
-"""In-place operations in a traced graph: which input each one writes to, and rewiring later readers to it."""
+"""In-place operations in a traced graph: which input each one writes to (through which views), and rewiring later
+readers to it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import operator
 
 import torch
 from torch import fx, nn
+
+from . import aten
 
 _INPLACE_OPERATORS = {
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -46,10 +49,18 @@ def mutated_input(root: nn.Module, node: fx.Node) -> fx.Node | None:
     return node.args[0] if inplace else None
 
 
+def written_input(root: nn.Module, node: fx.Node) -> fx.Node | None:
+    """The input node that ``node`` writes into: an in-place operation's (:func:`mutated_input`), or the tensor
+    that ``h[i] = v`` (``operator.setitem``, which returns nothing) assigns into."""
+    if node.op == "call_function" and node.target is operator.setitem:
+        return node.args[0]
+    return mutated_input(root, node)
+
+
 def written_tensor(root: nn.Module, node: fx.Node) -> fx.Node | None:
     """The value whose memory an in-place operation writes to, past in-place results and views of it (the
     buffer under ``self.mean.mul_(0.9).add_(x)``, or under ``aten.add_(aten.select(buffer, 0, 0), 1)``)."""
-    written = mutated_input(root, node)
+    written = written_input(root, node)
     while written is not None:
         base = mutated_input(root, written) or viewed(written)
         if base is None:
@@ -59,7 +70,18 @@ def written_tensor(root: nn.Module, node: fx.Node) -> fx.Node | None:
 
 
 def viewed(node: fx.Node) -> fx.Node | None:
-    """The tensor that ``node`` is a view of (an ATen operation whose result aliases its first input), if any."""
-    schema = getattr(node.target, "_schema", None)
-    aliased = schema is not None and schema.arguments and schema.arguments[0].alias_info is not None
-    return node.args[0] if aliased and not schema.arguments[0].alias_info.is_write else None
+    """The tensor whose memory ``node``'s result shares, if any: what it is a view of (``h[:, :4]``,
+    ``aten.slice(h, ...)``, ``h.transpose(0, 1)``), or the tuple it is an element of (:func:`.aten.aliases_input`)."""
+    return node.args[0] if aten.aliases_input(node) else None
+
+
+def aliases(root: nn.Module, node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node whose result shares its memory, through views and in-place results of them."""
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in found:
+            found.add(current)
+            stack.extend(user for user in current.users
+                         if viewed(user) is current or mutated_input(root, user) is current)
+    return found

@@ -8,7 +8,9 @@ timm's registry of non-traceable modules and functions (when timm is installed) 
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import inspect
 import math
 import os
@@ -67,8 +69,42 @@ class PathTracer(fx.Tracer):
     def trace(self, root: nn.Module, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
         self._buffers = dict(root.named_buffers())
         check_backward_hooks(root, "")
-        with recording_modes(self), recording_autograd(self):
+        with recording_modes(self), recording_autograd(self), self._through_call_overrides(root):
             return super().trace(root, concrete_args)
+
+    @contextlib.contextmanager
+    def _through_call_overrides(self, root: nn.Module) -> Iterator[None]:
+        """While tracing, the submodules whose class overrides ``nn.Module.__call__`` (PyTorch Geometric's
+        ``Aggregation``) are called through :meth:`_call_overriding`: that code runs before ``nn.Module.__call__``,
+        where torch.fx would see the call."""
+        classes = {type(m) for m in root.modules() if m is not root and type(m).__call__ is not nn.Module.__call__}
+        saved = {cls: cls.__dict__.get("__call__") for cls in classes}
+        for cls in classes:
+            original = cls.__call__
+            cls.__call__ = functools.wraps(original)(
+                lambda module, *args, _original=original, **kwargs: self._call_overriding(module, _original, args,
+                                                                                          kwargs))
+        try:
+            yield
+        finally:
+            for cls, own in saved.items():
+                if own is None:
+                    del cls.__call__
+                else:
+                    cls.__call__ = own
+
+    def _call_overriding(self, module: nn.Module, original: Callable, args: tuple, kwargs: dict) -> Any:
+        """A leaf is called whole, its override included (it runs when the graph runs); the others run their
+        override, which a failure inside is laid to."""
+        path = self.path_of_module(module)
+        if self.is_leaf_module(module, path):
+            return self.call_module(module, module.forward, args, kwargs)
+        try:
+            return original(module, *args, **kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = path
+            raise
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         if node.op == "get_attr" and node.target in self._buffers:
@@ -319,7 +355,10 @@ def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception, bound: M
     line = _user_line(error)
     name = type(module).__name__
     if where:
-        fix = (f"make it a leaf, called whole (its parameters then form one layer): "
+        override = (f" (its class overrides nn.Module.__call__, whose code runs before torch.fx sees the call: as a "
+                    f"leaf, {name} is called whole, that code included, when the graph runs)"
+                    if type(module).__call__ is not nn.Module.__call__ else "")
+        fix = (f"make it a leaf, called whole (its parameters then form one layer){override}: "
                f"tracer_kwargs={{'leaf_modules': [{name}]}} (or ['{where}']).")
     else:
         arguments = [a for a in inspect.signature(root.forward).parameters if a not in bound]

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_map
+from torch.utils._pytree import tree_map
 
+from .. import structure
 from ..errors import TraceError, TraceMismatchError
 from .symbolic import copy_module
 
@@ -89,6 +90,32 @@ def given_arguments(model: nn.Module, args: tuple, kwargs: dict) -> list[str]:
     return names[:len(args)] + list(kwargs)
 
 
+def optional_given(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, int | None]:
+    """The inputs an example call gives that ``forward`` could go without (a parameter with a default, a keyword
+    that ``**kwargs`` takes), each with its position when it can be passed by position: a trace holds the path
+    ``forward`` takes with them, so a traced module must be given them."""
+    parameters = inspect.signature(model.forward).parameters
+    positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    optional = {}
+    for name in given_arguments(model, args, kwargs):
+        parameter = parameters.get(name)
+        if parameter is None or parameter.kind == parameter.VAR_KEYWORD or parameter.default is not parameter.empty:
+            optional[name] = positional.index(name) if name in positional else None
+    return optional
+
+
+def check_given(needed: Mapping[str, int | None], args: tuple, kwargs: Mapping[str, Any], name: str) -> None:
+    """Raise :class:`TraceError` unless a call gives every input in ``needed`` (from :func:`optional_given`)."""
+    missing = [arg for arg, position in needed.items()
+               if arg not in kwargs and (position is None or position >= len(args))]
+    if missing:
+        raise TraceError(
+            f"{name} was traced with {', '.join(missing)} given (the example gave it), so its graph holds the path "
+            f"forward takes with {'them' if len(missing) > 1 else 'it'} (code that tests `is None` or "
+            f"kwargs.get(...) runs once while tracing): give {', '.join(missing)} in every call, or trace (and "
+            f"rewrite) with an example without {'them' if len(missing) > 1 else 'it'} for calls without.")
+
+
 @contextlib.contextmanager
 def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
     """Put ``modules`` in train or eval mode, then give every submodule back its own mode."""
@@ -152,7 +179,7 @@ def probe(value: Any) -> torch.Tensor | None:
     """A fixed linear function of every floating-point tensor in ``value`` that has a gradient (each summed with
     fixed random weights, in float64), or ``None`` when none has: what gradients are compared on."""
     total = None
-    for i, leaf in enumerate(tree_flatten(value)[0]):
+    for i, (_, _, leaf) in enumerate(structure.leaves(value)):
         if isinstance(leaf, torch.Tensor) and leaf.requires_grad and leaf.is_floating_point():
             generator = torch.Generator().manual_seed(SEED + i)
             weights = torch.randn(leaf.shape, generator=generator, dtype=torch.float64).to(leaf.device)
@@ -176,16 +203,16 @@ def _gradients(part: Any, parameters: Sequence[torch.Tensor]) -> list[torch.Tens
 def first_difference(expected: Any, got: Any) -> tuple[str, str] | None:
     """``(output, how it differs)`` for the first output of ``got`` that differs from ``expected``, else ``None``.
 
-    Outputs are matched by key path, so containers of another type with the same keys (an ``OrderedDict`` for a
-    ``dict``) are the same output.
+    Outputs are matched by key path (:mod:`fxsplit.structure`), so containers of another type with the same keys
+    (an ``OrderedDict`` for a ``dict``) are the same output; dataclasses are compared field by field.
     """
-    expected_leaves, got_leaves = tree_flatten_with_path(expected)[0], tree_flatten_with_path(got)[0]
+    expected_leaves, got_leaves = structure.leaves(expected), structure.leaves(got)
     if _keys(expected_leaves) != _keys(got_leaves):
         return "the output structure", f"{_keys(got_leaves)} instead of {_keys(expected_leaves)}"
-    for (path, a), (_, b) in zip(expected_leaves, got_leaves):
+    for (_, shown, a), (_, _, b) in zip(expected_leaves, got_leaves):
         how = difference(a, b)
         if how is not None:
-            return f"output{keystr(path)}", how
+            return f"output{shown}", how
     return None
 
 
@@ -296,4 +323,4 @@ def difference(expected: Any, got: Any, floor: float = 0.0) -> str | None:
 
 
 def _keys(leaves: list) -> list[str]:
-    return [keystr(path) for path, _ in leaves]
+    return [shown for _, shown, _ in leaves]
