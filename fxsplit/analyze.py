@@ -84,7 +84,7 @@ def analyze(
         raise FxsplitError(f"every must be a whole number of steps >= 1, got {every!r}.")
     if graph is not None and tracer_kwargs:
         raise FxsplitError("tracer_kwargs apply when analyze traces the model itself; a graph was given.")
-    forward = forward or _default_forward
+    forward = forward or default_forward
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where batches go
     buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
     hooks = step_hooks(on_step)
@@ -150,7 +150,8 @@ def _check_tasks(tasks) -> dict[str, Loss]:
     return dict(tasks)
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """How analyze calls the model on a batch without a ``forward``: ``model(batch[0])`` for a tuple or list."""
     return model(batch[0]) if isinstance(batch, (tuple, list)) else model(batch)
 
 

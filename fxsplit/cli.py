@@ -10,52 +10,147 @@ checked against the model on the first batch. A SPEC is executed code: run only 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
 import importlib.util
 import json
+import os
 import sys
+import sysconfig
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
+from torch import nn
 
 from . import analyze, export, layer_graph, rewrite
-from .errors import FxsplitError
+from .analyze import default_forward
+from .errors import FxsplitError, raised_at
 from .experiment import demo
 from .report import ConflictReport
+from .tracing.verify import forwarding, recorded_example
 
 SPEC_HELP = ("Python file (its function `spec`), file.py:function or module:function returning model, tasks and "
              "data. It is executed: run only SPECs you trust.")
 
 
 class SpecError(FxsplitError):
-    """A SPEC that cannot be loaded, or that does not return model, tasks and data."""
+    """A SPEC that cannot be loaded, that does not return model, tasks and data, or whose model fails on its data."""
 
 
-def load_spec(spec: str) -> dict[str, Any]:
-    """Run a SPEC and return its ``{"model", "tasks", "data"}``."""
+KEYS = ("model", "tasks", "data")  # a SPEC's tuple gives these, in this order
+# where a failure is the library's or Python's, not the SPEC's: the line a SpecError names lies elsewhere
+_NOT_THE_SPEC = (sysconfig.get_path("stdlib"), str(Path(__file__).parent))
+
+
+@dataclass
+class Spec:
+    """What a SPEC built: the model, its tasks and data, and the optional keys as the library functions take them."""
+
+    name: str
+    model: nn.Module
+    tasks: Mapping[str, Callable]
+    data: Iterable
+    outputs: Mapping | None = None
+    forward: Callable | None = None
+    tracer_kwargs: Mapping[str, Any] | None = None
+    method: str = "auto"
+
+    @functools.cached_property
+    def example(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` the model takes on the first batch, recorded from a run as analyze calls it."""
+        with _spec_code(f"SPEC {self.name!r}: its data fails"):
+            batch = next(iter(self.data), None)
+        if batch is None:
+            raise SpecError(f"SPEC {self.name!r}: its data gives no batch.")
+        try:
+            return recorded_example(self.model, forwarding(self.forward or default_forward, batch))
+        except FxsplitError:
+            raise
+        except Exception as error:
+            raise SpecError(f"SPEC {self.name!r}: the model fails on the SPEC's first batch: {_described(error)}"
+                            f"{self._forward_hint(batch)}") from error
+
+    def _forward_hint(self, batch: Any) -> str:
+        """A model may take a mapping itself; when it fails on one and no forward was given, say how to give it."""
+        if not isinstance(batch, Mapping) or self.forward is not None:
+            return ""
+        return (f". The batch is a {type(batch).__name__} (keys {', '.join(map(repr, batch))}) and the SPEC gives no "
+                f"forward, so the model was called on the whole batch: add \"forward\": forward(model, batch), the "
+                f"call of the model on a batch (e.g. lambda model, batch: model(batch[...])).")
+
+
+def load_spec(spec: str) -> Spec:
+    """Run a SPEC and return what it built.
+
+    While it runs, the working directory and the SPEC file's folder are on ``sys.path`` (as for ``python
+    spec.py``), so that it imports its neighbours; ``sys.path`` is then restored.
+    """
     location, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "spec")
+    is_file = location.endswith(".py")
+    if is_file and not Path(location).is_file():
+        raise SpecError(f"no such SPEC file: {location}")
+    with _importable(os.getcwd(), *([str(Path(location).resolve().parent)] if is_file else [])), \
+            _spec_code(f"cannot load SPEC {spec!r}"):
+        module = _spec_module(location) if is_file else importlib.import_module(location)
+        function = getattr(module, name, None)
+        if not callable(function):
+            raise SpecError(f"cannot load SPEC {spec!r}: {location} has no function {name!r}.")
+        built = function()
+    return _spec_of(spec, built)
+
+
+def _spec_module(path: str) -> ModuleType:
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(Path(path).stem, path))
+    module.__spec__.loader.exec_module(module)
+    return module
+
+
+def _spec_of(name: str, built: Any) -> Spec:
+    if isinstance(built, (tuple, list)) and len(built) == len(KEYS):
+        built = dict(zip(KEYS, built))
+    if not isinstance(built, Mapping) or not set(KEYS) <= set(built):
+        raise SpecError(f"SPEC {name!r} must return a mapping with model, tasks and data (or that tuple).")
+    known = [f.name for f in fields(Spec)][1:]
+    unknown = [key for key in built if key not in known]
+    if unknown:
+        raise SpecError(f"SPEC {name!r} returns unknown keys {unknown}; a SPEC gives {', '.join(known)}.")
+    return Spec(name, **built)
+
+
+@contextlib.contextmanager
+def _importable(*folders: str) -> Iterator[None]:
+    saved = list(sys.path)
+    sys.path[:0] = folders
     try:
-        if location.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(location).stem, location)
-            if module_spec is None or not Path(location).is_file():
-                raise SpecError(f"no such SPEC file: {location}")
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(location)
-        built = getattr(module, name)()
-    except FxsplitError:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+@contextlib.contextmanager
+def _spec_code(failing: str) -> Iterator[None]:
+    """Run the SPEC's code: what it raises becomes a one-line :class:`SpecError` that starts with ``failing``."""
+    try:
+        yield
+    except SpecError:
         raise
-    except (ImportError, AttributeError, OSError) as error:
-        raise SpecError(f"cannot load SPEC {spec!r}: {type(error).__name__}: {error}") from error
-    if isinstance(built, (tuple, list)) and len(built) == 3:
-        built = dict(zip(("model", "tasks", "data"), built))
-    if not isinstance(built, Mapping) or not {"model", "tasks", "data"} <= set(built):
-        raise SpecError(f"SPEC {spec!r} must return a mapping with model, tasks and data (or that tuple).")
-    return dict(built)
+    except Exception as error:
+        raise SpecError(f"{failing}: {_described(error)}") from error
+
+
+def _described(error: Exception) -> str:
+    """``Type: message at file:line: code``, the line being the SPEC's (or its model's), not the library's."""
+    if isinstance(error, SyntaxError):
+        return f"SyntaxError: {error.msg} at {error.filename}:{error.lineno}: {(error.text or '').strip()}"
+    where = raised_at(error, skip=_NOT_THE_SPEC)
+    message = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {message}{' at ' + where if where else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,10 +255,9 @@ def _demo(args) -> None:
 
 def _analyze(args) -> None:
     spec = load_spec(args.spec)
-    model = spec["model"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.train) if args.train else None
-    report = analyze(model, spec["tasks"], spec["data"], steps=args.steps, threshold=args.threshold,
-                     optimizer=optimizer, forward=spec.get("forward"), tracer_kwargs=spec.get("tracer_kwargs"),
+    optimizer = torch.optim.SGD(spec.model.parameters(), lr=args.train) if args.train else None
+    report = analyze(spec.model, spec.tasks, spec.data, steps=args.steps, threshold=args.threshold,
+                     optimizer=optimizer, forward=spec.forward, graph=_layer_graph(spec),
                      progress=None if not args.json else False)
     if args.steps is not None and report.steps < args.steps:
         print(f"fxsplit: the data gave {report.steps} batches, so {report.steps} of the {args.steps} steps asked "
@@ -173,6 +267,13 @@ def _analyze(args) -> None:
     if args.plot:
         report.plot(args.plot)
     _print(args, report.to_dict(), str(report))
+
+
+def _layer_graph(spec: Spec):
+    """The model's layer graph, traced with the SPEC's options and checked on its first batch."""
+    args, kwargs = spec.example
+    return layer_graph(spec.model, tracer_kwargs=spec.tracer_kwargs, example_inputs=args, example_kwargs=kwargs,
+                       method=spec.method)
 
 
 def _selected(args) -> list[str] | None:
@@ -186,19 +287,13 @@ def _selected(args) -> list[str] | None:
     return report.top(args.top) if args.top is not None else report.within(args.budget)
 
 
-def _example(spec: dict) -> Any:
-    """The model's input in the SPEC's first batch, as analyze feeds it (``batch[0]`` of a tuple or list)."""
-    batch = next(iter(spec["data"]))
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _split(args, spec: dict, **options):
+def _split(args, spec: Spec, **options):
     layers = _selected(args)
     if layers is None:
-        return spec["model"], []
-    tasks = list(spec["tasks"])
-    split = rewrite(spec["model"], layers, tasks, outputs=spec.get("outputs"), example_inputs=(_example(spec),),
-                    tracer_kwargs=spec.get("tracer_kwargs"), **options)
+        return spec.model, []
+    inputs, kwargs = spec.example
+    split = rewrite(spec.model, layers, list(spec.tasks), outputs=spec.outputs, example_inputs=inputs,
+                    example_kwargs=kwargs, tracer_kwargs=spec.tracer_kwargs, method=spec.method, **options)
     return split, list(layers)
 
 
@@ -208,7 +303,7 @@ def _rewrite(args) -> None:
                            f"(.pt and .pt2 are the TorchScript and torch.export files that `fxsplit export` writes).")
     spec = load_spec(args.spec)
     split, layers = _split(args, spec, init=args.init, split_norms=args.split_norms)
-    before = sum(p.numel() for p in spec["model"].parameters())
+    before = sum(p.numel() for p in spec.model.parameters())
     after = sum(p.numel() for p in split.parameters())
     if args.out:
         torch.save(split, args.out)
@@ -221,13 +316,12 @@ def _rewrite(args) -> None:
 def _export(args) -> None:
     spec = load_spec(args.spec)
     model, layers = _split(args, spec)
-    path = export(model, args.out, (_example(spec),))
+    path = export(model, args.out, spec.example[0])
     _print(args, {"path": str(path), "layers": layers}, f"exported and checked {path}")
 
 
 def _graph(args) -> None:
-    spec = load_spec(args.spec)
-    graph = layer_graph(spec["model"], tracer_kwargs=spec.get("tracer_kwargs"), example_inputs=(_example(spec),))
+    graph = _layer_graph(load_spec(args.spec))
     if args.dot:
         args.dot.write_text(graph.to_dot())
     if args.png:

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,59 @@ import torch
 import fxsplit
 from fxsplit import cli
 
-SPEC = str(Path(__file__).parents[1] / "examples" / "digits_spec.py")
+ROOT = Path(__file__).parents[1]
+SPEC = str(ROOT / "examples" / "digits_spec.py")
+
+TINY = """\
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.heads = nn.ModuleDict({"a": nn.Linear(8, 2), "b": nn.Linear(8, 2)})
+
+    def forward(self, x):
+        h = self.trunk(x)
+        return {task: head(h) for task, head in self.heads.items()}
+
+
+def losses(labels=1):
+    return {task: (lambda k: lambda out, batch: F.cross_entropy(out[task], batch[labels][:, k]))(k)
+            for k, task in enumerate("ab")}
+
+
+def spec():
+    torch.manual_seed(0)
+    data = [(torch.randn(8, 4), torch.randint(0, 2, (8, 2))) for _ in range(3)]
+    return {"model": Net(), "tasks": losses(), "data": data}
+
+
+def dict_batches():
+    torch.manual_seed(0)
+    data = [{"image": torch.randn(8, 4), "labels": torch.randint(0, 2, (8, 2))} for _ in range(3)]
+    return {"model": Net(), "tasks": losses("labels"), "data": data}
+"""
+MODEL_LINE = TINY.splitlines().index("        h = self.trunk(x)") + 1  # where Net fails on a bad input
+
+
+def spec_file(folder: Path, text: str = TINY, name: str = "tiny_spec.py") -> Path:
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def scripted_sys_path(monkeypatch):
+    """sys.path as the installed ``fxsplit`` script has it (no working directory), and no module left imported."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    modules = set(sys.modules)
+    yield list(sys.path)
+    for name in set(sys.modules) - modules:
+        del sys.modules[name]
 
 
 def run(capsys, *argv):
@@ -97,3 +150,70 @@ def test_python_dash_m_and_help_list_examples():
     done = subprocess.run([sys.executable, "-m", "fxsplit", "analyze", "--help"], capture_output=True, text=True,
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0 and "example:" in done.stdout and "executed" in done.stdout
+
+
+def test_a_spec_imports_from_its_own_folder_and_from_the_working_directory(tmp_path, scripted_sys_path,
+                                                                          monkeypatch, capsys):
+    spec_file(tmp_path, name="tiny_net.py")
+    spec_file(tmp_path, "from tiny_net import spec  # a neighbour of the SPEC\n", "file_spec.py")
+    spec_file(tmp_path, "from tiny_net import spec\n", "module_spec.py")
+    code, out, err = run(capsys, "graph", str(tmp_path / "file_spec.py"))  # run from elsewhere
+    assert (code, err) == (0, "") and out.splitlines()[0] == "4 layers, 3 edges"
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "graph", "module_spec:spec")
+    assert (code, err) == (0, "") and out.splitlines()[0] == "4 layers, 3 edges"
+    assert sys.path == scripted_sys_path
+
+
+@pytest.mark.parametrize("text, line", [
+    ("def spec():\n    raise ValueError('no data here')\n", 2),
+    ("import no_such_module_for_a_spec\n", 1),
+    ("def spec(:\n    pass\n", 1),
+])
+def test_a_spec_that_fails_is_a_one_line_spec_error_saying_where(tmp_path, capsys, text, line):
+    path = spec_file(tmp_path, text, "failing_spec.py")
+    with pytest.raises(Exception) as raised:  # what the SPEC raises when Python runs it
+        namespace = {}
+        exec(compile(text, str(path), "exec"), namespace)
+        namespace["spec"]()
+    raised = raised.value
+    message = raised.msg if isinstance(raised, SyntaxError) else str(raised)
+    code, _, err = run(capsys, "graph", str(path))
+    assert code == 1 and err == (f"fxsplit: error: cannot load SPEC {str(path)!r}: {type(raised).__name__}: "
+                                 f"{message} at {path}:{line}: {text.splitlines()[line - 1].strip()}\n")
+
+
+def test_a_model_that_fails_on_a_dict_batch_asks_for_a_forward_in_the_spec(tmp_path, capsys):
+    path = spec_file(tmp_path, TINY + """
+def with_forward():
+    return {**dict_batches(), "forward": lambda model, batch: model(batch["image"])}
+
+
+class DictNet(Net):
+    def forward(self, batch):
+        return super().forward(batch["image"])
+
+
+def dict_model():
+    return {**dict_batches(), "model": DictNet()}
+""")
+    code, _, err = run(capsys, "graph", f"{path}:dict_batches")
+    assert code == 1 and err == (
+        f"fxsplit: error: SPEC '{path}:dict_batches': the model fails on the SPEC's first batch: TypeError: "
+        f"linear(): argument 'input' (position 1) must be Tensor, not dict at {path}:{MODEL_LINE}: h = "
+        f"self.trunk(x). The batch is a dict (keys 'image', 'labels') and the SPEC gives no forward, so the model "
+        f"was called on the whole batch: add \"forward\": forward(model, batch), the call of the model on a batch "
+        f"(e.g. lambda model, batch: model(batch[...])).\n")
+    for name in ("with_forward", "dict_model"):  # a forward, or a model that takes the dict itself
+        for command in (["graph"], ["analyze", "--steps", "2", "--json"], ["rewrite", "--layers", "trunk.2"],
+                        ["export", "--layers", "trunk.2", "--out", str(tmp_path / f"{name}.pt2")]):
+            code, _, err = run(capsys, command[0], f"{path}:{name}", *command[1:])
+            assert (code, err) == (0, ""), (name, command)
+
+
+def test_a_model_that_fails_on_the_first_batch_is_a_spec_error_without_the_forward_hint(tmp_path, capsys):
+    path = spec_file(tmp_path, TINY.replace("torch.randn(8, 4), torch.randint", "torch.randn(8, 5), torch.randint"))
+    code, _, err = run(capsys, "rewrite", str(path), "--layers", "trunk.2")
+    assert code == 1 and err == (
+        f"fxsplit: error: SPEC '{path}': the model fails on the SPEC's first batch: RuntimeError: mat1 and mat2 "
+        f"shapes cannot be multiplied (8x5 and 4x8) at {path}:{MODEL_LINE}: h = self.trunk(x)\n")
