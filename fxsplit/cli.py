@@ -16,6 +16,7 @@ import importlib
 import importlib.util
 import json
 import os
+import re
 import sys
 import sysconfig
 import traceback
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import analyze, export, layer_graph, rewrite
+from . import SplitModule, analyze, export, layer_graph, rewrite
 from .analyze import default_forward
 from .errors import FxsplitError, raised_at
 from .experiment import demo
@@ -43,6 +44,19 @@ class SpecError(FxsplitError):
     """A SPEC that cannot be loaded, that does not return model, tasks and data, or whose model fails on its data."""
 
 
+# the library's fixes as Python calls (left) and as the command line gives them (right), tried in order
+CLI_TERMS = [(re.compile(pattern), replacement) for pattern, replacement in (
+    (r"rewrite\(\.\.\., outputs=(\{[^{}]*\})\)", "the SPEC's \"outputs\": \\1"),
+    (r"rewrite\([^()]*method='(\w+)'\)", "the SPEC's \"method\": '\\1'"),
+    (r"method='(\w+)'", "the SPEC's \"method\": '\\1'"),
+    (r"tracer_kwargs=", "the SPEC's \"tracer_kwargs\": "),
+    (r"fxsplit\.layer_graph\(model\)\.nodes", "`fxsplit graph SPEC`"),
+    (r"\(fxsplit\.export\([^()]*\), or format='export'\)", "(--out FILE.pt2)"),
+    (r"format='export', a \.pt2 file", "--out FILE.pt2"),
+    (r"A conflict report from fxsplit\.analyze knows it from the task losses\.",
+     "A report saved by `fxsplit analyze --out REPORT.json` knows it from the task losses: choose layers with "
+     "--report REPORT.json."),
+)]
 KEYS = ("model", "tasks", "data")  # a SPEC's tuple gives these, in this order
 # where a failure is the library's or Python's, not the SPEC's: the line a SpecError names lies elsewhere
 _NOT_THE_SPEC = (sysconfig.get_path("stdlib"), str(Path(__file__).parent))
@@ -161,8 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FxsplitError, OSError) as error:
         if args.debug:
             traceback.print_exc()
-        print(f"fxsplit: error: {error}", file=sys.stderr)
+        print(f"fxsplit: error: {in_cli_terms(str(error)) if isinstance(error, FxsplitError) else error}",
+              file=sys.stderr)
         return 1
+
+
+def in_cli_terms(message: str) -> str:
+    """A library error's fixes, given there as Python arguments, as the SPEC keys and options that give them here."""
+    for pattern, replacement in CLI_TERMS:
+        message = pattern.sub(replacement, message)
+    return message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,8 +236,10 @@ def _parser() -> argparse.ArgumentParser:
     _output_flags(sub)
 
     sub = command("export", _export, "write the (split) model as TorchScript (.pt) or torch.export (.pt2)",
-                  "fxsplit export examples/digits_spec.py --report report.json --top 4 --out split.pt2")
-    _selection_flags(sub, required=False)
+                  "fxsplit export examples/digits_spec.py --split split.pkl --out split.pt2")
+    _selection_flags(sub, required=False).add_argument(
+        "--split", type=Path, metavar="FILE.pkl", help="a split saved by `fxsplit rewrite --out` (and trained since), "
+        "instead of splitting the SPEC's model now; a pickle: export only files you trust")
     sub.add_argument("--out", type=Path, required=True, help="file to write: .pt or .pt2")
     _output_flags(sub)
 
@@ -232,17 +256,24 @@ def _output_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def _selection_flags(sub: argparse.ArgumentParser, required: bool = True) -> None:
+def _selection_flags(sub: argparse.ArgumentParser, required: bool = True) -> argparse._MutuallyExclusiveGroup:
+    """SPEC and the ways to choose layers (one of them), a group the command may add its own ways to."""
     sub.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
     choice = sub.add_mutually_exclusive_group(required=required)
     choice.add_argument("--layers", nargs="+", metavar="LAYER", help="layer names to split")
     choice.add_argument("--top", type=int, metavar="K", help="the K top-scored layers of --report")
     choice.add_argument("--budget", type=float, metavar="F", help="top layers of --report adding at most F x params")
     sub.add_argument("--report", type=Path, help="a report saved by `fxsplit analyze --out`")
+    return choice
 
 
 def _print(args, data: Any, text: str) -> None:
     print(json.dumps(data, indent=1, default=str) if args.json else text)
+
+
+def _note(args, text: str) -> None:
+    """A line on what was done (a file written): after the printout, or on stderr when stdout is JSON."""
+    print(text, file=sys.stderr if args.json else sys.stdout)
 
 
 def _demo(args) -> None:
@@ -262,11 +293,12 @@ def _analyze(args) -> None:
     if args.steps is not None and report.steps < args.steps:
         print(f"fxsplit: the data gave {report.steps} batches, so {report.steps} of the {args.steps} steps asked "
               f"for were analyzed", file=sys.stderr)
+    _print(args, report.to_dict(), str(report))
     if args.out:
-        report.save(args.out)
+        _note(args, f"wrote {report.save(args.out)}")
     if args.plot:
         report.plot(args.plot)
-    _print(args, report.to_dict(), str(report))
+        _note(args, f"wrote {args.plot}")
 
 
 def _layer_graph(spec: Spec):
@@ -305,25 +337,43 @@ def _rewrite(args) -> None:
     split, layers = _split(args, spec, init=args.init, split_norms=args.split_norms)
     before = sum(p.numel() for p in spec.model.parameters())
     after = sum(p.numel() for p in split.parameters())
+    summary = {"layers": layers, "split_layers": list(split.split_layers), "tasks": list(split.tasks),
+               "params": after, "increase": after / before - 1, "saved": str(args.out) if args.out else None}
+    _print(args, summary, f"split {', '.join(split.split_layers) or 'no layer'} for tasks {', '.join(split.tasks)}: "
+           f"{before:,} -> {after:,} parameters ({after / before - 1:+.1%})")
     if args.out:
         torch.save(split, args.out)
-    summary = {"layers": layers, "tasks": list(split.tasks), "params": after, "increase": after / before - 1,
-               "saved": str(args.out) if args.out else None}
-    _print(args, summary, f"split {len(layers)} layers for tasks {list(split.tasks)}: {before:,} -> {after:,} "
-           f"parameters ({after / before - 1:+.1%})" + (f"; saved {args.out}" if args.out else ""))
+        _note(args, f"wrote {args.out}")
+    else:
+        _note(args, "nothing saved: give --out FILE.pkl to save the split model")
 
 
 def _export(args) -> None:
     spec = load_spec(args.spec)
-    model, layers = _split(args, spec)
+    model, layers = _saved_split(args.split) if args.split else _split(args, spec)
     path = export(model, args.out, spec.example[0])
     _print(args, {"path": str(path), "layers": layers}, f"exported and checked {path}")
 
 
+def _saved_split(path: Path) -> tuple[SplitModule, list[str]]:
+    """The split model in ``path`` and its split layers."""
+    wrong = f"--split {path} is not a split model saved by `fxsplit rewrite --out`"
+    try:
+        split = torch.load(path, weights_only=False)  # the user's own pickle: --help says to export trusted ones only
+    except OSError:
+        raise
+    except Exception as error:  # not a pickle, or not one torch reads
+        raise FxsplitError(f"{wrong} ({type(error).__name__}: {str(error).splitlines()[0]}).") from error
+    if not isinstance(split, SplitModule):
+        raise FxsplitError(f"{wrong} (a {type(split).__name__}).")
+    return split, list(split.split_layers)
+
+
 def _graph(args) -> None:
     graph = _layer_graph(load_spec(args.spec))
+    _print(args, {"nodes": dict(graph.nodes(data=True)), "edges": list(graph.edges)}, str(graph))
     if args.dot:
         args.dot.write_text(graph.to_dot())
+        _note(args, f"wrote {args.dot}")
     if args.png:
-        graph.draw(args.png)
-    _print(args, {"nodes": dict(graph.nodes(data=True)), "edges": list(graph.edges)}, str(graph))
+        _note(args, f"wrote {graph.draw(args.png)}")

@@ -46,6 +46,55 @@ def dict_batches():
     data = [{"image": torch.randn(8, 4), "labels": torch.randint(0, 2, (8, 2))} for _ in range(3)]
     return {"model": Net(), "tasks": losses("labels"), "data": data}
 """
+HINTS = """
+
+class TupleNet(Net):
+    def forward(self, x):
+        out = super().forward(x)
+        return out["a"], out["b"]
+
+
+class Gate(nn.Module):
+    def forward(self, x):
+        return x if x.sum() > 0 else -x
+
+
+class Branching(Net):
+    def __init__(self):
+        super().__init__()
+        self.gate = Gate()
+
+    def forward(self, x):
+        return super().forward(self.gate(x))
+
+
+class Autocast(Net):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = self.trunk(x)
+        return {task: head(h.float()) for task, head in self.heads.items()}
+
+
+def tuple_output():
+    return {**spec(), "model": TupleNet()}
+
+
+def branching():
+    return {**spec(), "model": Branching(), "method": "fx"}
+
+
+def autocast():
+    return {**spec(), "model": Autocast()}
+
+
+def autocast_exported():
+    return {**autocast(), "method": "export"}
+
+
+def exported():
+    return {**spec(), "method": "export"}
+"""  # models whose errors give fixes, as SPEC functions to append to TINY
+HINTS_LINE = len(TINY.splitlines())
 MODEL_LINE = TINY.splitlines().index("        h = self.trunk(x)") + 1  # where Net fails on a bad input
 
 
@@ -217,3 +266,86 @@ def test_a_model_that_fails_on_the_first_batch_is_a_spec_error_without_the_forwa
     assert code == 1 and err == (
         f"fxsplit: error: SPEC '{path}': the model fails on the SPEC's first batch: RuntimeError: mat1 and mat2 "
         f"shapes cannot be multiplied (8x5 and 4x8) at {path}:{MODEL_LINE}: h = self.trunk(x)\n")
+
+
+def test_analyze_and_graph_say_which_files_they_wrote(tmp_path, capsys):
+    spec, report, plot = spec_file(tmp_path), tmp_path / "report.json", tmp_path / "scores.png"
+    code, out, _ = run(capsys, "analyze", str(spec), "--out", str(report), "--plot", str(plot))
+    assert code == 0 and out.splitlines()[-2:] == [f"wrote {report}", f"wrote {plot}"]
+    code, out, err = run(capsys, "analyze", str(spec), "--out", str(report), "--plot", str(plot), "--json")
+    assert code == 0 and json.loads(out)["steps"] == 3 and err == f"wrote {report}\nwrote {plot}\n"  # stdout: JSON
+    dot, png = tmp_path / "layers.dot", tmp_path / "layers.png"
+    code, out, _ = run(capsys, "graph", str(spec), "--dot", str(dot), "--png", str(png))
+    assert code == 0 and out.splitlines()[-2:] == [f"wrote {dot}", f"wrote {png}"] and dot.exists() and png.exists()
+
+
+def test_rewrite_names_the_layers_it_split_and_says_what_it_saved(tmp_path, capsys):
+    spec, saved = spec_file(tmp_path), tmp_path / "split.pkl"
+    summary = "split trunk.0, trunk.2 for tasks a, b: 148 -> 260 parameters (+75.7%)"
+    code, out, _ = run(capsys, "rewrite", str(spec), "--layers", "trunk.2", "trunk.0")
+    assert (code, out) == (0, f"{summary}\nnothing saved: give --out FILE.pkl to save the split model\n")
+    assert not saved.exists()
+    code, out, _ = run(capsys, "rewrite", str(spec), "--layers", "trunk.2", "trunk.0", "--out", str(saved))
+    assert (code, out) == (0, f"{summary}\nwrote {saved}\n") and saved.exists()
+
+
+def test_export_writes_a_saved_and_trained_split(tmp_path, capsys):
+    spec, saved, exported = spec_file(tmp_path), tmp_path / "split.pkl", tmp_path / "trained.pt2"
+    assert run(capsys, "rewrite", str(spec), "--layers", "trunk.2", "--out", str(saved))[0] == 0
+    split = torch.load(saved, weights_only=False)
+    with torch.no_grad():
+        split.get_parameter("copies.a.trunk.2.weight").add_(1.0)  # as training would move it
+    torch.save(split, saved)
+    code, out, _ = run(capsys, "export", str(spec), "--split", str(saved), "--out", str(exported))
+    assert (code, out) == (0, f"exported and checked {exported}\n")
+    x = torch.randn(5, 4)
+    program = torch.export.load(exported).module()
+    with torch.no_grad():
+        expected, untrained = split.eval()(x), cli.load_spec(str(spec)).model(x)  # the SPEC seeds its model
+    torch.testing.assert_close(program(x), expected)
+    assert not torch.allclose(program(x)["a"], untrained["a"])
+    for wrong in (exported, tmp_path / "model.pkl"):
+        torch.save(torch.nn.Linear(4, 2), tmp_path / "model.pkl")
+        code, _, err = run(capsys, "export", str(spec), "--split", str(wrong), "--out", str(tmp_path / "x.pt2"))
+        assert code == 1 and err.startswith(f"fxsplit: error: --split {wrong} is not a split model saved by "
+                                            f"`fxsplit rewrite --out` (") and err.count("\n") == 1
+    assert "(a Linear)" in err and not (tmp_path / "x.pt2").exists()
+    with pytest.raises(SystemExit) as exit_info:  # a saved split, or layers to split now: not both
+        cli.main(["export", str(spec), "--split", str(saved), "--layers", "trunk.0", "--out", str(exported)])
+    assert exit_info.value.code == 2 and "argument --layers: not allowed with argument --split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("function, command, message", [
+    ("tuple_output", ["rewrite", "--layers", "trunk.2"],
+     "the model returns a tuple of 2, and which element belongs to which task cannot be known from it: say so with "
+     "the SPEC's \"outputs\": {{'a': 0, 'b': 1}} (an element may be nested: a tuple of keys). A report saved by "
+     "`fxsplit analyze --out REPORT.json` knows it from the task losses: choose layers with --report REPORT.json."),
+    ("branching", ["graph"],
+     "torch.fx cannot trace module 'gate' (Gate): TraceError: symbolically traced variables cannot be used as inputs "
+     "to control flow at {path}:{gate_line}: return x if x.sum() > 0 else -x. To fix: make it a leaf, called whole "
+     "(its parameters then form one layer): the SPEC's \"tracer_kwargs\": {{'leaf_modules': [Gate]}} (or ['gate'])."),
+    ("autocast", ["export", "--layers", "trunk.2", "--out", "{tmp}/split.pt2"],
+     "GraphModuleImpl's graph holds torch.autocast blocks that the torch.fx route recorded as nodes, which neither "
+     "TorchScript nor torch.export exports again. Split the model on the torch.export route (the SPEC's \"method\": "
+     "'export'): its split exports to a .pt2 file."),
+    ("exported", ["export", "--layers", "trunk.2", "--out", "{tmp}/split.pt"],
+     "the model was traced through torch.export (asked for (the SPEC's \"method\": 'export')): its graph applies "
+     "ATen operations, which TorchScript cannot compile. Save it as a .pt2 file instead (--out FILE.pt2), which "
+     "torch.export loads."),
+    ("spec", ["rewrite", "--layers", "trunk.9"],
+     "'trunk.9' is not a layer of this model. Did you mean 'trunk.2', 'trunk.0'? `fxsplit graph SPEC` lists the 4 "
+     "layers."),
+])
+def test_fixes_are_given_as_spec_keys_and_options(tmp_path, capsys, function, command, message):
+    path = spec_file(tmp_path, TINY + HINTS)
+    command = [part.format(tmp=tmp_path) for part in command]
+    code, _, err = run(capsys, command[0], f"{path}:{function}", *command[1:])
+    gate_line = HINTS_LINE + HINTS.splitlines().index("        return x if x.sum() > 0 else -x") + 1
+    assert code == 1 and err == f"fxsplit: error: {message.format(path=path, gate_line=gate_line)}\n"
+
+
+def test_the_fix_a_hint_gives_works(tmp_path, capsys):
+    path = spec_file(tmp_path, TINY + HINTS)
+    code, out, _ = run(capsys, "export", f"{path}:autocast_exported", "--layers", "trunk.2", "--out",
+                       str(tmp_path / "split.pt2"))
+    assert code == 0 and out == f"exported and checked {tmp_path / 'split.pt2'}\n"

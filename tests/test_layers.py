@@ -118,3 +118,12 @@ def test_reading_a_size_as_torch_export_records_it_is_no_edge():
     second = graph.call_module("second", (x,))
     graph.output(graph.call_module("third", (graph.call_function(torch.ops.aten.view.default, (second, [batch, -1])),)))
     assert set(fxsplit.layer_graph(torch.fx.GraphModule(root, graph)).edges) == {("second", "third")}
+
+
+def test_the_printout_lists_every_layer_under_column_headers():
+    graph = fxsplit.layer_graph(MultiHead(SmallCNN(), 16))
+    lines = str(graph).splitlines()
+    assert lines[0] == f"{len(graph)} layers, {graph.number_of_edges()} edges"
+    assert lines[1].split() == ["order", "layer", "kind", "params"] and set(lines[2]) == {"-"}
+    assert [line.split() for line in lines[3:]] == [
+        [str(data["order"]), name, data["kind"], f"{data['params']:,}"] for name, data in graph.nodes(data=True)]
