@@ -42,7 +42,8 @@ def analyze(
     aggregator: Aggregator | str | None = None,
     on_step: Callable[[StepFigures], object] | Iterable[Callable[[StepFigures], object]] | None = None,
 ) -> ConflictReport:
-    """Score every shared layer of ``model`` by how often its task gradients conflict (Recon).
+    """Score every shared layer of ``model`` by how often its task gradients conflict (Recon); ``tasks`` maps names
+    to losses, ``{name: loss(output, batch)}`` (:class:`~fxsplit.ConflictMonitor` takes the names only).
 
     At each step (one batch of ``data``, at most ``steps``): one forward, each task's gradient by
     ``torch.autograd.grad``, and for every layer that two or more tasks' losses reach, the cosine of every pair of
