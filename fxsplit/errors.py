@@ -69,7 +69,8 @@ class ExportError(FxsplitError):
 
 
 class MissingExtraError(FxsplitError, ImportError):
-    """An integration's framework is not installed; the message names the extra that installs it."""
+    """An optional extra (an integration's framework, what the demo needs) is not installed; the message names the
+    extra that installs it."""
 
 
 def unknown_layer(name: object, known: Iterable[str], what: str = "layer") -> UnknownLayerError:
