@@ -3,8 +3,9 @@
 A SPEC names Python code that builds what fxsplit works on: ``path/to/file.py`` (its function ``spec``),
 ``path/to/file.py:function`` or ``package.module:function``. The function returns a mapping (or a tuple in this
 order) with ``model``, ``tasks`` (task name -> ``loss(output, batch)``) and ``data`` (an iterable of batches), and
-optionally ``outputs``, ``forward`` and ``tracer_kwargs`` (as the library functions take them). Every split is
-checked against the model on the first batch. A SPEC is executed code: run only SPECs you trust.
+optionally ``outputs``, ``forward``, ``tracer_kwargs`` and ``method`` (as the library functions take them; the
+guide's SPEC section, docs/guide.md, describes them). Every trace and split is checked against the model on the
+first batch. A SPEC is executed code: run only SPECs you trust.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fxsplit demo --quick --out demo-out\n  fxsplit graph examples/digits_spec.py\n"
                "  fxsplit analyze examples/digits_spec.py --steps 20 --out report.json\n"
                "  fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pkl\n"
-               "  fxsplit export examples/digits_spec.py --report report.json --top 4 --out split.pt2")
+               "  fxsplit export examples/digits_spec.py --split split.pkl --out split.pt2\n"
+               "A SPEC's keys: the SPEC section of docs/guide.md.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 

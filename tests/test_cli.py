@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -312,7 +313,8 @@ def test_export_writes_a_saved_and_trained_split(tmp_path, capsys):
     assert "(a Linear)" in err and not (tmp_path / "x.pt2").exists()
     with pytest.raises(SystemExit) as exit_info:  # a saved split, or layers to split now: not both
         cli.main(["export", str(spec), "--split", str(saved), "--layers", "trunk.0", "--out", str(exported)])
-    assert exit_info.value.code == 2 and "argument --layers: not allowed with argument --split" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert "argument --layers: not allowed with argument --split" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("function, command, message", [
@@ -349,3 +351,16 @@ def test_the_fix_a_hint_gives_works(tmp_path, capsys):
     code, out, _ = run(capsys, "export", f"{path}:autocast_exported", "--layers", "trunk.2", "--out",
                        str(tmp_path / "split.pt2"))
     assert code == 0 and out == f"exported and checked {tmp_path / 'split.pt2'}\n"
+
+
+def test_the_guides_spec_example_runs_as_it_shows(tmp_path, capsys):
+    guide = (ROOT / "docs" / "guide.md").read_text().split("\n## SPEC: what the command line runs\n")[1]
+    source, commands = re.findall(r"```(?:python|bash)\n(.*?)```", guide, re.S)[:2]
+    spec_file(tmp_path, source, "two_heads.py")
+    lines = [line.split("#")[0].split() for line in commands.splitlines() if not line.startswith("#")]
+    assert [line[:2] for line in lines] == [["fxsplit", c] for c in ("graph", "analyze", "rewrite", "export")]
+    for line in lines:
+        command = [str(tmp_path / part) if "." in part else part for part in line[1:]]  # files in tmp_path
+        code, out, err = run(capsys, *command, *(["--json"] if line[1] == "analyze" else []))
+        assert code == 0, (line, err)
+    assert (tmp_path / "split.pt2").exists() and (tmp_path / "scores.png").exists()
