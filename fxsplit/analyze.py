@@ -42,7 +42,8 @@ def analyze(
     aggregator: Aggregator | str | None = None,
     on_step: Callable[[StepFigures], object] | Iterable[Callable[[StepFigures], object]] | None = None,
 ) -> ConflictReport:
-    """Score every shared layer of ``model`` by how often its task gradients conflict (Recon).
+    """Score every shared layer of ``model`` by how often its task gradients conflict (Recon); ``tasks`` maps names
+    to losses, ``{name: loss(output, batch)}`` (:class:`~fxsplit.ConflictMonitor` takes the names only).
 
     At each step (one batch of ``data``, at most ``steps``): one forward, each task's gradient by
     ``torch.autograd.grad``, and for every layer that two or more tasks' losses reach, the cosine of every pair of
@@ -87,7 +88,7 @@ def analyze(
         whole_number("steps", steps, 0)
     if graph is not None and tracer_kwargs:
         raise FxsplitError("tracer_kwargs apply when analyze traces the model itself; a graph was given.")
-    forward = forward or _default_forward
+    forward = forward or default_forward
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where batches go
     buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
     hooks = step_hooks(on_step)
@@ -153,7 +154,8 @@ def _check_tasks(tasks) -> dict[str, Loss]:
     return dict(tasks)
 
 
-def _default_forward(model: nn.Module, batch: Any) -> Any:
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """How analyze calls the model on a batch without a ``forward``: ``model(batch[0])`` for a tuple or list."""
     return model(batch[0]) if isinstance(batch, (tuple, list)) else model(batch)
 
 

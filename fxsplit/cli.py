@@ -3,59 +3,169 @@
 A SPEC names Python code that builds what fxsplit works on: ``path/to/file.py`` (its function ``spec``),
 ``path/to/file.py:function`` or ``package.module:function``. The function returns a mapping (or a tuple in this
 order) with ``model``, ``tasks`` (task name -> ``loss(output, batch)``) and ``data`` (an iterable of batches), and
-optionally ``outputs``, ``forward`` and ``tracer_kwargs`` (as the library functions take them). Every split is
-checked against the model on the first batch. A SPEC is executed code: run only SPECs you trust.
+optionally ``outputs``, ``forward``, ``tracer_kwargs`` and ``method`` (as the library functions take them; the
+guide's SPEC section, docs/guide.md, describes them). Every trace and split is checked against the model on the
+first batch. A SPEC is executed code: run only SPECs you trust.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import importlib
 import importlib.util
 import json
+import os
+import re
 import sys
+import sysconfig
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
+from torch import nn
 
-from . import analyze, export, layer_graph, rewrite
-from .errors import FxsplitError
+from . import SplitModule, analyze, export, layer_graph, rewrite
+from .analyze import default_forward
+from .errors import FxsplitError, raised_at
 from .experiment import demo
 from .report import ConflictReport
+from .tracing.verify import forwarding, recorded_example
 
 SPEC_HELP = ("Python file (its function `spec`), file.py:function or module:function returning model, tasks and "
              "data. It is executed: run only SPECs you trust.")
 
 
 class SpecError(FxsplitError):
-    """A SPEC that cannot be loaded, or that does not return model, tasks and data."""
+    """A SPEC that cannot be loaded, that does not return model, tasks and data, or whose model fails on its data."""
 
 
-def load_spec(spec: str) -> dict[str, Any]:
-    """Run a SPEC and return its ``{"model", "tasks", "data"}``."""
+# the library's fixes as Python calls (left) and as the command line gives them (right), tried in order
+CLI_TERMS = [(re.compile(pattern), replacement) for pattern, replacement in (
+    (r"rewrite\(\.\.\., outputs=(\{[^{}]*\})\)", "the SPEC's \"outputs\": \\1"),
+    (r"rewrite\([^()]*method='(\w+)'\)", "the SPEC's \"method\": '\\1'"),
+    (r"method='(\w+)'", "the SPEC's \"method\": '\\1'"),
+    (r"tracer_kwargs=", "the SPEC's \"tracer_kwargs\": "),
+    (r"fxsplit\.layer_graph\(model\)\.nodes", "`fxsplit graph SPEC`"),
+    (r"\(fxsplit\.export\([^()]*\), or format='export'\)", "(--out FILE.pt2)"),
+    (r"format='export', a \.pt2 file", "--out FILE.pt2"),
+    (r"A conflict report from fxsplit\.analyze knows it from the task losses\.",
+     "A report saved by `fxsplit analyze --out REPORT.json` knows it from the task losses: choose layers with "
+     "--report REPORT.json."),
+)]
+KEYS = ("model", "tasks", "data")  # a SPEC's tuple gives these, in this order
+# where a failure is the library's or Python's, not the SPEC's: the line a SpecError names lies elsewhere
+_NOT_THE_SPEC = (sysconfig.get_path("stdlib"), str(Path(__file__).parent))
+
+
+@dataclass
+class Spec:
+    """What a SPEC built: the model, its tasks and data, and the optional keys as the library functions take them."""
+
+    name: str
+    model: nn.Module
+    tasks: Mapping[str, Callable]
+    data: Iterable
+    outputs: Mapping | None = None
+    forward: Callable | None = None
+    tracer_kwargs: Mapping[str, Any] | None = None
+    method: str = "auto"
+
+    @functools.cached_property
+    def example(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` the model takes on the first batch, recorded from a run as analyze calls it."""
+        with _spec_code(f"SPEC {self.name!r}: its data fails"):
+            batch = next(iter(self.data), None)
+        if batch is None:
+            raise SpecError(f"SPEC {self.name!r}: its data gives no batch.")
+        try:
+            return recorded_example(self.model, forwarding(self.forward or default_forward, batch))
+        except FxsplitError:
+            raise
+        except Exception as error:
+            raise SpecError(f"SPEC {self.name!r}: the model fails on the SPEC's first batch: {_described(error)}"
+                            f"{self._forward_hint(batch)}") from error
+
+    def _forward_hint(self, batch: Any) -> str:
+        """A model may take a mapping itself; when it fails on one and no forward was given, say how to give it."""
+        if not isinstance(batch, Mapping) or self.forward is not None:
+            return ""
+        return (f". The batch is a {type(batch).__name__} (keys {', '.join(map(repr, batch))}) and the SPEC gives no "
+                f"forward, so the model was called on the whole batch: add \"forward\": forward(model, batch), the "
+                f"call of the model on a batch (e.g. lambda model, batch: model(batch[...])).")
+
+
+def load_spec(spec: str) -> Spec:
+    """Run a SPEC and return what it built.
+
+    While it runs, the working directory and the SPEC file's folder are on ``sys.path`` (as for ``python
+    spec.py``), so that it imports its neighbours; ``sys.path`` is then restored.
+    """
     location, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "spec")
+    is_file = location.endswith(".py")
+    if is_file and not Path(location).is_file():
+        raise SpecError(f"no such SPEC file: {location}")
+    with _importable(os.getcwd(), *([str(Path(location).resolve().parent)] if is_file else [])), \
+            _spec_code(f"cannot load SPEC {spec!r}"):
+        module = _spec_module(location) if is_file else importlib.import_module(location)
+        function = getattr(module, name, None)
+        if not callable(function):
+            raise SpecError(f"cannot load SPEC {spec!r}: {location} has no function {name!r}.")
+        built = function()
+    return _spec_of(spec, built)
+
+
+def _spec_module(path: str) -> ModuleType:
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location(Path(path).stem, path))
+    module.__spec__.loader.exec_module(module)
+    return module
+
+
+def _spec_of(name: str, built: Any) -> Spec:
+    if isinstance(built, (tuple, list)) and len(built) == len(KEYS):
+        built = dict(zip(KEYS, built))
+    if not isinstance(built, Mapping) or not set(KEYS) <= set(built):
+        raise SpecError(f"SPEC {name!r} must return a mapping with model, tasks and data (or that tuple).")
+    known = [f.name for f in fields(Spec)][1:]
+    unknown = [key for key in built if key not in known]
+    if unknown:
+        raise SpecError(f"SPEC {name!r} returns unknown keys {unknown}; a SPEC gives {', '.join(known)}.")
+    return Spec(name, **built)
+
+
+@contextlib.contextmanager
+def _importable(*folders: str) -> Iterator[None]:
+    saved = list(sys.path)
+    sys.path[:0] = folders
     try:
-        if location.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(location).stem, location)
-            if module_spec is None or not Path(location).is_file():
-                raise SpecError(f"no such SPEC file: {location}")
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(location)
-        built = getattr(module, name)()
-    except FxsplitError:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
+@contextlib.contextmanager
+def _spec_code(failing: str) -> Iterator[None]:
+    """Run the SPEC's code: what it raises becomes a one-line :class:`SpecError` that starts with ``failing``."""
+    try:
+        yield
+    except SpecError:
         raise
-    except (ImportError, AttributeError, OSError) as error:
-        raise SpecError(f"cannot load SPEC {spec!r}: {type(error).__name__}: {error}") from error
-    if isinstance(built, (tuple, list)) and len(built) == 3:
-        built = dict(zip(("model", "tasks", "data"), built))
-    if not isinstance(built, Mapping) or not {"model", "tasks", "data"} <= set(built):
-        raise SpecError(f"SPEC {spec!r} must return a mapping with model, tasks and data (or that tuple).")
-    return dict(built)
+    except Exception as error:
+        raise SpecError(f"{failing}: {_described(error)}") from error
+
+
+def _described(error: Exception) -> str:
+    """``Type: message at file:line: code``, the line being the SPEC's (or its model's), not the library's."""
+    if isinstance(error, SyntaxError):
+        return f"SyntaxError: {error.msg} at {error.filename}:{error.lineno}: {(error.text or '').strip()}"
+    where = raised_at(error, skip=_NOT_THE_SPEC)
+    message = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {message}{' at ' + where if where else ''}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,8 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     except (FxsplitError, OSError) as error:
         if args.debug:
             traceback.print_exc()
-        print(f"fxsplit: error: {error}", file=sys.stderr)
+        print(f"fxsplit: error: {in_cli_terms(str(error)) if isinstance(error, FxsplitError) else error}",
+              file=sys.stderr)
         return 1
+
+
+def in_cli_terms(message: str) -> str:
+    """A library error's fixes, given there as Python arguments, as the SPEC keys and options that give them here."""
+    for pattern, replacement in CLI_TERMS:
+        message = pattern.sub(replacement, message)
+    return message
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,7 +195,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n  fxsplit demo --quick --out demo-out\n  fxsplit graph examples/digits_spec.py\n"
                "  fxsplit analyze examples/digits_spec.py --steps 20 --out report.json\n"
                "  fxsplit rewrite examples/digits_spec.py --report report.json --top 4 --out split.pkl\n"
-               "  fxsplit export examples/digits_spec.py --report report.json --top 4 --out split.pt2")
+               "  fxsplit export examples/digits_spec.py --split split.pkl --out split.pt2\n"
+               "A SPEC's keys: the SPEC section of docs/guide.md.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -119,8 +238,10 @@ def _parser() -> argparse.ArgumentParser:
     _output_flags(sub)
 
     sub = command("export", _export, "write the (split) model as TorchScript (.pt) or torch.export (.pt2)",
-                  "fxsplit export examples/digits_spec.py --report report.json --top 4 --out split.pt2")
-    _selection_flags(sub, required=False)
+                  "fxsplit export examples/digits_spec.py --split split.pkl --out split.pt2")
+    _selection_flags(sub, required=False).add_argument(
+        "--split", type=Path, metavar="FILE.pkl", help="a split saved by `fxsplit rewrite --out` (and trained since), "
+        "instead of splitting the SPEC's model now; a pickle: export only files you trust")
     sub.add_argument("--out", type=Path, required=True, help="file to write: .pt or .pt2")
     _output_flags(sub)
 
@@ -137,17 +258,24 @@ def _output_flags(sub: argparse.ArgumentParser) -> None:
     sub.add_argument("--json", action="store_true", help="print machine-readable JSON")
 
 
-def _selection_flags(sub: argparse.ArgumentParser, required: bool = True) -> None:
+def _selection_flags(sub: argparse.ArgumentParser, required: bool = True) -> argparse._MutuallyExclusiveGroup:
+    """SPEC and the ways to choose layers (one of them), a group the command may add its own ways to."""
     sub.add_argument("spec", metavar="SPEC", help=SPEC_HELP)
     choice = sub.add_mutually_exclusive_group(required=required)
     choice.add_argument("--layers", nargs="+", metavar="LAYER", help="layer names to split")
     choice.add_argument("--top", type=int, metavar="K", help="the K top-scored layers of --report")
     choice.add_argument("--budget", type=float, metavar="F", help="top layers of --report adding at most F x params")
     sub.add_argument("--report", type=Path, help="a report saved by `fxsplit analyze --out`")
+    return choice
 
 
 def _print(args, data: Any, text: str) -> None:
     print(json.dumps(data, indent=1, default=str) if args.json else text)
+
+
+def _note(args, text: str) -> None:
+    """A line on what was done (a file written): after the printout, or on stderr when stdout is JSON."""
+    print(text, file=sys.stderr if args.json else sys.stdout)
 
 
 def _demo(args) -> None:
@@ -160,19 +288,26 @@ def _demo(args) -> None:
 
 def _analyze(args) -> None:
     spec = load_spec(args.spec)
-    model = spec["model"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.train) if args.train else None
-    report = analyze(model, spec["tasks"], spec["data"], steps=args.steps, threshold=args.threshold,
-                     optimizer=optimizer, forward=spec.get("forward"), tracer_kwargs=spec.get("tracer_kwargs"),
+    optimizer = torch.optim.SGD(spec.model.parameters(), lr=args.train) if args.train else None
+    report = analyze(spec.model, spec.tasks, spec.data, steps=args.steps, threshold=args.threshold,
+                     optimizer=optimizer, forward=spec.forward, graph=_layer_graph(spec),
                      progress=None if not args.json else False)
     if args.steps is not None and report.steps < args.steps:
         print(f"fxsplit: the data gave {report.steps} batches, so {report.steps} of the {args.steps} steps asked "
               f"for were analyzed", file=sys.stderr)
+    _print(args, report.to_dict(), str(report))
     if args.out:
-        report.save(args.out)
+        _note(args, f"wrote {report.save(args.out)}")
     if args.plot:
         report.plot(args.plot)
-    _print(args, report.to_dict(), str(report))
+        _note(args, f"wrote {args.plot}")
+
+
+def _layer_graph(spec: Spec):
+    """The model's layer graph, traced with the SPEC's options and checked on its first batch."""
+    args, kwargs = spec.example
+    return layer_graph(spec.model, tracer_kwargs=spec.tracer_kwargs, example_inputs=args, example_kwargs=kwargs,
+                       method=spec.method)
 
 
 def _selected(args) -> list[str] | None:
@@ -186,19 +321,13 @@ def _selected(args) -> list[str] | None:
     return report.top(args.top) if args.top is not None else report.within(args.budget)
 
 
-def _example(spec: dict) -> Any:
-    """The model's input in the SPEC's first batch, as analyze feeds it (``batch[0]`` of a tuple or list)."""
-    batch = next(iter(spec["data"]))
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
-def _split(args, spec: dict, **options):
+def _split(args, spec: Spec, **options):
     layers = _selected(args)
     if layers is None:
-        return spec["model"], []
-    tasks = list(spec["tasks"])
-    split = rewrite(spec["model"], layers, tasks, outputs=spec.get("outputs"), example_inputs=(_example(spec),),
-                    tracer_kwargs=spec.get("tracer_kwargs"), **options)
+        return spec.model, []
+    inputs, kwargs = spec.example
+    split = rewrite(spec.model, layers, list(spec.tasks), outputs=spec.outputs, example_inputs=inputs,
+                    example_kwargs=kwargs, tracer_kwargs=spec.tracer_kwargs, method=spec.method, **options)
     return split, list(layers)
 
 
@@ -208,28 +337,45 @@ def _rewrite(args) -> None:
                            f"(.pt and .pt2 are the TorchScript and torch.export files that `fxsplit export` writes).")
     spec = load_spec(args.spec)
     split, layers = _split(args, spec, init=args.init, split_norms=args.split_norms)
-    before = sum(p.numel() for p in spec["model"].parameters())
+    before = sum(p.numel() for p in spec.model.parameters())
     after = sum(p.numel() for p in split.parameters())
+    summary = {"layers": layers, "split_layers": list(split.split_layers), "tasks": list(split.tasks),
+               "params": after, "increase": after / before - 1, "saved": str(args.out) if args.out else None}
+    _print(args, summary, f"split {', '.join(split.split_layers) or 'no layer'} for tasks {', '.join(split.tasks)}: "
+           f"{before:,} -> {after:,} parameters ({after / before - 1:+.1%})")
     if args.out:
         torch.save(split, args.out)
-    summary = {"layers": layers, "tasks": list(split.tasks), "params": after, "increase": after / before - 1,
-               "saved": str(args.out) if args.out else None}
-    _print(args, summary, f"split {len(layers)} layers for tasks {list(split.tasks)}: {before:,} -> {after:,} "
-           f"parameters ({after / before - 1:+.1%})" + (f"; saved {args.out}" if args.out else ""))
+        _note(args, f"wrote {args.out}")
+    else:
+        _note(args, "nothing saved: give --out FILE.pkl to save the split model")
 
 
 def _export(args) -> None:
     spec = load_spec(args.spec)
-    model, layers = _split(args, spec)
-    path = export(model, args.out, (_example(spec),))
+    model, layers = _saved_split(args.split) if args.split else _split(args, spec)
+    path = export(model, args.out, spec.example[0])
     _print(args, {"path": str(path), "layers": layers}, f"exported and checked {path}")
 
 
+def _saved_split(path: Path) -> tuple[SplitModule, list[str]]:
+    """The split model in ``path`` and its split layers."""
+    wrong = f"--split {path} is not a split model saved by `fxsplit rewrite --out`"
+    try:
+        split = torch.load(path, weights_only=False)  # the user's own pickle: --help says to export trusted ones only
+    except OSError:
+        raise
+    except Exception as error:  # not a pickle, or not one torch reads
+        raise FxsplitError(f"{wrong} ({type(error).__name__}: {str(error).splitlines()[0]}).") from error
+    if not isinstance(split, SplitModule):
+        raise FxsplitError(f"{wrong} (a {type(split).__name__}).")
+    return split, list(split.split_layers)
+
+
 def _graph(args) -> None:
-    spec = load_spec(args.spec)
-    graph = layer_graph(spec["model"], tracer_kwargs=spec.get("tracer_kwargs"), example_inputs=(_example(spec),))
+    graph = _layer_graph(load_spec(args.spec))
+    _print(args, {"nodes": dict(graph.nodes(data=True)), "edges": list(graph.edges)}, str(graph))
     if args.dot:
         args.dot.write_text(graph.to_dot())
+        _note(args, f"wrote {args.dot}")
     if args.png:
-        graph.draw(args.png)
-    _print(args, {"nodes": dict(graph.nodes(data=True)), "edges": list(graph.edges)}, str(graph))
+        _note(args, f"wrote {graph.draw(args.png)}")

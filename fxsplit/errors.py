@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import difflib
+import os
+import traceback
 from collections.abc import Iterable
+
+import torch
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 class FxsplitError(Exception):
@@ -63,7 +69,8 @@ class ExportError(FxsplitError):
 
 
 class MissingExtraError(FxsplitError, ImportError):
-    """An integration's framework is not installed; the message names the extra that installs it."""
+    """An optional extra (an integration's framework, what the demo needs) is not installed; the message names the
+    extra that installs it."""
 
 
 def unknown_layer(name: object, known: Iterable[str], what: str = "layer") -> UnknownLayerError:
@@ -75,3 +82,15 @@ def unknown_layer(name: object, known: Iterable[str], what: str = "layer") -> Un
         f"{name!r} is not a {what} of this model.{hint} "
         f"fxsplit.layer_graph(model).nodes lists the {len(known)} {what}s."
     )
+
+
+def raised_at(error: BaseException, skip: Iterable[str] = ()) -> str:
+    """``file:line: code`` of the innermost frame that raised ``error`` outside torch and the paths ``skip`` (files
+    or folders), or ``""`` when every frame lies there: the user's line, not the library's."""
+    skipped = (_TORCH_DIR, *(os.path.abspath(path) for path in skip))
+    frames = [f for f in traceback.extract_tb(error.__traceback__)  # "<frozen ...>": Python's import machinery
+              if not f.filename.startswith("<frozen ") and not os.path.abspath(f.filename).startswith(skipped)]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"

@@ -113,11 +113,13 @@ class LayerGraph(nx.DiGraph):
     """
 
     def __str__(self) -> str:
-        rows = [f"{data['order']:>4}  {name:<48} {data['kind']:<18} {data['params']:>10,}"
+        header = f"{'order':>5}  {'layer':<48} {'kind':<18} {'params':>10}"
+        rows = [f"{data['order']:>5}  {name:<48} {data['kind']:<18} {data['params']:>10,}"
                 for name, data in self.nodes(data=True)]
         route = f", traced through torch.export ({self.graph['route_reason']})" \
             if self.graph.get("route") == "export" else ""
-        return "\n".join([f"{self.number_of_nodes()} layers, {self.number_of_edges()} edges{route}", *rows])
+        return "\n".join([f"{self.number_of_nodes()} layers, {self.number_of_edges()} edges{route}", header,
+                          "-" * len(header), *rows])
 
     def to_dot(self) -> str:
         """The graph in Graphviz DOT (``dot -Tpng layers.dot -o layers.png``)."""
@@ -164,8 +166,10 @@ def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = N
     ([('0', '1')], 224, 'fx')
     >>> print(g)
     2 layers, 1 edges
-       0  0                                                Conv2d                    224
-       1  1                                                BatchNorm2d                16
+    order  layer                                            kind                   params
+    -------------------------------------------------------------------------------------
+        0  0                                                Conv2d                    224
+        1  1                                                BatchNorm2d                16
     >>> g = fxsplit.layer_graph(net, example_inputs=torch.randn(2, 3, 8, 8), method="export")
     >>> list(g.edges), g.nodes["0"]["params"], g.graph["route"]
     ([('0', '1')], 224, 'export')

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -14,6 +14,9 @@ from .errors import FxsplitError, LayerError, ReportError, unknown_layer
 from .outputs import Paths, part_from_json
 
 FORMAT = "fxsplit.ConflictReport/2"
+PRINTED = 20  # rows of the top layers that ``print(report)`` shows
+FEW_STEPS = 20  # a report from fewer scored steps warns that its ranking is mostly noise
+CHOSEN, SHARED = "tab:red", "tab:blue"  # bar colours of the plot
 READABLE = ("fxsplit.ConflictReport/1", FORMAT)  # version 1 files lack ``skipped`` (it was always 0)
 
 
@@ -31,15 +34,19 @@ class LayerSelection(list):
 class ConflictReport:
     """Recon conflict scores of every shared layer, and what the paper plots.
 
-    ``counts[k][l][p]`` is the number of steps at which the gradients of task pair ``pairs[p]`` on layer ``layers[l]``
-    had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and ``histogram[l]``
-    (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine at step ``s`` over all
-    scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses reach a layer (:meth:`users`,
-    those whose outputs use it, who get its copies); ``left_out[layer]`` says why a layer was not scored. ``skipped``
-    counts the steps left unscored because their gradients were not finite (a ``GradScaler``'s overflow steps, which it
-    skips too). ``outputs`` gives, per task, the key path of the part of the model's output its loss read (``[]``: the
-    whole output; a list of paths where it read parts of several keys), as :func:`fxsplit.analyze` found it; a selection
-    passes it on to ``rewrite``.
+    ``counts[k][l][p]`` is the number of steps at which the gradients of task pair ``pairs[p]`` on layer
+    ``layers[l]`` had cosine < ``thresholds[k]``; a layer's score sums that over pairs. ``mean_cosine[l][p]`` and
+    ``histogram[l]`` (``bins`` equal bins over [-1, 1]) describe the cosines; ``whole_cosine[s][p]`` is the cosine
+    at step ``s`` over all scored layers' parameters together. ``reach[layer]`` lists the tasks whose losses
+    reach a layer (:meth:`users`, those whose outputs use it, who get its copies); ``left_out[layer]`` says why a
+    layer was not scored. ``skipped`` counts the steps left unscored because their gradients were not finite (a
+    ``GradScaler``'s overflow steps, which it skips too). ``outputs`` gives, per task, the key path of the part of
+    the model's output its loss read (``[]``: the whole output; a list of paths where it read parts of several
+    keys), as :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``.
+
+    ``print(report)`` shows the 20 top-ranked layers (and how many more there are) and ends with a ``warning:``
+    line when the ranking is likely noise: fewer than 20 scored steps, or a tie at the top (tied layers are ranked
+    in network order). ``plot(path, chosen=report.top(k))`` draws the scores per layer with the chosen ones marked.
     """
 
     tasks: list[str]
@@ -144,16 +151,35 @@ class ConflictReport:
         header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}  mean cos"
         lines = [f"Conflict scores over {self.steps} steps, tasks {self.tasks}, cosine < {self.thresholds[0]}",
                  header, "-" * len(header)]
-        for rank, (layer, score) in enumerate(self.scores.items(), 1):
-            node, l = self.graph.nodes[layer], self.layers.index(layer)
-            cosines = [c for c in self.mean_cosine[l] if c is not None]
-            mean = f"{sum(cosines) / len(cosines):+.3f}" if cosines else "-"
-            lines.append(f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {score:>6}  {mean}")
+        ranked = list(self.scores.items())
+        lines += [self._row(rank, layer, score) for rank, (layer, score) in enumerate(ranked[:PRINTED], 1)]
+        if len(ranked) > PRINTED:
+            lines.append(f"... and {len(ranked) - PRINTED} more layers, with scores {ranked[PRINTED][1]} and below")
+        lines += [f"warning: {caveat}" for caveat in self._caveats()]
         if self.skipped:
             lines.append(f"skipped: {self.skipped} steps whose gradients were not finite")
         if self.left_out:
             lines.append(f"not scored: {len(self.left_out)} layers (e.g. {next(iter(self.left_out.items()))})")
         return "\n".join(lines)
+
+    def _row(self, rank: int, layer: str, score: int) -> str:
+        node, l = self.graph.nodes[layer], self.layers.index(layer)
+        cosines = [c for c in self.mean_cosine[l] if c is not None]
+        mean = f"{sum(cosines) / len(cosines):+.3f}" if cosines else "-"
+        return f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {score:>6}  {mean}"
+
+    def _caveats(self) -> list[str]:
+        """Why the ranking may be noise: few steps, or a tie at the top (broken by network order)."""
+        caveats = []
+        if self.steps < FEW_STEPS:
+            caveats.append(f"only {self.steps} steps were scored: a ranking from fewer than {FEW_STEPS} is mostly "
+                           f"noise; score more batches")
+        scores = list(self.scores.values())
+        tied = scores.count(scores[0]) if scores else 0
+        if tied > 1:
+            caveats.append(f"the top {tied} layers tie at score {scores[0]}: their order is network order, not a "
+                           f"ranking; score more batches, or at another threshold")
+        return caveats
 
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph"}
@@ -184,29 +210,45 @@ class ConflictReport:
             raise ReportError(f"{str(path)!r} is a damaged conflict report: {type(error).__name__}: {error}") \
                 from error
 
-    def plot(self, path: str | os.PathLike | None = None, threshold: float | None = None):
-        """Bar chart of scores per layer in network order (needs matplotlib); saved to ``path`` if given."""
+    def plot(self, path: str | os.PathLike | None = None, threshold: float | None = None,
+             chosen: Iterable[str] = ()):
+        """Horizontal bar chart of scores per layer, named, in network order from the top, with the ``chosen``
+        layers (e.g. ``report.top(k)``) marked (needs matplotlib); saved to ``path`` if given."""
         try:
             import matplotlib
             if path is not None:
                 matplotlib.use("Agg")
             import matplotlib.pyplot as plt
+            from matplotlib.patches import Patch
+            from matplotlib.ticker import MaxNLocator
         except ImportError as error:
             raise FxsplitError("plotting needs matplotlib: pip install matplotlib") from error
         threshold = self.thresholds[0] if threshold is None else threshold
-        scores = self.scores_at(threshold)
-        figure, axes = plt.subplots(figsize=(max(6.0, 0.12 * len(self.layers)), 3.5))
-        axes.bar(range(len(self.layers)), [scores[layer] for layer in self.layers], width=0.8)
-        axes.set_xlabel("layer (network order)")
-        axes.set_ylabel(f"conflict score (cos < {threshold})")
-        axes.set_title(f"{self.steps} steps, tasks {', '.join(self.tasks)}")
-        step = max(1, math.ceil(len(self.layers) / 40))
-        axes.set_xticks(range(0, len(self.layers), step), self.layers[::step], rotation=90, fontsize=6)
+        scores, chosen = self.scores_at(threshold), self._scored(chosen)
+        figure, axes = plt.subplots(figsize=(7.0, 1.2 + 0.2 * len(self.layers)))
+        axes.barh(range(len(self.layers)), [scores[layer] for layer in self.layers], height=0.7,
+                  color=[CHOSEN if layer in chosen else SHARED for layer in self.layers])
+        axes.set_yticks(range(len(self.layers)), self.layers, fontsize=8)
+        axes.invert_yaxis()  # the network's first layer on top, as one reads it
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # scores are counts
+        axes.set_xlabel(f"conflict score (cos < {threshold})")
+        axes.set_title(f"{self.steps} steps, tasks {', '.join(self.tasks)}", fontsize=10)
+        if chosen:
+            axes.legend(handles=[Patch(color=CHOSEN, label=f"chosen ({len(chosen)})"),
+                                 Patch(color=SHARED, label="left shared")], loc="best")
         figure.tight_layout()
         if path is not None:
             figure.savefig(path, dpi=120)
             plt.close(figure)
         return figure
+
+    def _scored(self, layers: Iterable[str]) -> set[str]:
+        layers = set(layers)
+        unknown = sorted(layers - set(self.layers))
+        if unknown:
+            raise LayerError(f"chosen layer(s) {unknown} are not scored in this report; report.layers lists the "
+                             f"{len(self.layers)} it scored.")
+        return layers
 
     def _threshold_index(self, threshold: float) -> int:
         try:

@@ -1,6 +1,7 @@
 import copy
 import math
 
+import networkx as nx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -100,6 +101,63 @@ def test_plot_and_table(tmp_path):
     table = str(report)
     assert table.splitlines()[0].startswith("Conflict scores over 4 steps")
     assert all(layer in table for layer in report.layers)
+
+
+def report_with(scores: list[int], steps: int) -> fxsplit.ConflictReport:
+    """A two-task report whose layers ``layer0``, ``layer1``, ... (in network order) have these scores."""
+    layers = [f"layer{i}" for i in range(len(scores))]
+    graph = nx.DiGraph()
+    graph.add_nodes_from((layer, {"kind": "Linear", "params": 10 * (i + 1)}) for i, layer in enumerate(layers))
+    return fxsplit.ConflictReport(
+        tasks=["a", "b"], thresholds=[0.0], layers=layers, pairs=[["a", "b"]], counts=[[[s] for s in scores]],
+        mean_cosine=[[-0.5]] * len(layers), histogram=[[0] * 20] * len(layers), whole_cosine=[[0.0]] * steps,
+        steps=steps, reach={layer: ["a", "b"] for layer in layers}, left_out={}, graph=graph)
+
+
+def test_the_printout_shows_the_top_rows_and_counts_the_rest():
+    report = report_with(list(range(25)), steps=50)  # layer24 scores highest
+    lines = str(report).splitlines()
+    assert lines[0] == "Conflict scores over 50 steps, tasks ['a', 'b'], cosine < 0.0" and len(lines) == 3 + 20 + 1
+    assert [line.split()[:2] for line in lines[3:23]] == [[str(rank), f"layer{24 - rank + 1}"] for rank in
+                                                          range(1, 21)]
+    assert lines[3].split()[2:] == ["Linear", "250", "24", "-0.500"]
+    assert lines[23] == "... and 5 more layers, with scores 4 and below"
+
+
+@pytest.mark.parametrize("scores, steps, warnings", [
+    ([9, 4, 2], 50, []),
+    ([9, 4, 2], 5, ["warning: only 5 steps were scored: a ranking from fewer than 20 is mostly noise; score more "
+                    "batches"]),
+    ([4, 9, 9, 9], 50, ["warning: the top 3 layers tie at score 9: their order is network order, not a ranking; "
+                        "score more batches, or at another threshold"]),
+    ([0, 0], 3, ["warning: only 3 steps were scored: a ranking from fewer than 20 is mostly noise; score more "
+                 "batches",
+                 "warning: the top 2 layers tie at score 0: their order is network order, not a ranking; score "
+                 "more batches, or at another threshold"]),
+])
+def test_the_printout_warns_when_the_ranking_is_noise(scores, steps, warnings):
+    lines = str(report_with(scores, steps)).splitlines()
+    assert lines[3 + len(scores):] == warnings
+
+
+def test_the_plot_names_every_layer_and_marks_the_chosen_ones(tmp_path):
+    pytest.importorskip("matplotlib")
+    report = report_with([3, 9, 1, 7, 0], steps=50)
+    chosen = report.top(2)
+    figure = report.plot(tmp_path / "scores.png", chosen=chosen)
+    assert (tmp_path / "scores.png").stat().st_size > 1000
+    axes = figure.axes[0]
+    on_screen = axes.transData.transform  # data to display coordinates, y upwards
+    labels = sorted(axes.get_yticklabels(), key=lambda label: -on_screen(label.get_position())[1])  # top first
+    assert [label.get_text() for label in labels] == report.layers  # network order, from the top
+    assert all(label.get_fontsize() >= 8 for label in labels)
+    bars = {label.get_text(): bar for label, bar in zip(axes.get_yticklabels(), axes.patches)}
+    assert [bars[layer].get_width() for layer in report.layers] == [3, 9, 1, 7, 0]
+    colors = {layer: bars[layer].get_facecolor() for layer in report.layers}
+    assert colors["layer1"] == colors["layer3"] and len(set(colors.values())) == 2
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == ["chosen (2)", "left shared"]
+    with pytest.raises(fxsplit.LayerError, match=r"chosen layer\(s\) \['layer9'\] are not scored in this report"):
+        report.plot(chosen=["layer1", "layer9"])
 
 
 def test_conflict_rate_counts_whole_vector_cosines():

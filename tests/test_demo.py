@@ -1,11 +1,14 @@
 import json
+import sys
 
 import pytest
 import torch
 
-from fxsplit import cli
+from fxsplit import ConflictReport, MissingExtraError, cli
 from fxsplit.errors import FxsplitError
 from fxsplit.experiment import demo
+
+TINY = demo.DemoConfig.quick(train_size=64, test_size=32, width=4, top_k=2)  # one step per epoch
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")  # TorchScript files on purpose
@@ -55,3 +58,39 @@ def test_quick_demo_over_two_seeds_writes_and_lists_every_file_and_exports_match
 def test_demo_needs_at_least_one_seed():
     with pytest.raises(FxsplitError, match="seeds >= 1"):
         demo.DemoConfig(seeds=0)
+
+
+@pytest.fixture
+def seeds_trained(monkeypatch):
+    """The seeds the demo trains, as it starts each."""
+    trained = []
+    original = demo.run_seed
+    monkeypatch.setattr(demo, "run_seed", lambda experiment, seed, *args: trained.append(seed) or original(
+        experiment, seed, *args))
+    return trained
+
+
+@pytest.mark.parametrize("module", ["matplotlib", "sklearn"])
+def test_the_demo_checks_its_extras_before_it_trains(tmp_path, monkeypatch, capsys, seeds_trained, module):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails, as when it is not installed
+    with pytest.raises(MissingExtraError) as error:
+        demo.run(tmp_path / "tiny", TINY, progress=False)
+    assert str(error.value) == f"the demo needs {module}, which is not installed: pip install 'fxsplit[demo]'"
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "quick")]) == 1
+    assert capsys.readouterr().err == f"fxsplit: error: {error.value}\n"
+    assert seeds_trained == [] and list(tmp_path.iterdir()) == []
+
+
+def test_the_results_are_written_before_the_plots(tmp_path, monkeypatch):
+    plotted = []
+
+    def failing_plot(report, path, **options):
+        plotted.append(options)
+        raise FxsplitError("the plot fails")
+
+    monkeypatch.setattr(ConflictReport, "plot", failing_plot)
+    with pytest.raises(FxsplitError, match="the plot fails"):
+        demo.run(tmp_path, TINY, progress=False)
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text() == demo.markdown(results)
+    assert plotted == [{"chosen": results["seeds"][0]["arms"]["recon"]["layers"]}]  # scores.png marks them

@@ -138,3 +138,12 @@ def test_both_routes_name_a_parametrized_layer_after_its_module():
         split = fxsplit.rewrite(model, layers, example_inputs=x, method=method)
         assert split.split_layers == tuple(layers)
         assert_per_task(model, split, (x,))
+
+
+def test_the_printout_lists_every_layer_under_column_headers():
+    graph = fxsplit.layer_graph(MultiHead(SmallCNN(), 16))
+    lines = str(graph).splitlines()
+    assert lines[0] == f"{len(graph)} layers, {graph.number_of_edges()} edges"
+    assert lines[1].split() == ["order", "layer", "kind", "params"] and set(lines[2]) == {"-"}
+    assert [line.split() for line in lines[3:]] == [
+        [str(data["order"]), name, data["kind"], f"{data['params']:,}"] for name, data in graph.nodes(data=True)]

@@ -27,12 +27,14 @@ from torch import nn
 from ..datasets import MultiDigits
 from ..errors import FxsplitError
 from ..export import export
+from ..extras import require
 from ..report import ConflictReport
 from .arms import Experiment, pairs, run_seed
 from .statistics import comparisons, differences, summarize, table
 from .training import Training
 
 THRESHOLDS = (0.0, -0.01, -0.05, -0.1)
+EXTRAS = ("matplotlib", "sklearn")  # the plots and the MultiDigits data: `pip install fxsplit[demo]`
 TASKS = ("left", "right")
 
 
@@ -112,7 +114,13 @@ class DigitNet(nn.Module):
 
 
 def run(out: Path, config: DemoConfig = DemoConfig(), progress: bool | None = None) -> DemoRun:
-    """Run the demo and write its files into ``out``; ``results["files"]`` lists them."""
+    """Run the demo and write its files into ``out``; ``results["files"]`` lists them.
+
+    The extras it needs are checked before anything is trained, and the results (``results.json``,
+    ``results.md``) are written before the plots.
+    """
+    for module in EXTRAS:
+        require(module, "demo", "the demo")
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     experiment = config.experiment()
@@ -122,7 +130,7 @@ def run(out: Path, config: DemoConfig = DemoConfig(), progress: bool | None = No
     example = MultiDigits("test", size=8, seed=config.seed).images
     files = [export(first.models["recon"], out / f"recon{suffix}", example) for suffix in (".pt", ".pt2")]
     files.append(first.reports["joint"].save(out / "scoring_report.json"))
-    files += _plots(out, first.reports)
+    scores, cosines = out / "scores.png", out / "cosines.png"
     results = {
         "config": asdict(config),
         "tasks": list(TASKS),
@@ -131,10 +139,12 @@ def run(out: Path, config: DemoConfig = DemoConfig(), progress: bool | None = No
         "paired": comparisons(figures, pairs()),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    files += [out / "results.json", out / "results.md"]
+    files += [scores, cosines, out / "results.json", out / "results.md"]
     results["files"] = sorted(str(f) for f in files)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown(results))
+    first.reports["joint"].plot(scores, chosen=first.figures["arms"]["recon"]["layers"])
+    _cosines_plot(cosines, first.reports)
     return DemoRun(results, first.models)
 
 
@@ -153,9 +163,8 @@ def markdown(results: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def _plots(out: Path, reports: dict[str, ConflictReport]) -> list[Path]:
-    """Scores per layer, and the distribution of whole-shared-vector cosines per model."""
-    reports["joint"].plot(out / "scores.png")
+def _cosines_plot(path: Path, reports: dict[str, ConflictReport]) -> None:
+    """The distribution of whole-shared-vector cosines per model."""
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 3.5))
@@ -167,6 +176,5 @@ def _plots(out: Path, reports: dict[str, ConflictReport]) -> list[Path]:
     axes.set_ylabel("training steps")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(out / "cosines.png", dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
-    return [out / "scores.png", out / "cosines.png"]

@@ -13,7 +13,7 @@ from ..layers import layer_graph
 from ..scoring import ConflictMonitor, StepFigures
 from ..scoring.checks import step_hooks, task_names
 from ._convention import CONVENTION, task_losses
-from ._extras import require
+from ..extras import require
 
 transformers = require("transformers", "huggingface", "fxsplit.integrations.huggingface")
 

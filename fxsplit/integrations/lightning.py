@@ -12,7 +12,7 @@ from ..errors import FxsplitError, TaskError
 from ..scoring import ConflictMonitor, StepFigures
 from ..scoring.checks import loss_value, step_hooks, task_names
 from ._convention import CONVENTION, share_key, task_losses
-from ._extras import require
+from ..extras import require
 
 pl = require("lightning.pytorch", "lightning", "fxsplit.integrations.lightning")
 

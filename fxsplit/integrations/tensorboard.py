@@ -10,7 +10,7 @@ import torch
 from ..errors import FxsplitError
 from ..scoring import StepFigures
 from ._convention import HEAT_MAP_KEY, layer_rate_key, share_key
-from ._extras import require
+from ..extras import require
 
 SummaryWriter = require("torch.utils.tensorboard", "tensorboard", "fxsplit.integrations.tensorboard").SummaryWriter
 

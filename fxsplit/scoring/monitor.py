@@ -73,7 +73,9 @@ class _Step:
 
 
 class ConflictMonitor:
-    """Scores every shared layer of ``model`` by how often its task gradients conflict, inside your own loop (Recon).
+    """Scores every shared layer of ``model`` by how often its task gradients conflict, inside your own loop (Recon);
+    ``tasks`` are the task names, a list (:func:`fxsplit.analyze` takes ``{name: loss}``: here the losses come to
+    :meth:`backward` as ``{name: loss value}``).
 
     Call ``monitor.backward(losses)`` where you would call ``sum(losses.values()).backward()``: each task's gradient
     comes from its own autograd pass, the step is scored, and every parameter's ``.grad`` receives what the summed

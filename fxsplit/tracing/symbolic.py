@@ -13,8 +13,6 @@ import copy
 import functools
 import inspect
 import math
-import os
-import traceback
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -22,13 +20,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import PythonStateWarning, TraceError
+from ..errors import PythonStateWarning, TraceError, raised_at
 from .autograd import check_backward_hooks, recording_autograd
 from .frozen import Read, recording_reads
 from .modes import recording_modes
 from .mutations import follow_mutations
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
 OPTIONS = ("leaf_modules", "autowrap_functions", "concrete_args")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
@@ -374,11 +371,6 @@ def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception, bound: M
 
 
 def _user_line(error: Exception) -> str:
-    """``file:line: code`` of the innermost frame outside torch that raised ``error``."""
-    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
-    frames = [f for f in frames if os.path.abspath(f.filename) != os.path.abspath(__file__)]
-    if not frames:
-        return ""
-    frame = frames[-1]
-    return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+    """``file:line: code`` of the innermost frame outside torch and this tracer that raised ``error``."""
+    return raised_at(error, skip=(__file__,))
 

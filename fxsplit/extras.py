@@ -1,14 +1,14 @@
-"""The framework an integration module needs, imported when that module is, or an error naming the extra."""
+"""What an optional part of fxsplit (an integration, the demo) needs: the module, or an error naming the extra."""
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
-from ..errors import MissingExtraError
+from .errors import MissingExtraError
 
 
-def require(module: str, extra: str, integration: str) -> ModuleType:
+def require(module: str, extra: str, needed_by: str) -> ModuleType:
     """``module``, or a :class:`~fxsplit.MissingExtraError` saying to ``pip install 'fxsplit[extra]'``.
 
     >>> require("torch.nn", "torch", "this example").Linear.__name__
@@ -20,5 +20,5 @@ def require(module: str, extra: str, integration: str) -> ModuleType:
     try:
         return importlib.import_module(module)
     except ImportError as error:
-        raise MissingExtraError(f"{integration} needs {module.split('.')[0]}, which is not installed: "
+        raise MissingExtraError(f"{needed_by} needs {module.split('.')[0]}, which is not installed: "
                                 f"pip install 'fxsplit[{extra}]'") from error
