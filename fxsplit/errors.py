@@ -94,3 +94,8 @@ def raised_at(error: BaseException, skip: Iterable[str] = ()) -> str:
         return ""
     frame = frames[-1]
     return f"{frame.filename}:{frame.lineno}: {(frame.line or '').strip()}"
+
+
+def user_line(error: BaseException) -> str:
+    """``file:line: code`` of the innermost frame that raised ``error`` outside torch and fxsplit."""
+    return raised_at(error, skip=(os.path.dirname(__file__),))

@@ -14,10 +14,9 @@ from torch import fx, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from .errors import ExportError
-from .layers import attribute
+from .modules import attribute, copy_module
 from .rewrite.streams import plain_streams
 from .tracing.frozen import bare
-from .tracing.symbolic import copy_module
 
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
 

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from . import structure
 from .errors import FxsplitError
 from .tracing import as_example, trace_graph, unwrapped
-from .tracing.symbolic import canonical_names, torch_layer
+from .modules import attribute, canonical_names, torch_layer
 
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
@@ -309,9 +309,3 @@ def reads_metadata(node: fx.Node) -> bool:
         return node.target is builtins.len or node.target in _METADATA_OPERATIONS or (
             node.target is builtins.getattr and node.args[1] in _METADATA_ATTRIBUTES)
     return False
-
-
-def attribute(root: nn.Module, target: str):
-    """The object at a qualified name under ``root``: a module, a parameter or a buffer."""
-    module_path, _, name = target.rpartition(".")
-    return getattr(root.get_submodule(module_path), name)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from .errors import TaskError, unknown_layer
-from .layers import attribute
+from .modules import attribute
 from .tracing import DualGraphModule
 
 

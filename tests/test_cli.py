@@ -327,7 +327,7 @@ def test_export_writes_a_saved_and_trained_split(tmp_path, capsys):
      "to control flow at {path}:{gate_line}: return x if x.sum() > 0 else -x. To fix: make it a leaf, called whole "
      "(its parameters then form one layer): the SPEC's \"tracer_kwargs\": {{'leaf_modules': [Gate]}} (or ['gate'])."),
     ("autocast", ["export", "--layers", "trunk.2", "--out", "{tmp}/split.pt2"],
-     "GraphModuleImpl's graph holds torch.autocast blocks that the torch.fx route recorded as nodes, which neither "
+     "Autocast's graph holds torch.autocast blocks that the torch.fx route recorded as nodes, which neither "
      "TorchScript nor torch.export exports again. Split the model on the torch.export route (the SPEC's \"method\": "
      "'export'): its split exports to a .pt2 file."),
     ("exported", ["export", "--layers", "trunk.2", "--out", "{tmp}/split.pt"],

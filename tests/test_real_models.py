@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxsplit
-from fxsplit.layers import attribute
+from fxsplit.modules import attribute
 from tests.models import assert_equivalent, assert_unchanged, count, snapshot, without_dropout
 from tests.reference import assert_per_task
 from tests.real_models import CASES, Case, ListResNet, FrozenTeacher, MixedPrecisionTrunk, Stateful, TiedLM, UncertaintyWeighted

@@ -14,16 +14,16 @@ import torch
 from torch import fx, nn
 
 from ..errors import LayerError, ReportError, unknown_layer
-from ..layers import Layer, attribute, find_layers
+from ..layers import Layer, find_layers
+from ..modules import attribute, check_names, copy_module, has, persistent, place
 from ..report import LayerSelection
 from ..split_module import SplitModule, Surgery, copy_target
 from ..tracing import as_example, trace_modes, unwrapped
 from ..tracing.frozen import stand_in
-from ..tracing.symbolic import check_names, copy_module
 from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
 from .check import check_split
-from .copies import Init, check_init, container, install, layer_copy
+from .copies import Init, check_init, layer_copy
 from .fanout import NORMS, fan_out, needed_nodes, output_node, tainted_by
 from ..outputs import OutputKey, Path, repeated_items, task_paths
 
@@ -129,7 +129,7 @@ def rewrite(
     for layer in split_layers:
         for task in users[layer]:
             for member, new in layer_copy(traced, found[id(current)][layer], task, init).items():
-                install(traced, copy_target(task, member), new)
+                place(traced, copy_target(task, member), new)
     if batch_branches:
         for result in fanned.values():
             batch_pass(traced, result.graph)
@@ -234,27 +234,14 @@ def _keep_the_rest(split: SplitModule, root: nn.Module, replaced: list[str]) -> 
         return any(path == member or path.startswith(member + ".") for member in replaced)
 
     for path, module in root.named_modules():
-        if not path or replaced_path(path) or _has(split, path):
+        if not path or replaced_path(path) or has(split, path):
             continue
         holds_replaced = any(member.startswith(path + ".") for member in replaced)
-        install(split, path, stand_in(module, nn.Module()) if holds_replaced else module)  # then its other
+        place(split, path, stand_in(module, nn.Module()) if holds_replaced else module)  # then its other
         # children, one by one
     for path, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
-        if not replaced_path(path) and not _has(split, path):
-            owner_path, _, name = path.rpartition(".")
-            if isinstance(tensor, nn.Parameter):
-                install(split, path, tensor)
-            else:
-                persistent = name not in root.get_submodule(owner_path)._non_persistent_buffers_set
-                container(split, owner_path).register_buffer(name, tensor, persistent=persistent)
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        attribute(module, path)
-    except AttributeError:
-        return False
-    return True
+        if not replaced_path(path) and not has(split, path):
+            place(split, path, tensor, persistent(root, path))
 
 
 def _owners(split: SplitModule, uses: Mapping[str, set[str]], tasks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:

@@ -16,7 +16,7 @@ from torch.nn.modules import module as _module_hooks
 
 from ..split_module import COPIES
 from ..tracing import mutated_input
-from ..tracing.symbolic import torch_layer
+from ..modules import torch_layer
 from .streams import join, part
 
 _HEAVY = (nn.modules.conv._ConvNd, nn.Linear)

@@ -15,7 +15,7 @@ from ..outputs import Path, select
 from ..split_module import COPIES, copy_target
 from ..tracing import aten
 from ..tracing.exported import drop_probability
-from ..tracing.symbolic import copy_module
+from ..modules import copy_module
 from ..tracing.verify import (
     SEED, TOLERANCE, Call, check_trace, first_difference, gradient_difference, mode, run, state_difference,
 )

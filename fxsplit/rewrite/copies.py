@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..errors import InitError
-from ..layers import Layer, attribute
+from ..layers import Layer
+from ..modules import attribute
 
 Init = Union[str, Callable[[Any, str, str], None]]
 
@@ -87,18 +88,3 @@ def _unparametrized(module: nn.Module) -> nn.Module:
     for name, value in derived.items():
         twin.register_parameter(name, nn.Parameter(value))
     return twin
-
-
-def install(root: nn.Module, target: str, obj) -> None:
-    """Put ``obj`` at qualified name ``target`` under ``root``, creating empty containers on the way."""
-    path, _, name = target.rpartition(".")
-    setattr(container(root, path), name, obj)
-
-
-def container(root: nn.Module, path: str) -> nn.Module:
-    """The module at ``path`` under ``root``, made of empty modules where there is none yet."""
-    for part in path.split(".") if path else ():
-        if not hasattr(root, part):
-            root.add_module(part, nn.Module())
-        root = getattr(root, part)
-    return root

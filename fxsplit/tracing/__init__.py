@@ -19,13 +19,14 @@ from typing import Any
 from torch import fx, nn
 
 from ..errors import TraceError, TraceMismatchError
+from ..modules import canonical_names, check_names, copy_module, place
 from .dual import DualGraphModule
 from .exported import (
-    ExportedGraphModule, add_attributes, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
+    ExportedGraphModule, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
 )
 from .mutations import aliases, follow_mutations, mutated_input, viewed, written_input, written_tensor
 from .symbolic import (
-    OPTIONS, PathTracer, canonical_names, check_names, check_options, copy_module, symbolic_graph,
+    OPTIONS, PathTracer, check_options, symbolic_graph,
 )
 from .verify import calling, check_trace, example_call, given_arguments, optional_given
 
@@ -136,7 +137,8 @@ def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
         for training in (True, False):
             graphs[training], more, frozen[training] = exported_graph(root, *example, training)
             extras.update(more)
-        add_attributes(root, extras)
+        for name, value in extras.items():  # the trace's constants: not the model's state
+            place(root, name, value, persistent=False)
         traced = DualGraphModule(root, graphs, type(model).__name__)
         keep_state(traced, root)
         traced.meta["frozen"] = frozen

@@ -19,7 +19,7 @@ from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_bl
 from torch.package import sys_importer
 
 from .frozen import first_change, stale, stand_in, watched
-from .symbolic import torch_layer
+from ..modules import torch_layer
 from .verify import check_given
 
 

@@ -85,11 +85,11 @@ from torch.export import _unlift
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
-from ..errors import TraceError
+from ..errors import TraceError, user_line
+from ..modules import copy_module, module_at, persistent, place
 from .autograd import watching_export
 from .dual import adopt_layers
 from .frozen import Read, recording_reads, stand_in
-from .symbolic import _user_line, copy_module
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 _aten = torch.ops.aten
@@ -188,7 +188,8 @@ def _single_mode(model, args, kwargs, training, share_tensors: bool) -> Exported
     training = model.training if training is None else training
     root = copy_module(model, share_tensors)
     graph, extras, _ = exported_graph(root, args, kwargs, training)
-    add_attributes(root, extras)
+    for name, value in extras.items():  # the trace's constants: not the model's state
+        place(root, name, value, persistent=False)
     gm = ExportedGraphModule(root, graph, type(model).__name__)
     adopt_layers(gm, root, [graph])
     keep_state(gm, root)
@@ -263,16 +264,6 @@ def _recording_guards(record: list):
         _unlift._convert_guards_code_to_fn = convert
 
 
-def add_attributes(root: nn.Module, attributes: dict[str, Any]) -> None:
-    """Put what a graph reads besides the model's own state on ``root``: modules, and tensors as buffers that
-    ``state_dict()`` leaves out (they are the trace's constants, not the model's state)."""
-    for name, value in attributes.items():
-        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-            root.register_buffer(name, value, persistent=False)
-        else:
-            setattr(root, name, value)
-
-
 def _argument_names(root: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
     """``forward``'s parameter name -> example value, in ``forward``'s order, for the parameters given."""
     signature = inspect.signature(root.forward)
@@ -307,7 +298,7 @@ def _export_error(root: nn.Module, error: Exception) -> TraceError:
         if id(owner) in modules:
             where = modules[id(owner)]  # the innermost module wins, as the frames go deeper
     module = root.get_submodule(where) if where else root
-    line = _user_line(error)
+    line = user_line(error)
     if isinstance(error, GuardOnDataDependentSymNode):
         fix = ("a Python branch or size depends on tensor values, which no graph holds: compute both sides and "
                "select with torch.where, or use torch.cond.")
@@ -459,18 +450,15 @@ def _read_ties_by_owner(graph: fx.Graph, root: nn.Module, modules: set[str]) -> 
 
 def keep_state(gm: fx.GraphModule, root: nn.Module) -> None:
     """Every parameter and buffer of the model at its qualified name, read by the graph or not (an eval graph
-    reads no ``num_batches_tracked``), buffers as persistent as in the model: ``state_dict()`` has the model's keys."""
+    reads no ``num_batches_tracked``), buffers as persistent as in the model: ``state_dict()`` has the model's keys.
+    Modules the graph module lacks are stand-ins of the model's (:func:`.frozen.stand_in`)."""
+    def holder(path: str) -> nn.Module:
+        return stand_in(root.get_submodule(path), nn.Module())
+
     for path, module in root.named_modules(remove_duplicate=False):
-        holder, where = gm, []
-        for part in path.split(".") if path else ():
-            where.append(part)
-            if part not in holder._modules:
-                holder.add_module(part, stand_in(root.get_submodule(".".join(where)), nn.Module()))
-            holder = holder._modules[part]
-        for name, parameter in module.named_parameters(recurse=False):
-            holder.register_parameter(name, parameter)
-        for name, buffer in module.named_buffers(recurse=False):
-            holder.register_buffer(name, buffer, persistent=name not in module._non_persistent_buffers_set)
+        module_at(gm, path, holder)
+    for name, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        place(gm, name, tensor, persistent(root, name))
 
 
 def _scope(node: fx.Node, modules: set[str]) -> str:

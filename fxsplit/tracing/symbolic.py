@@ -20,14 +20,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import PythonStateWarning, TraceError, raised_at
+from ..errors import PythonStateWarning, TraceError, user_line
 from .autograd import check_backward_hooks, recording_autograd
 from .frozen import Read, recording_reads
 from .modes import recording_modes
 from .mutations import follow_mutations
 
 OPTIONS = ("leaf_modules", "autowrap_functions", "concrete_args")
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 
 
 def _registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
@@ -281,59 +280,6 @@ def _write_back(graph: fx.Graph, rebound: Mapping[str, fx.Node]) -> None:
             write.meta["path"] = f"{path}.copy"
 
 
-def canonical_names(root: nn.Module) -> dict[str, str]:
-    """Second and later names of tied parameters -> the first name ``root.named_parameters()`` gives them."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, parameter in root.named_parameters(remove_duplicate=False):
-        aliases[name] = first.setdefault(id(parameter), name)
-    return {alias: name for alias, name in aliases.items() if alias != name}
-
-
-def torch_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is one of torch.nn's own layers (a Linear, a Conv2d, ...), as torch.fx counts leaves."""
-    return (type(module) is not nn.Module  # the empty holders GraphModule makes on a path
-            and fx.Tracer().is_leaf_module(module, "") and not isinstance(module, _CONTAINERS))
-
-
-def check_names(model: nn.Module, cls: type, what: str) -> None:
-    """Raise unless every top-level module, parameter and buffer name of ``model`` is free on ``cls``."""
-    reserved = ({n for n in dir(cls) if not n.startswith("_")} - set(dir(nn.Module))) | {"meta", "shape_env"}
-    names = [*model._modules, *model._parameters, *model._buffers]
-    taken = sorted(name for name in names if name in reserved)
-    if taken:
-        raise TraceError(f"{type(model).__name__} has {', '.join(map(repr, taken))} at its top level, a name that "
-                         f"{what} ({cls.__name__}) uses itself; rename it in the model (or wrap the model in a "
-                         f"module that holds it under another name).")
-
-
-def copy_module(model: nn.Module, share_tensors: bool) -> nn.Module:
-    """A deep copy of ``model``; with ``share_tensors`` its parameters and buffers stay the model's own.
-
-    Tensors a module keeps from an earlier forward (timm's attention-bias caches in eval mode) have a history,
-    which deepcopy refuses: they are copied without it.
-    """
-    memo = {id(t): t for t in (*model.parameters(), *model.buffers())} if share_tensors else {}
-    for module in model.modules():
-        for name, value in vars(module).items():
-            if name not in ("_parameters", "_buffers", "_modules"):
-                for tensor in _tensors_with_history(value):
-                    memo[id(tensor)] = tensor.detach() if share_tensors else tensor.detach().clone()
-    return copy.deepcopy(model, memo)
-
-
-def _tensors_with_history(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        if value.grad_fn is not None:
-            yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors_with_history(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors_with_history(item)
-
-
 def _bound_defaults(root: nn.Module, given: Iterable[str]) -> dict[str, Any]:
     given = set(given)
     bound = {}
@@ -349,7 +295,7 @@ def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception, bound: M
     """A :class:`TraceError` that names the module and the source line, with a fix that applies there."""
     where = tracer.failed_in
     module = root.get_submodule(where) if where else root
-    line = _user_line(error)
+    line = user_line(error)
     name = type(module).__name__
     if where:
         override = (f" (its class overrides nn.Module.__call__, whose code runs before torch.fx sees the call: as a "
@@ -368,9 +314,3 @@ def _trace_error(root: nn.Module, tracer: PathTracer, error: Exception, bound: M
         f"torch.fx cannot trace {'module ' + repr(where) if where else 'the model'} ({name}): "
         f"{type(error).__name__}: {error}{' at ' + line if line else ''}. To fix: {fix}"
     )
-
-
-def _user_line(error: Exception) -> str:
-    """``file:line: code`` of the innermost frame outside torch and this tracer that raised ``error``."""
-    return raised_at(error, skip=(__file__,))
-

@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_map
 
 from .. import structure
 from ..errors import TraceError, TraceMismatchError
-from .symbolic import copy_module
+from ..modules import copy_module
 
 TOLERANCE = 1e-4  # relative error (Frobenius norms) an output tensor may have: rounding, not a different function
 SEED = 20230211  # any fixed seed: both runs draw the same random numbers in the same order
