@@ -21,6 +21,9 @@ SECTIONS = {
 }
 
 
+RULES = ["register_norm", "register_batched", "register_per_sample", "register_dropout", "register_dropping_operation",
+         "register_in_place", "register_untraceable"]
+
 # the framework integrations, each an optional extra: their classes, without the framework's hooks they implement
 INTEGRATIONS = {"lightning": ["ConflictCallback"], "huggingface": ["ConflictTrainer", "ConflictCallback"],
                 "tensorboard": ["TensorBoardLogger"]}
@@ -50,6 +53,10 @@ def render() -> str:
         for name in names:
             lines += entry(f"fxsplit.{name}", getattr(fxsplit, name))
             documented.add(name)
+    lines += ["## Rules (`fxsplit.rules`)", "", inspect.cleandoc(fxsplit.rules.__doc__), ""]
+    for name in RULES:
+        lines += entry(f"fxsplit.rules.{name}", getattr(fxsplit.rules, name))
+    documented.add("rules")
     lines += ["## Data", ""] + entry("fxsplit.datasets.MultiDigits", datasets.MultiDigits)
     lines += ["## Integrations (optional extras)", ""]
     for module, names in INTEGRATIONS.items():

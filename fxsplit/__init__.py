@@ -1,5 +1,6 @@
 """fxsplit: multi-task model surgery on torch.fx."""
 
+from . import rules
 from .analyze import analyze
 from .errors import (
     ExportError, FxsplitError, InitError, LayerError, MissingExtraError, ReportError, ScoringError, SplitMismatchError,
@@ -38,6 +39,7 @@ __all__ = [
     "export",
     "layer_graph",
     "rewrite",
+    "rules",
     "script",
     "trace",
 ]

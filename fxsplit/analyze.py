@@ -13,11 +13,12 @@ from torch.utils._pytree import tree_map
 
 from .errors import FxsplitError, TaskError
 from .layers import graph_of
-from .outputs import part_to_json, paths_read
+from .modules import saved_buffers
+from .outputs import part_to_json, paths_read, task_names
 from .progress import Progress
 from .report import ConflictReport
 from .scoring import ConflictMonitor, StepFigures
-from .scoring.checks import loss_value, step_hooks, task_names, thresholds, whole_number
+from .scoring.checks import loss_value, step_hooks, thresholds, whole_number
 from .scoring.methods import Aggregator
 from .tracing import trace_graph, unwrapped
 from .tracing.verify import check_trace, forwarding
@@ -90,7 +91,7 @@ def analyze(
         raise FxsplitError("tracer_kwargs apply when analyze traces the model itself; a graph was given.")
     forward = forward or default_forward
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where batches go
-    buffers = None if optimizer is not None else [b.detach().clone() for b in model.buffers()]
+    restore_buffers = None if optimizer is not None else saved_buffers(model.buffers())
     hooks = step_hooks(on_step)
     display = Progress("analyze", steps if steps is not None else _length(data), thresholds(threshold)[0], progress)
     batches = iter(display.wrap(islice(data, steps)))
@@ -121,10 +122,8 @@ def analyze(
                 optimizer.step()
     finally:
         display.close()
-        if buffers is not None:
-            with torch.no_grad():
-                for buffer, saved in zip(model.buffers(), buffers):
-                    buffer.copy_(saved)
+        if restore_buffers is not None:
+            restore_buffers()
     if monitor.nonfinite_tasks:
         raise TaskError(f"the loss of task(s) {monitor.nonfinite_tasks} is NaN or infinite, or its gradient, at some "
                         f"step; check the data and the learning rate.")

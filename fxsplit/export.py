@@ -17,6 +17,7 @@ from .errors import ExportError
 from .modules import attribute, copy_module
 from .rewrite.streams import plain_streams
 from .tracing.frozen import bare
+from .tracing.routes import route_of
 
 FORMATS = {".pt": "torchscript", ".pt2": "export"}
 
@@ -36,10 +37,9 @@ def script(model: nn.Module, example_inputs: tuple | None = None) -> torch.jit.S
     >>> fxsplit.script(gm)(torch.ones(1, 3)).shape
     torch.Size([1, 2])
     """
-    meta = model.meta if isinstance(model, fx.GraphModule) else {}
-    if meta.get("route") == "export":
+    if not route_of(model).scriptable:
         raise ExportError(
-            f"the model was traced through torch.export ({meta.get('route_reason', 'asked for')}): its graph "
+            f"the model was traced through torch.export ({model.meta.get('route_reason', 'asked for')}): its graph "
             f"applies ATen operations, which TorchScript cannot compile. Save it as a .pt2 file instead "
             f"(fxsplit.export(model, 'model.pt2', example_inputs), or format='export'), which torch.export loads."
         )

@@ -28,8 +28,8 @@ from torch.nn.utils import parametrize
 
 from . import structure
 from .errors import FxsplitError
-from .tracing import as_example, trace_graph, unwrapped
 from .modules import attribute, canonical_names, torch_layer
+from .tracing import as_example, route_of, trace_graph, unwrapped
 
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim", "is_cuda"}
@@ -183,7 +183,7 @@ def graph_of(gm: fx.GraphModule) -> LayerGraph:
     """The layer graph of a traced module."""
     layers = find_layers(gm)
     leaves = _output_leaves(gm.graph)
-    graph = LayerGraph(route=gm.meta.get("route", "fx"), route_reason=gm.meta.get("route_reason", ""),
+    graph = LayerGraph(route=route_of(gm).name, route_reason=gm.meta.get("route_reason", ""),
                        outputs=[list(path) for path in leaves])
     for order, layer in enumerate(layers.values()):
         graph.add_node(layer.name, kind=layer.kind, params=layer.size, order=order,

@@ -2,7 +2,7 @@
 
 Dotted paths name them as ``named_modules()`` and ``named_parameters()`` do (``"layer1.0.conv1.weight"``).
 :func:`attribute` reads one, :func:`place` puts one (making the modules on its way); :func:`copy_module` copies a tree, sharing its tensors or
-not; :func:`canonical_names` and :func:`torch_layer` say what a tree ties and which of its modules are torch's
+not; :func:`saved_buffers` and :func:`saved_modes` put a tree's buffers and modes back after a run; :func:`canonical_names` and :func:`torch_layer` say what a tree ties and which of its modules are torch's
 own layers; :func:`check_names` refuses names a wrapper class would shadow.
 
 >>> from torch import nn
@@ -15,7 +15,7 @@ own layers; :func:`check_names` refuses names a wrapper class would shadow.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -75,6 +75,29 @@ def persistent(root: nn.Module, target: str) -> bool:
     """Whether the buffer at ``target`` is in ``state_dict()`` (a parameter always is)."""
     path, _, name = target.rpartition(".")
     return name not in root.get_submodule(path)._non_persistent_buffers_set
+
+
+def saved_buffers(buffers: Iterable[torch.Tensor]) -> Callable[[], None]:
+    """Save the values of ``buffers`` now; the function returned puts them back (the same tensors, in place)."""
+    buffers = list({id(b): b for b in buffers}.values())
+    values = [b.detach().clone() for b in buffers]
+
+    def restore() -> None:
+        with torch.no_grad():
+            for buffer, value in zip(buffers, values):
+                buffer.copy_(value)
+    return restore
+
+
+def saved_modes(root: nn.Module) -> Callable[[], None]:
+    """Save the train/eval mode of every module under ``root`` now; the function returned gives each its mode
+    back (a module added since takes ``root``'s)."""
+    modes = {name: module.training for name, module in root.named_modules()}
+
+    def restore() -> None:
+        for name, module in root.named_modules():
+            module.training = modes.get(name, modes[""])
+    return restore
 
 
 def copy_module(model: nn.Module, share_tensors: bool) -> nn.Module:

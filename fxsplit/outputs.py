@@ -4,7 +4,7 @@ to graphs and to outputs."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Union
 
 import torch
@@ -31,7 +31,7 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
         if not isinstance(outputs, Mapping):
             raise TaskError(f"outputs must map task names to output keys, got {type(outputs).__name__}.")
         tasks = list(outputs) if tasks is None else tasks
-        check_tasks(tasks)
+        task_names(tasks)
         if set(outputs) != set(tasks):
             raise TaskError(f"outputs names tasks {sorted(outputs)} but the tasks are {sorted(tasks)}.")
         paths = {task: as_part(outputs[task]) for task in tasks}
@@ -41,7 +41,7 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
     names = _named_parts(output)
     if names is not None:
         tasks = list(names) if tasks is None else tasks
-        check_tasks(tasks)
+        task_names(tasks)
         missing = [task for task in tasks if task not in names]
         if missing:
             raise TaskError(
@@ -59,7 +59,7 @@ def task_paths(output: Any, tasks: Sequence[str] | Mapping[str, Any] | None,
     if tasks is None:
         raise TaskError("the model's output is not a mapping, so the tasks cannot be read from it: pass "
                         "tasks=[...] (every task then gets the whole output of its branch).")
-    check_tasks(tasks)
+    task_names(tasks)
     return {task: () for task in tasks}
 
 
@@ -195,18 +195,21 @@ def _parts_of(output: Any) -> str:
     return f"a single {'value' if isinstance(output, fx.Node) else type(output).__name__}"
 
 
-def check_tasks(tasks: Collection) -> None:
-    """Task names must be distinct identifiers (they name modules), at least two of them."""
-    if isinstance(tasks, str) or not isinstance(tasks, Collection):
+def task_names(tasks: Iterable) -> list[str]:
+    """The task names as a list, after the one rule every stage applies: two or more distinct Python
+    identifiers (a split names its copies after them)."""
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Iterable):
         raise TaskError(f"tasks must be a list of names, got {tasks!r}.")
-    bad = [task for task in tasks if not (isinstance(task, str) and task.isidentifier())]
+    names = list(tasks)
+    bad = [task for task in names if not (isinstance(task, str) and task.isidentifier())]
     if bad:
-        raise TaskError(f"task names must be Python identifiers (they name modules), got {bad}.")
-    repeated = repeated_items(tasks)
+        raise TaskError(f"task names must be Python identifiers (a split names its copies after them), got {bad}.")
+    repeated = repeated_items(names)
     if repeated:
         raise TaskError(f"task name(s) {repeated} given more than once.")
-    if len(tasks) < 2:
-        raise TaskError(f"splitting needs at least two tasks, got {list(tasks)}.")
+    if len(names) < 2:
+        raise TaskError(f"conflicts and splits need at least two tasks, got {names}.")
+    return names
 
 
 def repeated_items(items) -> list:

@@ -304,7 +304,7 @@ def test_construction_errors():
     model, tasks, batches = scoring_cases()["cnn-bn"]
     with pytest.raises(fxsplit.TaskError, match="at least two tasks"):
         fxsplit.ConflictMonitor(model, ["a"])
-    with pytest.raises(fxsplit.TaskError, match="task names repeat"):
+    with pytest.raises(fxsplit.TaskError, match=r"task name\(s\) \['a'\] given more than once"):
         fxsplit.ConflictMonitor(model, ["a", "b", "a"])
     with pytest.raises(fxsplit.FxsplitError, match=r"threshold must be a cosine in \[-1, 1\]"):
         fxsplit.ConflictMonitor(model, tasks, threshold=2)

@@ -301,3 +301,19 @@ def test_a_module_that_overrides_call_is_named_and_becomes_a_leaf_when_asked():
     split = fxsplit.rewrite(model, ["node.2"], tracer_kwargs=leaves, example_inputs=(x, batch))
     assert split.route == "fx"
     assert_per_task(model, split, (x, batch))
+
+
+class Uncopyable(nn.Linear):
+    def __deepcopy__(self, memo):
+        raise AssertionError("the model was copied")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda model: fxsplit.rewrite(model, ["weight"], method="onnx"), "method must be one of"),
+    (lambda model: fxsplit.rewrite(model, ["weight"], tracer_kwargs={"leaves": []}), r"unknown option\(s\) \['leaves'\]"),
+    (lambda model: fxsplit.trace(model, method="onnx"), "method must be one of"),
+    (lambda model: fxsplit.layer_graph(model, method="onnx"), "method must be one of"),
+])
+def test_a_bad_method_or_option_is_refused_before_the_model_is_copied(call, message):
+    with pytest.raises(fxsplit.TraceError, match=message):
+        call(Uncopyable(2, 2))

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxsplit
-from fxsplit.tracing.exported import counted_batch_norm, trace_exported, trace_exported_for_reading
+from fxsplit.tracing import trace_graph
+from fxsplit.tracing.exported import counted_batch_norm, trace_exported
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
 from tests.mtan import MTAN
 from tests.test_tracing import Wrapper
@@ -89,9 +90,9 @@ def test_model_untouched_and_tensors_copied_or_shared():
     before = snapshot(model)
     x = torch.randn(2, 3, 8, 8)
     copied = trace_exported(model, x, training=True)
-    shared = trace_exported_for_reading(model, x, training=True)
+    shared = trace_graph(model, method="export", example=((x,), {}))  # in the model's mode
     assert_unchanged(model, before)
-    assert copied.training and shared.training and not model.training
+    assert copied.training and not shared.training and not model.training
     parameters = dict(model.named_parameters())
     assert all(p is not parameters[name] and torch.equal(p, parameters[name]) for name, p in copied.named_parameters())
     assert all(p is parameters[name] for name, p in shared.named_parameters())

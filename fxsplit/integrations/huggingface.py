@@ -11,7 +11,8 @@ from torch import nn
 from ..errors import FxsplitError, TaskError
 from ..layers import layer_graph
 from ..scoring import ConflictMonitor, StepFigures
-from ..scoring.checks import step_hooks, task_names
+from ..outputs import task_names
+from ..scoring.checks import step_hooks
 from ._convention import CONVENTION, task_losses
 from ..extras import require
 

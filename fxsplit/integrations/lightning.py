@@ -10,7 +10,8 @@ from torch import nn
 
 from ..errors import FxsplitError, TaskError
 from ..scoring import ConflictMonitor, StepFigures
-from ..scoring.checks import loss_value, step_hooks, task_names
+from ..outputs import task_names
+from ..scoring.checks import loss_value, step_hooks
 from ._convention import CONVENTION, share_key, task_losses
 from ..extras import require
 

@@ -17,14 +17,15 @@ from ..errors import LayerError, ReportError, unknown_layer
 from ..layers import Layer, find_layers
 from ..modules import attribute, check_names, copy_module, has, persistent, place
 from ..report import LayerSelection
+from ..rules import has_running_statistics
 from ..split_module import SplitModule, Surgery, copy_target
-from ..tracing import as_example, trace_modes, unwrapped
+from ..tracing import as_example, check_method, check_options, trace_modes, unwrapped
 from ..tracing.frozen import stand_in
 from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, layer_copy
-from .fanout import NORMS, fan_out, needed_nodes, output_node, tainted_by
+from .fanout import fan_out, needed_nodes, output_node, tainted_by
 from ..outputs import OutputKey, Path, repeated_items, task_paths
 
 __all__ = ["rewrite"]
@@ -103,6 +104,8 @@ def rewrite(
     if isinstance(model, SplitModule):
         raise LayerError("model is already split; rewrite the original model with all the layers at once.")
     check_init(init)
+    check_method(method)
+    check_options(tracer_kwargs)
     check_names(model, SplitModule, "a split model")
     from_report = isinstance(layers, LayerSelection)
     if from_report:
@@ -222,7 +225,7 @@ def _norms_in_branches(root, graph, layers: Mapping[str, Layer], names: list[str
     region of ``names``."""
     tainted = tainted_by(graph, _chosen(layers, names))
     norms = [name for name, layer in layers.items() if name not in names
-             and isinstance(attribute(root, name), NORMS) and all(node in tainted for node in layer.calls)]
+             and has_running_statistics(attribute(root, name)) and all(node in tainted for node in layer.calls)]
     users = _users([graph], {id(graph): layers}, norms, {id(graph): needed_nodes(root, graph, paths)}, paths)
     return [name for name in norms if len(users[name]) > 1]
 

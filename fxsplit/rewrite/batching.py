@@ -17,14 +17,9 @@ from torch.nn.modules import module as _module_hooks
 from ..split_module import COPIES
 from ..tracing import mutated_input
 from ..modules import torch_layer
+from .. import rules
 from .streams import join, part
 
-_HEAVY = (nn.modules.conv._ConvNd, nn.Linear)
-_PER_SAMPLE = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
-    nn.Mish, nn.Identity, nn.modules.dropout._DropoutNd, nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd, nn.LayerNorm, nn.GroupNorm,
-)
 _PLAIN_MODULES = frozenset({"torch", "_operator", "operator", "builtins", "math", "fxsplit"})  # whose functions
 _VIEWS = frozenset({  # operations whose result may share its input's memory (methods, or torch functions)
     "view", "view_as", "reshape", "reshape_as", "transpose", "swapaxes", "permute", "movedim", "flatten",
@@ -43,7 +38,7 @@ def batch_branches(root: nn.Module, graph: fx.Graph) -> None:
         module = root.get_submodule(group[0].target)
         sources = [node.args[0] for node in group]
         stream = _stream(sources, parts)
-        if not (_per_sample(module) and (stream is not None or isinstance(module, _HEAVY))):
+        if not (rules.per_sample(module) and (stream is not None or rules.batched(module))):
             continue
         if stream is None and not all(source in plain for source in sources):
             continue
@@ -153,10 +148,3 @@ def _stream(sources: list[fx.Node], parts: dict[fx.Node, tuple[fx.Node, int]]) -
     if [i for _, i in streams] != list(range(len(sources))) or len(batched.meta["tasks"]) != len(sources):
         return None
     return batched
-
-
-def _per_sample(module: nn.Module) -> bool:
-    """Whether ``module`` treats each index of its input's first dimension independently (exact to batch)."""
-    if isinstance(module, nn.Flatten):
-        return module.start_dim >= 1
-    return isinstance(module, _HEAVY + _PER_SAMPLE)

@@ -14,14 +14,12 @@ from ..errors import SplitMismatchError
 from ..outputs import Path, select
 from ..split_module import COPIES, copy_target
 from ..tracing import aten
-from ..tracing.exported import drop_probability
 from ..modules import copy_module
+from ..rules import drop_attribute, drop_probability, has_running_statistics
 from ..tracing.verify import (
     SEED, TOLERANCE, Call, check_trace, first_difference, gradient_difference, mode, run, state_difference,
 )
-from .fanout import NORMS
 
-_DROP_ATTRIBUTES = ("p", "drop_prob")  # nn.Dropout*, torchvision's StochasticDepth; timm's DropPath
 
 
 def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Mapping[str, Path], call: Call) -> None:
@@ -40,7 +38,7 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     surgery = split._surgery
     references = {task: _task_model(model, split, task, surgery) for task in surgery.tasks}
     modules = [model, traced, split, *references.values()]
-    norms = {name for name, module in model.named_modules() if isinstance(module, NORMS)}
+    norms = {name for name, module in model.named_modules() if has_running_statistics(module)}
     names, parameters = zip(*split.named_parameters()) if any(True for _ in split.parameters()) else ((), ())
     for training in (False, True):
         where = f"{'train' if training else 'eval'} mode"
@@ -186,11 +184,11 @@ def _no_dropout(modules: Iterable[nn.Module]) -> Iterator[None]:
     number), then back as they were."""
     saved, nodes = [], []
     for module in {id(m): m for root in modules for m in _running(root)}.values():
-        for name in _DROP_ATTRIBUTES:
-            value = getattr(module, name, None)
-            if isinstance(value, float) and value > 0 and _drops(module):
-                saved.append((module, name, value))
-                setattr(module, name, 0.0)
+        name = drop_attribute(module)
+        value = getattr(module, name, None) if name else None
+        if isinstance(value, float) and value > 0:
+            saved.append((module, name, value))
+            setattr(module, name, 0.0)
     graphs = [m for m in modules if isinstance(m, fx.GraphModule)]
     for graph in graphs:
         for node in graph.graph.nodes:
@@ -226,8 +224,3 @@ def _set_argument(node: fx.Node, where: int | str, value) -> None:
         node.update_arg(where, value)
     else:
         node.update_kwarg(where, value)
-
-
-def _drops(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.dropout._DropoutNd) or "drop" in type(module).__name__.lower() \
-        or type(module).__name__ == "StochasticDepth"

@@ -19,10 +19,10 @@ from torch import fx, nn
 
 from ..split_module import copy_target
 from ..errors import LayerError
+from ..rules import has_running_statistics
 from ..tracing import aliases, mutated_input, viewed, written_input, written_tensor
 from ..outputs import Path, select
 
-NORMS = (nn.modules.batchnorm._NormBase,)  # norm layers with running statistics: shared ones update once per branch
 
 
 @dataclass
@@ -139,8 +139,8 @@ def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str], positio
         if mutated is None or mutated in tainted:
             continue
         written = written_tensor(root, node)
-        if written.op == "get_attr" and written not in tainted and not isinstance(
-                root.get_submodule(written.target.rpartition(".")[0]), NORMS):
+        if written.op == "get_attr" and written not in tainted and not has_running_statistics(
+                root.get_submodule(written.target.rpartition(".")[0])):
             raise LayerError(
                 f"buffer {written.target!r} is updated in forward after the split layer {layer!r} (at "
                 f"{_where(node)}): each task's branch would update the one buffer in turn, so "

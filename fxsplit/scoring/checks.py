@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
 
 from ..errors import FxsplitError, ScoringError, TaskError
-
-
-def task_names(tasks: Iterable) -> list[str]:
-    """The task names as a list: two or more distinct strings."""
-    names = list(tasks) if not isinstance(tasks, (str, bytes)) else [tasks]
-    bad = [name for name in names if not isinstance(name, str)]
-    if bad:
-        raise TaskError(f"task names must be strings, got {bad[0]!r}.")
-    if len(set(names)) < 2:
-        raise TaskError(f"conflicts need at least two tasks, got {names}.")
-    if len(set(names)) != len(names):
-        raise TaskError(f"task names repeat: {names}.")
-    return names
 
 
 def whole_number(name: str, value, minimum: int, unit: str = "") -> int:

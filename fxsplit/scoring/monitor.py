@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import FxsplitError, ScoringError, TaskError
 from ..layers import layer_graph
+from ..outputs import task_names
 from ..report import ConflictReport
 from ..tracing import unwrapped
 from . import checks
@@ -156,7 +157,7 @@ class ConflictMonitor:
     ):
         self.model = unwrapped(model, quietly=True)  # the documented way in: scoring inside a parallel loop
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-        self.tasks = checks.task_names(tasks)
+        self.tasks = task_names(tasks)
         self.thresholds = checks.thresholds(threshold)
         self.graph = layer_graph(self.model) if graph is None else graph
         self.bins = checks.whole_number("bins", bins, 1)

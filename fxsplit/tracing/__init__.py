@@ -19,23 +19,18 @@ from typing import Any
 from torch import fx, nn
 
 from ..errors import TraceError, TraceMismatchError
-from ..modules import canonical_names, check_names, copy_module, place
+from ..modules import canonical_names, check_names, copy_module
 from .dual import DualGraphModule
-from .exported import (
-    ExportedGraphModule, exported_graph, keep_state, trace_exported, trace_exported_for_reading,
-)
+from .exported import ExportedGraphModule, trace_exported
 from .mutations import aliases, follow_mutations, mutated_input, viewed, written_input, written_tensor
-from .symbolic import (
-    OPTIONS, PathTracer, check_options, symbolic_graph,
-)
+from .routes import EXPORT, FX, METHODS, ROUTES, Example, Route, check_method, route_of
+from .symbolic import OPTIONS, PathTracer, check_options
 from .verify import calling, check_trace, example_call, given_arguments, optional_given
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PARALLEL_WRAPPERS", "PathTracer",
-           "as_example", "mutated_input", "trace", "trace_exported", "trace_exported_for_reading", "trace_graph",
+           "as_example", "check_method", "check_options", "mutated_input", "route_of", "trace", "trace_exported", "trace_graph",
            "trace_modes", "unwrapped", "viewed", "written_input", "written_tensor", "aliases"]
 
-METHODS = ("auto", "fx", "export")
-Example = tuple[tuple, dict]  # (args, kwargs) of one call of the model
 
 
 def trace(
@@ -111,42 +106,14 @@ def as_example(example_inputs: Any, example_kwargs: dict[str, Any] | None) -> Ex
 
 def trace_modes(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None, given: Iterable[str] | None = None,
                 *, private: bool = False, method: str = "auto", example: Example | None = None) -> DualGraphModule:
-    """``model`` traced in both modes by ``method`` (checked on ``example``, when given); with ``private``,
-    ``model`` is a copy nobody else holds, which the traced module may take over rather than copy.
+    """``model`` traced in both modes by ``method`` (checked on ``example``, when given); with ``private``, a
+    ``model`` that is already a traced module is a copy nobody else holds, which the result may take over.
 
     ``given``: the ``forward`` arguments the example gives (by default read from ``example``).
     """
-    options = check_options(tracer_kwargs)
-    if isinstance(model, fx.GraphModule):
-        return _traced_already(model, options, method, private, both_modes=True)
-    _check_module(model)
-    check_names(model, DualGraphModule, "a traced module")
-    given = _given(model, given, example)
-
-    def by_fx() -> DualGraphModule:
-        view = _view(model)  # tracing runs Python code that may change a module's attributes: never the model's
-        traced = {training: symbolic_graph(view, training, options, given) for training in (True, False)}
-        module = DualGraphModule(view, {training: graph for training, (graph, _) in traced.items()},
-                                 type(model).__name__)
-        module.meta["frozen"] = {training: reads for training, (_, reads) in traced.items()}
-        return module
-
-    def by_export() -> DualGraphModule:
-        root = model if private else _view(model)
-        graphs, extras, frozen = {}, {}, {}
-        for training in (True, False):
-            graphs[training], more, frozen[training] = exported_graph(root, *example, training)
-            extras.update(more)
-        for name, value in extras.items():  # the trace's constants: not the model's state
-            place(root, name, value, persistent=False)
-        traced = DualGraphModule(root, graphs, type(model).__name__)
-        keep_state(traced, root)
-        traced.meta["frozen"] = frozen
-        return traced
-
-    traced = _route(model, method, example, options, (True, False), by_fx, by_export)
-    traced.meta["canonical"] = canonical_names(model)
-    traced.meta["given"] = optional_given(model, *example) if example is not None else {}
+    traced = _traced(model, tracer_kwargs, given, method, example, (True, False), private)
+    if not isinstance(model, fx.GraphModule):
+        traced.meta["given"] = optional_given(model, *example) if example is not None else {}
     return traced
 
 
@@ -157,84 +124,96 @@ def trace_graph(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None = None
     stage's one entry point for reading a model. ``method`` and ``example`` (``(args, kwargs)``) as :func:`trace`
     takes them; given an example, the graph is checked against the model on it. ``gm.meta["route"]`` and
     ``gm.meta["route_reason"]`` say which route traced it and why."""
-    options = check_options(tracer_kwargs)
-    if isinstance(model, fx.GraphModule):
-        return _traced_already(model, options, method, private=False, both_modes=False)
     _check_module(model)
-    check_names(model, fx.GraphModule, "a traced module")
+    return _traced(model, tracer_kwargs, given, method, example, (model.training,), private=False)
+
+
+def _traced(model: nn.Module, tracer_kwargs: Mapping[str, Any] | None, given: Iterable[str] | None, method: str,
+            example: Example | None, modes: tuple[bool, ...], private: bool) -> fx.GraphModule:
+    """The trace stage's one skeleton: check the options, take a traced module as it is, else trace ``model`` in
+    ``modes`` by the route ``method`` picks (a :class:`DualGraphModule` for both modes)."""
+    check_method(method)
+    options = check_options(tracer_kwargs)
+    both = len(modes) == 2
+    if isinstance(model, fx.GraphModule):
+        return _traced_already(model, options, method, private, both_modes=both)
+    _check_module(model)
+    check_names(model, DualGraphModule if both else fx.GraphModule, "a traced module")
     given = _given(model, given, example)
 
-    def by_fx() -> fx.GraphModule:
-        root = _view(model)
-        return fx.GraphModule(root, symbolic_graph(root, model.training, options, given)[0], type(model).__name__)
+    def by(route: Route) -> fx.GraphModule:
+        root = _view(model)  # tracing runs Python code that may change a module's attributes: never the model's
+        graphs, extras, reads = {}, {}, {}
+        for training in modes:
+            graphs[training], more, reads[training] = route.graph(root, training, options, given, example)
+            extras.update(more)
+        traced = route.module(root, graphs, extras, type(model).__name__)
+        if both:
+            traced.meta["frozen"] = reads
+        return traced
 
-    def by_export() -> fx.GraphModule:
-        return trace_exported_for_reading(model, *example, training=model.training)
-
-    traced = _route(model, method, example, options, (model.training,), by_fx, by_export)
+    traced = _route(model, method, example, options, modes, by)
     traced.meta["canonical"] = canonical_names(model)
     return traced
 
 
 def _route(model: nn.Module, method: str, example: Example | None, options: Mapping[str, Any],
-           modes: tuple[bool, ...], by_fx: Callable[[], fx.GraphModule],
-           by_export: Callable[[], fx.GraphModule]) -> fx.GraphModule:
-    """The model traced by the route ``method`` picks, checked on ``example`` in ``modes`` when there is one."""
-    if method not in METHODS:
-        raise TraceError(f"method must be one of {list(METHODS)}, got {method!r}.")
-    if method == "export":
-        if example is None:
-            raise TraceError("method='export' traces the model by running it on an example: give one "
-                             "(example_inputs=..., example_kwargs=...).")
-        if options:
-            raise TraceError(f"tracer_kwargs {sorted(options)} are options of the torch.fx route; the torch.export "
-                             f"route (method='export') takes none.")
-        return _checked(model, by_export(), "export", "asked for (method='export')", example, modes)
+           modes: tuple[bool, ...], by: Callable[[Route], fx.GraphModule]) -> fx.GraphModule:
+    """The model traced by the route ``method`` picks, checked on ``example`` in ``modes`` when there is one:
+    torch.fx first on ``"auto"``, then torch.export on the example when torch.fx fails or mis-traces."""
+    if method != "auto" and ROUTES[method].needs_example and example is None:
+        raise TraceError(f"method={method!r} traces the model by running it on an example: give one "
+                         "(example_inputs=..., example_kwargs=...).")
+    if method != "auto" and options and not ROUTES[method].takes_options:
+        raise TraceError(f"tracer_kwargs {sorted(options)} are options of the torch.fx route; the torch.export "
+                         f"route (method={method!r}) takes none.")
+    if method == EXPORT.name:
+        return _checked(model, by(EXPORT), EXPORT, f"asked for (method={method!r})", example, modes)
     try:
-        traced = by_fx()
+        traced = by(FX)
     except TraceError as error:
-        if method == "fx":
+        if method == FX.name:
             raise
         if example is None:
             raise TraceError(f"{error} Or give an example input, and fxsplit tries the torch.export route, which "
                              f"runs the model's Python on it: example_inputs=... (and example_kwargs=...) to trace, "
                              f"layer_graph and rewrite; to analyze, graph=fxsplit.layer_graph(model, "
                              f"example_inputs=...).") from error
-        return _second_route(model, by_export, error, example, modes, options)
+        return _second_route(model, by, error, example, modes, options)
     if example is None:
-        return _recorded(traced, "fx", "asked for (method='fx'), not checked: no example input" if method == "fx"
+        return _recorded(traced, FX, "asked for (method='fx'), not checked: no example input" if method == FX.name
                          else "torch.fx traced it; not checked: no example input")
-    reason = "asked for (method='fx')" if method == "fx" else "torch.fx traced it, and its graph matches the model"
+    reason = "asked for (method='fx')" if method == FX.name else "torch.fx traced it, and its graph matches the model"
     try:
-        return _checked(model, traced, "fx", reason, example, modes)
+        return _checked(model, traced, FX, reason, example, modes)
     except TraceMismatchError as error:
-        if method == "fx":
+        if method == FX.name:
             raise
-        return _second_route(model, by_export, error, example, modes, options)
+        return _second_route(model, by, error, example, modes, options)
 
 
-def _second_route(model: nn.Module, by_export: Callable[[], fx.GraphModule], error: TraceError, example: Example,
+def _second_route(model: nn.Module, by: Callable[[Route], fx.GraphModule], error: TraceError, example: Example,
                   modes: tuple[bool, ...], options: Mapping[str, Any]) -> fx.GraphModule:
     """The torch.export route, after torch.fx failed with ``error``."""
     reason = _gist(error) + (f" (tracer_kwargs {sorted(options)}, torch.fx's options, do not apply)" if options
                              else "")
     try:
-        traced = by_export()
+        traced = by(EXPORT)
     except TraceError as second:
         raise TraceError(f"{error} The torch.export route, tried next on the example, fails too: {second}") \
             from second
-    return _checked(model, traced, "export", reason, example, modes)
+    return _checked(model, traced, EXPORT, reason, example, modes)
 
 
-def _checked(model: nn.Module, traced: fx.GraphModule, route: str, reason: str, example: Example,
+def _checked(model: nn.Module, traced: fx.GraphModule, route: Route, reason: str, example: Example,
              modes: tuple[bool, ...]) -> fx.GraphModule:
     _recorded(traced, route, reason)
     check_trace(model, traced, calling(*example), modes=modes)
     return traced
 
 
-def _recorded(traced: fx.GraphModule, route: str, reason: str) -> fx.GraphModule:
-    traced.meta.update(route=route, route_reason=reason)
+def _recorded(traced: fx.GraphModule, route: Route, reason: str) -> fx.GraphModule:
+    traced.meta.update(route=route.name, route_reason=reason)
     return traced
 
 
@@ -249,7 +228,7 @@ def _traced_already(model: fx.GraphModule, options: Mapping[str, Any], method: s
     if options:
         raise TraceError(f"model is already a GraphModule: tracer options {sorted(options)} apply to the "
                          f"nn.Module it was traced from.")
-    route = model.meta.get("route", "fx")
+    route = route_of(model).name
     if method not in ("auto", route):
         raise TraceError(f"model is already a GraphModule traced by the {route} route: method={method!r} applies "
                          f"to the nn.Module it was traced from.")

@@ -18,8 +18,8 @@ from torch import fx, nn
 from torch.fx.graph_module import _CodeOnlyModule, _copy_attr, _format_import_block, reduce_graph_module
 from torch.package import sys_importer
 
-from .frozen import first_change, stale, stand_in, watched
 from ..modules import torch_layer
+from .frozen import first_change, stale, stand_in, watched
 from .verify import check_given
 
 

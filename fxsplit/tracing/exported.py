@@ -1,73 +1,14 @@
-"""The second tracing route: a model becomes a ``torch.fx.GraphModule`` through ``torch.export``.
+"""The second tracing route: a model becomes a ``torch.fx`` graph through ``torch.export``.
 
-``torch.fx`` symbolic tracing stops at Python that reads tensor shapes or values (HuggingFace transformers,
-``if x.size()[-2:] != y.size()[-2:]`` in MTAN's attention blocks); ``torch.export`` runs the real Python on an
-example input and records the ATen operations it ran. :func:`exported_graph` calls
-``torch.export.export(model, args, kwargs, strict=False)`` and ``.module()`` (``strict=True`` gives the same graph
-and paths on the test models, two to four times slower), then rebuilds the graph to meet the contract of the
-``torch.fx`` route (:mod:`fxsplit.tracing.symbolic`); the trace stage (:mod:`fxsplit.tracing`) builds a
-``DualGraphModule`` from the train-mode and the eval-mode graph, :func:`trace_exported` a module of one mode:
-
-- it computes what the model computes at the example's sizes, with a dynamic batch (dimension 0 of every tensor
-  of the example, in dicts and nested structures too) where the model allows it, in the train/eval mode it was
-  traced in. The mode is part of the graph (dropout's ``train`` flag, BatchNorm's batch statistics): switching it
-  raises :class:`~fxsplit.errors.TraceError` on an :class:`ExportedGraphModule`, so a model needs one graph per
-  mode;
-- one placeholder per ``forward`` parameter the example gives, in ``forward``'s order (the others keep their
-  defaults); a non-tensor argument (a task name, a flag, ``None``) is fixed at its example value and asserted on
-  each call; the output has the model's structure (dict keys, tuple positions; a HuggingFace ``ModelOutput``
-  becomes a plain dict with the same keys);
-- parameters and buffers are read by ``get_attr`` nodes named by their qualified names in the model; a tensor
-  with several names (tied weights) is read under the name its reading module gives it (an embedding reads
-  ``embed.weight``, the tied head ``head.weight``; ``torch.export`` itself reads one name everywhere), under its
-  first name when the model's own ``forward`` reads it. Every parameter and buffer of the model stays on the graph
-  module at its name, read or not (an eval graph reads no ``num_batches_tracked``): ``state_dict()`` has the
-  model's keys; a torch.nn layer whose tensors the graph reads is the model's module itself (``adopt_layers``), so
-  layers keep their kind. What the graph reads besides (torch.export's input checks, constants) is named for the
-  mode (``_guards_fn_train``);
-- every node has ``node.meta["path"]``, the dotted path of the module whose ``forward`` created it (from
-  ``nn_module_stack``) and the operation, numbered when repeated (``"encoder.layer.0.attention.self.query.linear"``,
-  ``"block1.add_1"``); ``get_attr`` nodes have the tensor's name; node names are the paths with underscores;
-  ``gm.meta["route"] == "export"``.
-
-What the graph looks like (torch 2.14, the training IR: no ``run_decompositions``):
-
-- A module call is one ATen node in the module's path: a ``Linear`` is ``aten.linear.default(x, weight, bias)``
-  reading ``get_attr`` weight and bias (no ``addmm``/transpose), a ``Conv2d`` ``aten.conv2d.default``, an
-  ``Embedding`` ``aten.embedding.default(weight, ids)``, a ``LayerNorm`` ``aten.layer_norm.default``; HF attention
-  is ``aten.scaled_dot_product_attention.default`` with the padding mask as an argument.
-- BatchNorm in train mode: torch.export records ``aten.add_.Tensor(num_batches_tracked, 1)`` (no users, impure),
-  then ``aten.batch_norm.default(x, weight, bias, running_mean, running_var, True, momentum, eps, cudnn)``, which
-  updates the running statistics in place as eager does. The two become one :func:`counted_batch_norm` node, so
-  that a BatchNorm applied to several streams counts and averages once per stream, in graph order, as the module
-  does. ``torch.fx`` does not count ``batch_norm`` as impure: a pass that drops unused nodes drops the update with
-  it (as it drops an unused BatchNorm module's call). Eval mode: ``training`` is ``False`` and there is no count.
-  (``run_decompositions`` would make BatchNorm functional with ``copy_`` writes at the end of the graph, a Linear
-  ``permute`` + ``addmm``: not used.)
-- In-place operations on activations stay in place: ``out += x`` is ``aten.add_.Tensor``, ``ReLU(inplace=True)``
-  ``aten.relu_.default``. Later readers already read the operation's result (what ``follow_mutations`` does on the
-  fx route), but the operation still writes into its input. An ``OpOverload`` says which argument it writes:
-  ``target._schema.arguments[i].alias_info.is_write`` (its ``__name__`` is ``"relu_.default"``).
-- Stochastic nodes: ``aten.dropout.default(x, p, train)`` with literal ``p`` and ``train``
-  (``aten.feature_dropout`` / ``aten.alpha_dropout`` for those modules), and attention's ``dropout_p`` of
-  ``aten.scaled_dot_product_attention``: :func:`drop_probability` finds them (setting the module's ``p`` later
-  changes nothing).
-- Sizes: ``aten.sym_size.int(x, 0)`` reads the dynamic batch (its ``meta["val"]`` is a ``SymInt``: metadata, not
-  data); other sizes are literal ints (BERT's head reshape is ``[sym_size, 8, -1, 8]``).
-- Checks: a ``call_module`` of ``_guards_fn`` after the inputs asserts the sizes the graph was traced for (static
-  dimensions, equal batch dimensions, numbers and strings given; a different sequence length fails with
-  ``AssertionError: Guard failed: input_ids.size()[1] == 8``): fxsplit keeps its code in an :class:`InputGuards`
-  module, which pickles (torch's does not); ``aten._assert_tensor_metadata`` checks dtypes;
-  ``torch._assert`` nodes check the non-tensor inputs (torch's guards miss ``None``). All have no users and are
-  impure: dead-code elimination keeps them. Python-level checks of the model are gone (BatchNorm's "expected more
-  than 1 value per channel"); a batch of 1 runs.
-
-After tracing: ``torch.export.export`` of the graph again works with a dynamic batch, after edits too, and so does
-``fxsplit.export`` to ``.pt2``. ``torch.jit.script`` cannot compile the graph (``fxsplit.script`` raises
-:class:`~fxsplit.errors.ExportError`, saying to save a ``.pt2`` file); graphs pickle (unpickling re-traces their
-code, which keeps what reads no input, ``torch.arange(8)``, as a constant). Cost: see docs/guide.md ("The second
-route") and ``python -m benchmarks --only routes``. Data-dependent Python control flow (``if x.sum() > 0``) fails
-with a :class:`~fxsplit.errors.TraceError` naming the module and the line.
+``torch.fx`` symbolic tracing stops at Python that reads tensor shapes or values (HuggingFace transformers, MTAN's
+``if x.size()[-2:] != y.size()[-2:]``); ``torch.export`` runs the real Python on an example input and records the
+ATen operations it ran. :func:`exported_graph` calls ``torch.export.export(model, args, kwargs, strict=False)``
+with a dynamic batch, records the input checks it makes (:class:`InputGuards`, which pickle), and rebuilds the
+graph to meet the contract of the routes (:mod:`.routes`): one placeholder per ``forward`` parameter the example
+gives, the output in the model's structure, parameters and buffers read by their qualified names (a tied tensor
+under the name its reading module gives it), ``node.meta["path"]`` from each node's module stack, BatchNorm's count
+and normalisation fused into one :func:`counted_batch_norm` node. docs/architecture.md ("The torch.export route's
+graphs") says what its graphs look like and why each rebuilding step is there.
 """
 
 from __future__ import annotations
@@ -76,6 +17,7 @@ import contextlib
 import inspect
 import operator
 import traceback
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -88,19 +30,11 @@ from torch.utils import _pytree as pytree
 from ..errors import TraceError, user_line
 from ..modules import copy_module, module_at, persistent, place
 from .autograd import watching_export
-from .dual import adopt_layers
+from .dual import DualGraphModule, adopt_layers
 from .frozen import Read, recording_reads, stand_in
 
 _VARIADIC = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
 _aten = torch.ops.aten
-# The operations that drop at random, as torch.export records them, and the argument that holds the probability
-# (a number in the graph: setting the module's attribute later changes nothing).
-_DROP_PROBABILITIES = {
-    **{getattr(_aten, name).default: "p" for name in (
-        "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
-        "feature_alpha_dropout", "feature_alpha_dropout_")},
-    _aten.scaled_dot_product_attention.default: "dropout_p",
-}
 
 
 class ExportedGraphModule(fx.GraphModule):
@@ -148,16 +82,6 @@ def counted_batch_norm(input, weight, bias, running_mean, running_var, num_batch
                                     cudnn_enabled)
 
 
-def drop_probability(node: fx.Node) -> tuple[int | str, float] | None:
-    """Where a node of a torch.export graph holds the probability it drops with (an argument's index, or its
-    keyword) and that probability; ``None`` for a node that does not drop."""
-    name = _DROP_PROBABILITIES.get(node.target)
-    if name is None:
-        return None
-    index = [argument.name for argument in node.target._schema.arguments].index(name)
-    return (index, node.args[index]) if index < len(node.args) else (name, node.kwargs.get(name, 0.0))
-
-
 def trace_exported(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None, *,
                    training: bool | None = None) -> ExportedGraphModule:
     """Trace a deep copy of ``model`` through ``torch.export`` on the example ``model(*args, **kwargs)``.
@@ -173,29 +97,32 @@ def trace_exported(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | No
     >>> gm(torch.randn(5, 4)).shape  # the batch is dynamic
     torch.Size([5, 2])
     """
-    return _single_mode(model, args, kwargs, training, share_tensors=False)
-
-
-def trace_exported_for_reading(model: nn.Module, args: Any = (), kwargs: dict[str, Any] | None = None, *,
-                               training: bool | None = None) -> ExportedGraphModule:
-    """Like :func:`trace_exported`, but the graph reads the model's own parameters and buffers: only to be read."""
-    return _single_mode(model, args, kwargs, training, share_tensors=True)
-
-
-def _single_mode(model, args, kwargs, training, share_tensors: bool) -> ExportedGraphModule:
     if not isinstance(model, nn.Module):
         raise TraceError(f"fxsplit traces an nn.Module, got {type(model).__name__}.")
     training = model.training if training is None else training
-    root = copy_module(model, share_tensors)
+    root = copy_module(model, share_tensors=False)
     graph, extras, _ = exported_graph(root, args, kwargs, training)
-    for name, value in extras.items():  # the trace's constants: not the model's state
-        place(root, name, value, persistent=False)
-    gm = ExportedGraphModule(root, graph, type(model).__name__)
-    adopt_layers(gm, root, [graph])
-    keep_state(gm, root)
-    nn.Module.train(gm, training)
+    gm = exported_module(root, {training: graph}, extras, type(model).__name__)
     gm.meta["route"] = "export"
     return gm
+
+
+def exported_module(root: nn.Module, graphs: Mapping[bool, fx.Graph], extras: Mapping[str, Any], class_name: str
+                    ) -> fx.GraphModule:
+    """The module of the graphs traced from ``root``: both modes in a :class:`~.dual.DualGraphModule`, one in an
+    :class:`ExportedGraphModule` fixed in its mode. It holds every parameter and buffer of the model (the graphs
+    read tensors one by one) and ``extras``, the trace's constants, as buffers outside ``state_dict()``."""
+    for name, value in extras.items():
+        place(root, name, value, persistent=False)
+    if len(graphs) == 2:
+        traced = DualGraphModule(root, graphs, class_name)
+    else:
+        ((training, graph),) = graphs.items()
+        traced = ExportedGraphModule(root, graph, class_name)
+        adopt_layers(traced, root, [graph])
+        nn.Module.train(traced, training)
+    keep_state(traced, root)
+    return traced
 
 
 def exported_graph(root: nn.Module, args: Any, kwargs: dict[str, Any] | None, training: bool

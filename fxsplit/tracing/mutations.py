@@ -8,13 +8,8 @@ import operator
 import torch
 from torch import fx, nn
 
+from ..rules import writes_first_argument
 from . import aten
-
-_INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift, operator.irshift, operator.imatmul,
-}
-
 
 def follow_mutations(graph: fx.Graph, root: nn.Module) -> None:
     """Make every reader of a tensor that an in-place operation wrote to, after that operation, read its result."""
@@ -37,11 +32,9 @@ def mutated_input(root: nn.Module, node: fx.Node) -> fx.Node | None:
                    if argument.alias_info is not None and argument.alias_info.is_write]
         inplace = written == [0]
     elif node.op == "call_function":
-        name = getattr(node.target, "__name__", "")
-        inplace = node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
-            name.endswith("_") and not name.startswith("_"))
+        inplace = writes_first_argument(node.target, node.kwargs)
     elif node.op == "call_method":
-        inplace = node.target.endswith("_") and not node.target.startswith("_")
+        inplace = writes_first_argument(node.target, {})
     elif node.op == "call_module":
         inplace = getattr(root.get_submodule(node.target), "inplace", False) is True
     else:

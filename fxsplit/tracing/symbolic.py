@@ -21,21 +21,15 @@ import torch
 from torch import fx, nn
 
 from ..errors import PythonStateWarning, TraceError, user_line
+from ..modules import saved_buffers, saved_modes
+from ..rules import untraceable
 from .autograd import check_backward_hooks, recording_autograd
+from .dual import DualGraphModule
 from .frozen import Read, recording_reads
 from .modes import recording_modes
 from .mutations import follow_mutations
 
 OPTIONS = ("leaf_modules", "autowrap_functions", "concrete_args")
-
-
-def _registry() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    """timm's non-traceable modules and functions, or nothing when timm is not installed."""
-    try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:
-        return (), ()
-    return tuple(get_notrace_modules()), tuple(f for f in get_notrace_functions() if callable(f))
 
 
 class PathTracer(fx.Tracer):
@@ -50,7 +44,7 @@ class PathTracer(fx.Tracer):
 
     def __init__(self, leaf_modules: Iterable[type | str] = (), autowrap_functions: Iterable[Callable] = (),
                  bound: Iterable[str] = ()):
-        notrace_modules, notrace_functions = _registry()
+        notrace_modules, notrace_functions = untraceable()
         leaf_modules = tuple(leaf_modules)
         super().__init__(
             autowrap_modules=(math,),
@@ -192,7 +186,7 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
     ``None`` or a Python value with a tensor, and torch.fx guards the bound value at run time.
     """
     concrete = {**_bound_defaults(root, given), **(options.get("concrete_args") or {})}
-    modes = {name: module.training for name, module in root.named_modules()}
+    restore_modes = saved_modes(root)
     if training != root.training:
         root.train(training)
     tracer = PathTracer(options.get("leaf_modules", ()), options.get("autowrap_functions", ()), bound=concrete)
@@ -204,8 +198,7 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
         raise _trace_error(root, tracer, error, concrete) from error
     finally:
         rebound = effects.undo()
-        for name, module in root.named_modules():
-            module.training = modes.get(name, modes[""])  # modules that tracing added take the model's
+        restore_modes()  # modules that tracing added take the model's
     if effects.stored:
         warnings.warn(
             f"{type(root).__name__}.forward adds the tensors it computes to Python state "
@@ -216,6 +209,17 @@ def symbolic_graph(root: nn.Module, training: bool, options: Mapping[str, Any], 
     _write_back(graph, rebound)
     follow_mutations(graph, root)
     return graph, reads
+
+
+def symbolic_module(root: nn.Module, graphs: Mapping[bool, fx.Graph], extras: Mapping[str, Any], class_name: str
+                    ) -> fx.GraphModule:
+    """The module of the graphs traced from ``root``: both modes in a :class:`~.dual.DualGraphModule`, one in a
+    plain ``GraphModule``; it holds the modules and tensors its graphs call and read (the route reads nothing
+    else: ``extras`` is empty)."""
+    if len(graphs) == 2:
+        return DualGraphModule(root, graphs, class_name)
+    (graph,) = graphs.values()
+    return fx.GraphModule(root, graph, class_name)
 
 
 class _ForwardEffects:
@@ -231,7 +235,7 @@ class _ForwardEffects:
         self.containers = {(module, name): copy.copy(value) for module in root.modules()  # submodules stay: the
                            for name, value in vars(module).items()  # calls that tracing records are modules
                            if type(value) in (list, dict, set) and name != "_modules"}
-        self.values = [(b, b.detach().clone()) for b in {id(b): b for b in root.buffers()}.values()]
+        self.restore_buffers = saved_buffers(root.buffers())
         self.stored: list[str] = []  # attributes forward added traced values to
 
     def undo(self) -> dict[str, fx.Node]:
@@ -253,9 +257,7 @@ class _ForwardEffects:
                         delattr(module, name)
                 elif (module, name) in self.containers:
                     self._restore(f"{path}.{name}" if path else name, value, self.containers[module, name])
-        with torch.no_grad():
-            for buffer, value in self.values:
-                buffer.copy_(value)
+        self.restore_buffers()
         return rebound
 
     def _restore(self, path: str, container: list | dict | set, saved: list | dict | set) -> None:

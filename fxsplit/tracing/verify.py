@@ -19,25 +19,10 @@ from torch.utils._pytree import tree_map
 
 from .. import structure
 from ..errors import TraceError, TraceMismatchError
-from ..modules import copy_module
+from ..modules import copy_module, saved_buffers, saved_modes
 
 TOLERANCE = 1e-4  # relative error (Frobenius norms) an output tensor may have: rounding, not a different function
 SEED = 20230211  # any fixed seed: both runs draw the same random numbers in the same order
-
-TRACE_CAUSES = (
-    "A trace records one run of the Python code with stand-ins for tensors, so it differs from the model where "
-    "that code does what a graph cannot record: isinstance(x, torch.Tensor) checks (a stand-in is no Tensor), "
-    "branches on Python state or on a tensor's values (frozen as they went while tracing), Python-side randomness, "
-    "an autowrapped function or leaf module that drops an input, or a buffer written through another attribute "
-    "than its own. Make the module that holds such code a leaf "
-    "(tracer_kwargs={'leaf_modules': [...]}), or fix the Python value it reads with concrete_args."
-)
-EXPORT_CAUSES = (
-    "torch.export records one run of the Python code on the example, so the graph differs from the model where "
-    "that code does what a graph cannot record: Python-side randomness, or Python state that changes between "
-    "calls (a counter, a cache, a module attribute set after tracing). Make the model compute it from tensors."
-)
-
 
 Call = Callable[[nn.Module], Any]  # runs a module on the example: module -> output
 
@@ -120,16 +105,14 @@ def check_given(needed: Mapping[str, int | None], args: tuple, kwargs: Mapping[s
 def mode(modules: Iterable[nn.Module], training: bool) -> Iterator[None]:
     """Put ``modules`` in train or eval mode, then give every submodule back its own mode."""
     modules = list(modules)
-    saved = [{name: m.training for name, m in module.named_modules()} for module in modules]
+    restores = [saved_modes(module) for module in modules]
     for module in modules:
         module.train(training)
     try:
         yield
     finally:
-        for module, modes in zip(modules, saved):
-            module.train(modes[""])
-            for name, m in module.named_modules():
-                m.training = modes[name]
+        for restore in restores:
+            restore()
 
 
 @dataclass
@@ -154,8 +137,7 @@ def run(call: Call, module: nn.Module, restore: Iterable[torch.Tensor] = (), see
     gradients (of :func:`probe` of each part) with respect to ``parameters`` are taken.
     """
     state = dict(state or {})
-    buffers = list({id(b): b for b in (*restore, *state.values())}.values())
-    saved = [b.detach().clone() for b in buffers]
+    restore_buffers = saved_buffers([*restore, *state.values()])
     owned = list({id(p): p for p in module.parameters()}.values())
     grads = [p.grad for p in owned]
     for p in owned:
@@ -168,9 +150,7 @@ def run(call: Call, module: nn.Module, restore: Iterable[torch.Tensor] = (), see
             gradients = {name: _gradients(part, parameters) for name, part in (parts(output) if parts else {}).items()}
         return Outcome(tree_map(lambda x: x.detach() if isinstance(x, torch.Tensor) else x, output), after, gradients)
     finally:
-        with torch.no_grad():
-            for buffer, value in zip(buffers, saved):
-                buffer.copy_(value)
+        restore_buffers()
         for p, grad in zip(owned, grads):
             p.grad = grad
 
@@ -253,8 +233,9 @@ def check_trace(model: nn.Module, traced: nn.Module, call: Call, modes: Iterable
     buffers = [*model.buffers(), *traced.buffers()]
     names, expected_parameters, traced_parameters = _same_parameters(model, traced)
     whole = lambda output: {"output": output}  # noqa: E731
-    route = getattr(traced, "meta", {}).get("route", "fx")
-    causes = EXPORT_CAUSES if route == "export" else TRACE_CAUSES
+    from .routes import route_of  # the routes' modules import this one
+    route = route_of(traced)
+    causes, route = route.causes, route.name
     for training in modes:
         where = f"{'train' if training else 'eval'} mode"
         with mode([model, traced], training):
