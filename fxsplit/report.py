@@ -269,8 +269,9 @@ class ConflictReport:
                                        or max_groups < 2):
             raise LayerError(f"groups(max_groups=) needs a count >= 2 (one group splits nothing), got {max_groups!r}.")
         threshold = self.thresholds[0] if threshold is None else threshold
+        scores = self.scores_at(threshold)
         groupings = [self._grouping(layer, self._threshold_index(threshold)) for layer in self.layers
-                     if self.scores_at(threshold)[layer] > 0]
+                     if scores[layer] > 0]
         if budget is not None:
             if not budget >= 0:
                 raise LayerError(f"groups(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
