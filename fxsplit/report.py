@@ -65,12 +65,11 @@ class GroupedSelection(dict):
             added = sum(summary.added for summary in known.values())
             share = f" ({added / self.model_params:.1%} of the model's {self.model_params:,})" \
                 if self.model_params else ""
-            lines[0] += (f": adds {added:,} parameters{share}, removes "
-                         f"{sum(summary.removed for summary in known.values()):,} conflicts (cosine < {self.threshold},"
-                         f" {groupings[0].steps} steps)")
+            lines[0] += f": adds {added:,} parameters{share}"
             each = sum(grouping.added(len(grouping.tasks)) for grouping in groupings)
-            lines.append(f"one copy per task on these layers would add {each:,} and remove "
-                         f"{sum(grouping.total for grouping in groupings):,}")
+            lines.append(f"removes {sum(summary.removed for summary in known.values()):,} conflicts (cosine < "
+                         f"{self.threshold}, {groupings[0].steps} steps); one copy per task on these layers: adds "
+                         f"{each:,}, removes {sum(grouping.total for grouping in groupings):,}")
         for (layer, value), after in zip(self.items(), streams(self, self.tasks)):
             lines += self._describe(layer, value, len(after), known.get(layer))
         return "\n".join(lines)
