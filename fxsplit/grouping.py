@@ -126,8 +126,8 @@ class LayerGrouping:
         for i, j in zip(*np.triu_indices(len(self.tasks), 1)):
             (within if group_of[self.tasks[i]] == group_of[self.tasks[j]] else across).append(int(self.counts[i, j]))
         rate = max(self.steps, 1)
-        return Summary(kept, self.added(len(kept)), sum(across), np.mean(within) / rate if within else None,
-                       np.mean(across) / rate if across else None)
+        return Summary(kept, self.added(len(kept)), sum(across), float(np.mean(within)) / rate if within else None,
+                       float(np.mean(across)) / rate if across else None)
 
 
 @dataclass(frozen=True)
@@ -217,9 +217,9 @@ def check_partition(layer: object, value: object, tasks: Sequence[str]) -> list[
 
     >>> check_partition("conv", [["a", "b"], ("c",)], ["a", "b", "c"])
     [['a', 'b'], ['c']]
-    >>> check_partition("conv", [["a", "b"], ["b", "c"]], ["a", "b", "c"])
+    >>> check_partition("conv", [["a", "b"], ["b", "c"]], ["a", "b", "c"])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    fxsplit.errors.PartitionError: task 'b' is in two groups of layer 'conv'; put each task in exactly one group.
+    fxsplit.errors.PartitionError: task 'b' is named twice in the groups of layer 'conv'; put each task in ...
     """
     if not isinstance(layer, str):
         raise LayerError(f"a grouped selection maps layer names (str) to groups, got the key {layer!r}.")
@@ -239,7 +239,8 @@ def check_partition(layer: object, value: object, tasks: Sequence[str]) -> list[
                 raise PartitionError(f"task {task!r} in the groups {where} is not one of the tasks "
                                      f"{list(tasks)}.{hint}")
             if task in seen:
-                raise PartitionError(f"task {task!r} is in two groups {where}; put each task in exactly one group.")
+                raise PartitionError(f"task {task!r} is named twice in the groups {where}; put each task in exactly "
+                                     f"one group.")
             seen.add(task)
     missing = [task for task in tasks if task not in seen]
     if missing:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -51,10 +51,16 @@ class GroupedSelection(dict):
     """
 
     def __init__(self, groups, tasks, outputs=None, *, groupings=None, model_params=None, threshold=None):
+        if not isinstance(groups, Mapping):
+            raise LayerError(f"a grouped selection maps layer names to groups of tasks, got {type(groups).__name__}; "
+                             f"for one copy per task, pass the layer names as a list.")
         super().__init__({layer: check_partition(layer, value, list(tasks)) for layer, value in groups.items()})
         _carry(self, tasks, outputs)
         self.groupings: dict[str, LayerGrouping] = dict(groupings or {})
         self.model_params, self.threshold = model_params, threshold
+
+    def __setitem__(self, layer, groups):
+        super().__setitem__(layer, check_partition(layer, groups, self.tasks))
 
     def __str__(self) -> str:
         lines = [f"Grouped split of {len(self)} layer{'s' * (len(self) != 1)} for {len(self.tasks)} tasks"]

@@ -233,7 +233,9 @@ def test_a_probe_whose_loss_does_not_reach_a_layer_still_gets_its_copy_and_share
     ([["a", "b"], ["c", "e"]], r"task 'e' in the groups of layer 'conv' is not one of the tasks \['a', 'b', 'c', "
                                r"'d'\]"),
     ([["a", "bb"], ["c", "d"]], r"task 'bb' .* Did you mean 'b'\?"),
-    ([["a", "b"], ["b", "c", "d"]], r"task 'b' is in two groups of layer 'conv'; put each task in exactly one group"),
+    ([["a", "b"], ["b", "c", "d"]], r"task 'b' is named twice in the groups of layer 'conv'; put each task in "
+                                    r"exactly one group"),
+    ([["a", "a"], ["b", "c", "d"]], r"task 'a' is named twice"),
     ([["a", "b"], ["c"]], r"task\(s\) \['d'\] are in no group of layer 'conv'; every task must be in one group"),
     ([["a", "b", "c", "d"]], r"one group of layer 'conv' splits nothing; give two groups or more, or leave 'conv' out"),
     ([["a", "b"], [], ["c", "d"]], r"the groups of layer 'conv' include an empty group"),
@@ -250,6 +252,16 @@ def test_a_bad_partition_names_the_culprit(groups, match):
 def test_a_layer_named_by_anything_but_a_string_is_a_layer_error():
     with pytest.raises(fxsplit.LayerError, match="maps layer names"):
         check_partition(3, "each", "ab")
+    with pytest.raises(fxsplit.LayerError, match="maps layer names to groups of tasks, got list; for one copy per"):
+        fxsplit.GroupedSelection(["conv"], "ab")
+
+
+def test_an_entry_set_later_is_checked_too():
+    selection = fxsplit.GroupedSelection({}, "abc")
+    selection["conv"] = [["a"], ["b", "c"]]
+    with pytest.raises(fxsplit.PartitionError, match=r"task\(s\) \['c'\] are in no group of layer 'fc'"):
+        selection["fc"] = [["a"], ["b"]]
+    assert selection == {"conv": [["a"], ["b", "c"]]}
 
 
 @pytest.mark.parametrize("arguments, match", [
