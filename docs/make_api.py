@@ -13,9 +13,11 @@ from fxsplit import datasets
 
 SECTIONS = {
     "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
-    "Conflict scores": ["analyze", "ConflictMonitor", "StepFigures", "ConflictReport", "LayerSelection"],
+    "Conflict scores": ["analyze", "ConflictMonitor", "StepFigures", "ConflictReport", "LayerSelection",
+                        "GroupedSelection"],
     "Errors and warnings": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
-               "UnknownLayerError", "StaleGraphError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError",
+               "UnknownLayerError", "StaleGraphError", "TaskError", "PartitionError", "InitError", "ReportError",
+               "ScoringError", "ExportError",
                "MissingExtraError",
                "PythonStateWarning"],
 }

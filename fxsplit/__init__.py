@@ -3,12 +3,13 @@
 from . import rules
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, MissingExtraError, ReportError, ScoringError, SplitMismatchError,
-    TaskError, PythonStateWarning, StaleGraphError, TraceError, TraceMismatchError, UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, MissingExtraError, PartitionError, ReportError, ScoringError,
+    SplitMismatchError, TaskError, PythonStateWarning, StaleGraphError, TraceError, TraceMismatchError,
+    UnknownLayerError,
 )
 from .export import export, script
 from .layers import LayerGraph, layer_graph
-from .report import ConflictReport, LayerSelection
+from .report import ConflictReport, GroupedSelection, LayerSelection
 from .rewrite import rewrite
 from .scoring import ConflictMonitor, StepFigures
 from .split_module import SplitModule
@@ -19,11 +20,13 @@ __all__ = [
     "ConflictReport",
     "ExportError",
     "FxsplitError",
+    "GroupedSelection",
     "InitError",
     "LayerError",
     "LayerGraph",
     "LayerSelection",
     "MissingExtraError",
+    "PartitionError",
     "ReportError",
     "ScoringError",
     "SplitMismatchError",

@@ -52,6 +52,11 @@ class TaskError(FxsplitError):
     """The tasks (their names, or how outputs map onto them) do not fit the model."""
 
 
+class PartitionError(TaskError):
+    """A grouped selection's entry for a layer is not a partition of the tasks into two groups or more: a task
+    unknown, in two groups or in none, or a single group."""
+
+
 class InitError(FxsplitError):
     """A split layer's copies cannot be initialised as asked."""
 

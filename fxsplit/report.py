@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import networkx as nx
+import numpy as np
 
 from .errors import FxsplitError, LayerError, ReportError, unknown_layer
+from .grouping import EACH, LayerGrouping, best_layers, check_partition, copies, streams, within_budget
 from .outputs import Paths, part_from_json
 
 FORMAT = "fxsplit.ConflictReport/2"
@@ -26,8 +28,102 @@ class LayerSelection(list):
 
     def __init__(self, layers, tasks, outputs=None):
         super().__init__(layers)
-        self.tasks = list(tasks)
-        self.outputs = None if outputs is None else {task: part_from_json(part) for task, part in outputs.items()}
+        _carry(self, tasks, outputs)
+
+
+class GroupedSelection(dict):
+    """Layer -> the groups of tasks that share each of its copies: a partition of the tasks (``[["a", "b"],
+    ["c"]]``: one copy per group) or ``"each"`` (one copy per task). Checked when made: a
+    :class:`~fxsplit.PartitionError` names a task that is unknown, in two groups or in none, or a single group.
+    Carries the tasks and output parts as :class:`LayerSelection` does.
+
+    ``report.groups(...)`` makes one with the evidence: ``groupings[layer]`` (the layer's task tree, a
+    :class:`fxsplit.grouping.LayerGrouping`), ``model_params`` and ``threshold``; ``print(selection)`` then shows,
+    per layer in network order, the groups, the conflict rates within and between them, the parameters added
+    and the conflicts removed, and :meth:`plot` draws the tree of streams and each layer's pair conflict rates.
+
+    >>> selection = GroupedSelection({"conv": [["a", "b"], ["c"]], "fc": "each"}, ["a", "b", "c"])
+    >>> print(selection)
+    Grouped split of 2 layers for 3 tasks
+    conv: 2 groups, 2 streams after it
+      groups: a b | c
+    fc: each task its own copy, 3 streams after it
+    """
+
+    def __init__(self, groups, tasks, outputs=None, *, groupings=None, model_params=None, threshold=None):
+        if not isinstance(groups, Mapping):
+            raise LayerError(f"a grouped selection maps layer names to groups of tasks, got {type(groups).__name__}; "
+                             f"for one copy per task, pass the layer names as a list.")
+        super().__init__({layer: check_partition(layer, value, list(tasks)) for layer, value in groups.items()})
+        _carry(self, tasks, outputs)
+        self.groupings: dict[str, LayerGrouping] = dict(groupings or {})
+        self.model_params, self.threshold = model_params, threshold
+
+    def __setitem__(self, layer, groups):
+        super().__setitem__(layer, check_partition(layer, groups, self.tasks))
+
+    def __str__(self) -> str:
+        lines = [f"Grouped split of {len(self)} layer{'s' * (len(self) != 1)} for {len(self.tasks)} tasks"]
+        known = {layer: self.groupings[layer].summary(value) for layer, value in self.items()
+                 if layer in self.groupings}
+        if known and len(known) == len(self):
+            groupings = [self.groupings[layer] for layer in known]
+            added = sum(summary.added for summary in known.values())
+            share = f" ({added / self.model_params:.1%} of the model's {self.model_params:,})" \
+                if self.model_params else ""
+            lines[0] += f": adds {added:,} parameters{share}"
+            each = sum(grouping.added(len(grouping.tasks)) for grouping in groupings)
+            lines.append(f"removes {sum(summary.removed for summary in known.values()):,} conflicts (cosine < "
+                         f"{self.threshold}, {groupings[0].steps} steps); one copy per task on these layers: adds "
+                         f"{each:,}, removes {sum(grouping.total for grouping in groupings):,}")
+        for (layer, value), after in zip(self.items(), streams(self, self.tasks)):
+            lines += self._describe(layer, value, len(after), known.get(layer))
+        return "\n".join(lines)
+
+    def _describe(self, layer: str, value, streams_after: int, summary) -> list[str]:
+        split = "each task its own copy" if value == EACH else f"{len(value)} groups"
+        lines = [f"{layer}: {split}, {streams_after} streams after it"]
+        if summary is not None:
+            grouping = self.groupings[layer]
+            lines[0] += (f"; {len(summary.copies)} copies of {grouping.params:,} parameters add {summary.added:,} and "
+                         f"remove {summary.removed:,} of its {grouping.total:,} conflicts")
+        if value != EACH:
+            lines.append("  groups: " + " | ".join(" ".join(group) for group in value))
+        if summary is not None:
+            lines.append(f"  conflict rate per step: within groups {_rate(summary.within)}, "
+                         f"between groups {_rate(summary.between)}")
+        return lines
+
+    def plot(self, path: str | os.PathLike | None = None):
+        """The tree of task streams by depth (the selection's layers in order: each splits the streams along its
+        groups) and, per layer with evidence, the heat map of its pair conflict rates with its groups framed
+        (needs matplotlib); saved to ``path`` if given."""
+        plt = _pyplot(path)
+        maps = [self.groupings[layer] for layer in self if layer in self.groupings]
+        columns = min(4, max(len(maps), 1))
+        rows = 1 + -(-len(maps) // columns)
+        figure = plt.figure(figsize=(3.2 * columns, 0.25 * len(self.tasks) + 3.0 * rows), layout="constrained")
+        grid = figure.add_gridspec(rows, columns)
+        _tree(figure.add_subplot(grid[0, :]), self)
+        panels = [figure.add_subplot(grid[1 + n // columns, n % columns]) for n in range(len(maps))]
+        for axes, grouping in zip(panels, maps):
+            image = _heat_map(axes, grouping, self[grouping.layer])
+        if maps:
+            figure.colorbar(image, ax=panels, label="conflict rate per step", shrink=0.8)
+        if path is not None:
+            figure.savefig(path, dpi=120)
+            plt.close(figure)
+        return figure
+
+
+def _carry(selection, tasks, outputs) -> None:
+    """Give a selection the report's tasks and, per task, the part of the output its loss read."""
+    selection.tasks = list(tasks)
+    selection.outputs = None if outputs is None else {task: part_from_json(part) for task, part in outputs.items()}
+
+
+def _rate(rate: float | None) -> str:
+    return "-" if rate is None else f"{rate:.3f}"
 
 
 @dataclass
@@ -90,10 +186,12 @@ class ConflictReport:
         return {layer: {tuple(pair): n for pair, n in zip(self.pairs, self.counts[k][l])}
                 for l, layer in enumerate(self.layers)}
 
-    def cost(self, layer: str) -> int:
-        """Parameters that splitting ``layer`` adds: (tasks that use it - 1) x its parameters, with the tasks of
-        :meth:`users`, for whom :func:`fxsplit.rewrite` makes the copies."""
-        return (len(self.users(layer)) - 1) * self.graph.nodes[layer]["params"]
+    def cost(self, layer: str, groups=EACH) -> int:
+        """Parameters that splitting ``layer`` adds: (copies - 1) x its parameters. A copy goes to each task of
+        :meth:`users`, for whom :func:`fxsplit.rewrite` makes the copies, or with ``groups`` (a partition of the
+        tasks, as in a :class:`GroupedSelection`) to each group that holds one of them."""
+        kept = copies(check_partition(layer, groups, self.tasks), self.users(layer))
+        return (len(kept) - 1) * self.graph.nodes[layer]["params"]
 
     def users(self, layer: str) -> list[str]:
         """The tasks whose outputs use ``layer``, in task order: splitting it gives each of them a copy.
@@ -134,13 +232,77 @@ class ConflictReport:
         tried."""
         if not budget >= 0:
             raise LayerError(f"within(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
-        allowance = budget * sum(params for _, params in self.graph.nodes(data="params"))
+        allowance = budget * self._model_params()
         chosen = []
         for layer, score in self.scores.items():
             if score > 0 and self.cost(layer) <= allowance:
                 chosen.append(layer)
                 allowance -= self.cost(layer)
         return LayerSelection(chosen, self.tasks, self.outputs)
+
+    def groups(self, budget: float | None = None, *, k: int | None = None, max_groups: int | None = None,
+               threshold: float | None = None) -> GroupedSelection:
+        """A grouped split chosen from the pair counts: layers, and per layer the groups of tasks sharing a copy.
+
+        Per layer with conflicts, the tasks that use it are clustered by average linkage on their pairwise
+        conflict counts (:func:`fxsplit.grouping.average_linkage`: tasks that conflict often end in different
+        groups). Cutting its tree into ``g`` groups removes the conflicts of the pairs it separates and adds
+        ``(g - 1)`` x the layer's parameters (as :meth:`cost`). Give one of:
+
+        - ``budget``: the split adds at most ``budget`` x the model's parameters (as :meth:`within`); moves (a
+          layer to more groups) are taken greedily by conflicts removed per added parameter
+          (:func:`fxsplit.grouping.within_budget`);
+        - ``k``: the ``k`` layers whose split removes the most, each into the fewest groups that remove as many as
+          ``max_groups`` would (:func:`fxsplit.grouping.best_layers`): without ``max_groups``, top(k)'s layers.
+
+        ``max_groups`` caps the groups per layer (default: one per task); ``threshold`` picks the counts (default:
+        the primary one). ``print()`` the result to read the decision, ``plot()`` it to see the tree.
+
+        >>> import torch, fxsplit
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> toward = lambda sign: lambda out, x: (out[:, 0] - sign * x.sum(1)).pow(2).mean()
+        >>> tasks = {"a": toward(1), "b": toward(1), "c": toward(-1), "d": toward(-1)}
+        >>> report = fxsplit.analyze(net, tasks, [torch.randn(16, 4) for _ in range(20)], progress=False)
+        >>> report.groups(k=1)
+        {'0': [['a', 'b'], ['c', 'd']]}
+        """
+        if (budget is None) == (k is None):
+            raise LayerError("groups() needs one of budget= (a fraction of the model's parameters) or k= (a count "
+                             "of layers), not both or neither.")
+        if max_groups is not None and (not isinstance(max_groups, int) or isinstance(max_groups, bool)
+                                       or max_groups < 2):
+            raise LayerError(f"groups(max_groups=) needs a count >= 2 (one group splits nothing), got {max_groups!r}.")
+        threshold = self.thresholds[0] if threshold is None else threshold
+        scores = self.scores_at(threshold)
+        groupings = [self._grouping(layer, self._threshold_index(threshold)) for layer in self.layers
+                     if scores[layer] > 0]
+        if budget is not None:
+            if not budget >= 0:
+                raise LayerError(f"groups(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
+            chosen = within_budget(groupings, budget * self._model_params(), max_groups)
+        else:
+            if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+                raise LayerError(f"groups(k=) needs a count k >= 0, got {k!r}.")
+            chosen = best_layers(groupings, k, max_groups)
+        kept = [grouping for grouping in groupings if grouping.layer in chosen]  # network order
+        return GroupedSelection({g.layer: g.value(chosen[g.layer]) for g in kept}, self.tasks, self.outputs,
+                                groupings={g.layer: g for g in kept}, model_params=self._model_params(),
+                                threshold=threshold)
+
+    def _grouping(self, layer: str, k: int) -> LayerGrouping:
+        """``layer``'s users with their pairwise conflict counts at threshold index ``k``."""
+        users = self.users(layer)
+        index = {task: i for i, task in enumerate(users)}
+        counts = np.zeros((len(users), len(users)), dtype=np.int64)
+        for (first, second), count in zip(self.pairs, self.counts[k][self.layers.index(layer)]):
+            if first in index and second in index:  # a pair is counted only where both losses reach the layer
+                counts[index[first], index[second]] = counts[index[second], index[first]] = count
+        return LayerGrouping(layer, tuple(users), counts, self.steps, self.graph.nodes[layer]["params"],
+                             others=tuple(task for task in self.tasks if task not in index))
+
+    def _model_params(self) -> int:
+        return sum(params for _, params in self.graph.nodes(data="params"))
 
     def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float]:
         """Per task pair, the fraction of steps whose whole-shared-vector cosine is below ``threshold``."""
@@ -214,15 +376,9 @@ class ConflictReport:
              chosen: Iterable[str] = ()):
         """Horizontal bar chart of scores per layer, named, in network order from the top, with the ``chosen``
         layers (e.g. ``report.top(k)``) marked (needs matplotlib); saved to ``path`` if given."""
-        try:
-            import matplotlib
-            if path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-            from matplotlib.patches import Patch
-            from matplotlib.ticker import MaxNLocator
-        except ImportError as error:
-            raise FxsplitError("plotting needs matplotlib: pip install matplotlib") from error
+        plt = _pyplot(path)
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import MaxNLocator
         threshold = self.thresholds[0] if threshold is None else threshold
         scores, chosen = self.scores_at(threshold), self._scored(chosen)
         figure, axes = plt.subplots(figsize=(7.0, 1.2 + 0.2 * len(self.layers)))
@@ -265,3 +421,54 @@ def _bare(graph: nx.DiGraph) -> nx.DiGraph:
             data.pop(key, None)
     return bare
 
+
+
+def _pyplot(path):
+    """``matplotlib.pyplot``, drawing off screen when the figure goes to a file; an error naming the extra."""
+    try:
+        import matplotlib
+        if path is not None:
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise FxsplitError("plotting needs matplotlib: pip install matplotlib") from error
+    return plt
+
+
+def _tree(axes, selection: GroupedSelection) -> None:
+    """An icicle of the streams: column 0 all tasks, column d the streams after the selection's d-th layer."""
+    depths = [[list(selection.tasks)], *streams(selection, selection.tasks)]
+    final = {task: n for n, stream in enumerate(depths[-1]) for task in stream}
+    row = {task: n for n, task in enumerate(sorted(selection.tasks, key=lambda task: final[task]))}
+    for depth, current in enumerate(depths):
+        for stream in current:
+            rows = sorted(row[task] for task in stream)
+            axes.bar(depth, rows[-1] - rows[0] + 0.8, bottom=rows[0] - 0.4, width=0.85,
+                     color=SHARED if len(stream) > 1 else CHOSEN, alpha=0.35 + 0.65 / len(stream) ** 0.5)
+    axes.set_yticks(range(len(row)), sorted(row, key=row.get), fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xticks(range(len(depths)), ["shared", *selection], rotation=30, ha="right", fontsize=7)
+    axes.set_title("streams by depth: each split layer divides them along its groups (red: one task)", fontsize=9)
+
+
+def _heat_map(axes, grouping: LayerGrouping, value):
+    """The pair conflict rates of a layer's users, ordered by its groups (tree order inside), groups framed."""
+    leaf = {task: n for n, task in enumerate(grouping.order)}
+    groups = sorted((sorted(group, key=leaf.get) for group in copies(value, grouping.tasks)), key=lambda g: leaf[g[0]])
+    order = [grouping.tasks.index(task) for group in groups for task in group]
+    rates = grouping.counts[np.ix_(order, order)] / max(grouping.steps, 1)
+    image = axes.imshow(rates, cmap="Reds", vmin=0.0, vmax=1.0)
+    names = [grouping.tasks[i] for i in order]
+    axes.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    axes.set_yticks(range(len(names)), names, fontsize=6)
+    start = 0
+    for group in groups:
+        axes.add_patch(_frame(start - 0.5, len(group)))
+        start += len(group)
+    axes.set_title(f"{grouping.layer}: {len(groups)} copies", fontsize=8)
+    return image
+
+
+def _frame(corner: float, size: int):
+    from matplotlib.patches import Rectangle
+    return Rectangle((corner, corner), size, size, fill=False, edgecolor="black", linewidth=1.2)

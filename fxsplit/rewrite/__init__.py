@@ -157,6 +157,9 @@ def rewrite(
 def _layer_names(layers: Iterable[str]) -> list[str]:
     if isinstance(layers, str):
         raise LayerError(f"layers must be a list of layer names, got the string {layers!r}; use [{layers!r}].")
+    if isinstance(layers, Mapping):  # its keys alone would split each layer per task, not per group
+        raise LayerError("rewrite makes one copy per task; it cannot split a grouped selection (layer -> groups of "
+                         "tasks). Pass list(selection) for one copy per task on its layers.")
     try:
         names = list(layers)
     except TypeError:
