@@ -242,13 +242,26 @@ def _export_error(root: nn.Module, error: Exception) -> TraceError:
 def _contract_graph(exported: fx.GraphModule, root: nn.Module, example: tuple[tuple, dict], given: list[str],
                     mode: str, guards: list[tuple[list[str], list]]) -> tuple[fx.Graph, dict[str, Any]]:
     """The graph of ``exported`` (flat inputs and outputs, pytree code) rebuilt to meet fxsplit's contract, and what
-    it reads that ``root`` does not own, named for the ``mode``."""
-    graph, paths, modules = fx.Graph(), _PathNames(), {name for name, _ in root.named_modules()}
+    it reads that ``root`` does not own, named for the ``mode``: three passes (copy with structured inputs and
+    paths, fuse BatchNorm's count into its normalisation, read tied tensors by their owners)."""
+    modules = {name for name, _ in root.named_modules()}
+    graph, extras = _copied_graph(exported, root, example, given, mode, guards, modules)
+    _fuse_batch_counts(graph)
+    _read_ties_by_owner(graph, root, modules)
+    graph.lint()
+    return graph, extras
+
+
+def _copied_graph(exported: fx.GraphModule, root: nn.Module, example: tuple[tuple, dict], given: list[str],
+                  mode: str, guards: list[tuple[list[str], list]], modules: set[str]
+                  ) -> tuple[fx.Graph, dict[str, Any]]:
+    """``exported``'s nodes in a new graph: one placeholder per ``forward`` parameter given, the output in the
+    model's structure, each node named by its path; what ``root`` does not own is named for the ``mode``."""
+    graph, paths = fx.Graph(), _PathNames()
     owned = modules | {name for name, _ in (*root.named_parameters(remove_duplicate=False),
                                             *root.named_buffers(remove_duplicate=False))}
     values = _structured_inputs(graph, exported.graph, root, example, given, paths)
     extras: dict[str, Any] = {}
-    counts: dict[str, fx.Node] = {}  # BatchNorm path -> its count of batches, fused into its normalisation
     for node in exported.graph.nodes:
         if node.op == "placeholder" or node.op == "get_attr" and not node.users:  # export reads every parameter
             continue
@@ -258,12 +271,6 @@ def _contract_graph(exported: fx.GraphModule, root: nn.Module, example: tuple[tu
             out.meta["path"] = "output"
             continue
         target, args = node.target, fx.map_arg(node.args, values.__getitem__)
-        owner = args[3].target.rpartition(".")[0] if target is _aten.batch_norm.default and \
-            isinstance(args[3], fx.Node) else None
-        if owner in counts:
-            count = counts.pop(owner)
-            target, args = counted_batch_norm, (*args[:5], count.args[0], *args[5:])
-            graph.erase_node(count)
         if node.op in ("get_attr", "call_module"):
             if target not in owned:
                 target = f"{target.replace('.', '_')}_{mode}"
@@ -276,11 +283,22 @@ def _contract_graph(exported: fx.GraphModule, root: nn.Module, example: tuple[tu
                                 path.replace(".", "_"), node.type)
         new.meta = {**node.meta, "path": path}
         values[node] = new
-        if _counts_batches(node):
-            counts[node.args[0].target.rpartition(".")[0]] = new
-    _read_ties_by_owner(graph, root, modules)
-    graph.lint()
     return graph, extras
+
+
+def _fuse_batch_counts(graph: fx.Graph) -> None:
+    """Each BatchNorm's ``num_batches_tracked += 1`` and the normalisation that follows become one
+    :func:`counted_batch_norm` node (in place), which a pass can apply once per branch as the module would."""
+    counts: dict[str, fx.Node] = {}  # BatchNorm path -> its count of batches, not yet fused
+    for node in list(graph.nodes):
+        if _counts_batches(node):
+            counts[node.args[0].target.rpartition(".")[0]] = node
+        elif node.target is _aten.batch_norm.default and isinstance(node.args[3], fx.Node):
+            count = counts.pop(node.args[3].target.rpartition(".")[0], None)
+            if count is not None:
+                node.target = counted_batch_norm
+                node.args = (*node.args[:5], count.args[0], *node.args[5:])
+                graph.erase_node(count)
 
 
 def _counts_batches(node: fx.Node) -> bool:
