@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from . import structure
 from .errors import FxsplitError
-from .modules import attribute, canonical_names, torch_layer
+from .modules import attribute, canonical_names, owner, torch_layer
 from .tracing import as_example, route_of, trace_graph, unwrapped
 
 _METADATA_METHODS = {"size", "dim", "numel", "get_device"}
@@ -64,9 +64,9 @@ def find_layers(gm: fx.GraphModule, graph: fx.Graph | None = None) -> dict[str, 
         if member is not None:
             reads.setdefault(member, []).append(node)
     for node in graph.nodes:  # a buffer read directly (BatchNorm statistics) is applied with its module's layer
-        owner = _buffer_owner(gm, node, reads)
-        if owner is not None:
-            reads[owner].append(node)
+        layer = _buffer_owner(gm, node, reads)
+        if layer is not None:
+            reads[layer].append(node)
     calls = {member: _calls(nodes, member) for member, nodes in reads.items()}
     position = _position(graph)
     members = sorted(reads, key=lambda member: min(position(use) for node in reads[member]
@@ -222,8 +222,8 @@ def _member(gm: fx.GraphModule, node: fx.Node) -> str | None:
     parametrized = _parametrized_module(gm, node.target)
     if parametrized is not None:
         return parametrized
-    owner = node.target.rpartition(".")[0]
-    return owner if owner and torch_layer(gm.get_submodule(owner)) else node.target
+    module = owner(node.target)
+    return module if module and torch_layer(gm.get_submodule(module)) else node.target
 
 
 def _parametrized_module(gm: fx.GraphModule, target: str) -> str | None:

@@ -1,7 +1,7 @@
 """Module trees: what every stage does with a model's modules, parameters and buffers.
 
 Dotted paths name them as ``named_modules()`` and ``named_parameters()`` do (``"layer1.0.conv1.weight"``).
-:func:`attribute` reads one, :func:`place` puts one (making the modules on its way); :func:`copy_module` copies a tree, sharing its tensors or
+:func:`attribute` reads one, :func:`owner` names its module, :func:`place` puts one (making the modules on its way); :func:`copy_module` copies a tree, sharing its tensors or
 not; :func:`saved_buffers` and :func:`saved_modes` put a tree's buffers and modes back after a run; :func:`canonical_names` and :func:`torch_layer` say what a tree ties and which of its modules are torch's
 own layers; :func:`check_names` refuses names a wrapper class would shadow.
 
@@ -30,6 +30,11 @@ def attribute(root: nn.Module, target: str):
     """The object at a dotted path under ``root``: a module, a parameter, a buffer or a plain attribute."""
     module_path, _, name = target.rpartition(".")
     return getattr(root.get_submodule(module_path), name)
+
+
+def owner(target: str) -> str:
+    """The path of the module that holds what the dotted path ``target`` names (``""``: the root)."""
+    return target.rpartition(".")[0]
 
 
 def has(root: nn.Module, target: str) -> bool:

@@ -14,7 +14,7 @@ from ..errors import SplitMismatchError
 from ..outputs import Path, select
 from ..split_module import COPIES, copy_target
 from ..tracing import aten
-from ..modules import copy_module
+from ..modules import copy_module, owner
 from ..rules import drop_attribute, drop_probability, has_running_statistics
 from ..tracing.verify import (
     SEED, TOLERANCE, Call, check_trace, first_difference, gradient_difference, mode, run, state_difference,
@@ -96,7 +96,7 @@ def _first_task_difference(call: Call, split: nn.Module, references: Mapping[str
         found = first_difference(select(expected.output, path, task), got.output[task])
         if found is None:
             mine = {_split_name(split, task, name): value for name, value in expected.state.items()
-                    if name.rpartition(".")[0] not in norms and _updated_for(task, _split_name(split, task, name),
+                    if owner(name) not in norms and _updated_for(task, _split_name(split, task, name),
                                                                              owners)}
             found = state_difference(mine, got.state)
         if found is None:
@@ -117,8 +117,7 @@ def _task_model(model: nn.Module, split: nn.Module, task: str, surgery) -> nn.Mo
     for name, kind in slots:
         tensor = held.get(_split_name(split, task, name))
         if tensor is not None:
-            owner, _, leaf = name.rpartition(".")
-            getattr(reference.get_submodule(owner), kind)[leaf] = tensor
+            getattr(reference.get_submodule(owner(name)), kind)[name.rpartition(".")[2]] = tensor
     return reference
 
 

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from ..split_module import copy_target
 from ..errors import LayerError
+from ..modules import owner
 from ..rules import has_running_statistics
 from ..tracing import aliases, mutated_input, viewed, written_input, written_tensor
 from ..outputs import Path, select
@@ -140,7 +141,7 @@ def _writes_into_shared(root: nn.Module, tainted: Mapping[fx.Node, str], positio
             continue
         written = written_tensor(root, node)
         if written.op == "get_attr" and written not in tainted and not has_running_statistics(
-                root.get_submodule(written.target.rpartition(".")[0])):
+                root.get_submodule(owner(written.target))):
             raise LayerError(
                 f"buffer {written.target!r} is updated in forward after the split layer {layer!r} (at "
                 f"{_where(node)}): each task's branch would update the one buffer in turn, so "

@@ -16,6 +16,8 @@ import networkx as nx
 import torch
 from torch import nn
 
+from ..modules import owner
+
 FROZEN = "frozen (no parameter requires grad)"
 UNFROZEN = ("frozen at the first scored step, which decides the scored layers; unfrozen since: trained, not scored "
             "(a new ConflictMonitor scores it)")
@@ -96,8 +98,9 @@ def outside_layers(model: nn.Module, graph: nx.DiGraph, names: Sequence[str], re
     their ``reach`` and ``left_out`` entries."""
     modules: dict[str, tuple[nn.Module | None, list[int]]] = {}
     for i in reach:
-        owner = names[i].rpartition(".")[0]
-        key, module = (owner, model.get_submodule(owner)) if owner and owner not in graph else (names[i], None)
+        held_by = owner(names[i])
+        key, module = (held_by, model.get_submodule(held_by)) if held_by and held_by not in graph else \
+            (names[i], None)
         modules.setdefault(key, (module, []))[1].append(i)
     graph = graph.copy()
     for order, (name, (module, params)) in enumerate(modules.items(), start=len(graph)):

@@ -28,7 +28,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils import _pytree as pytree
 
 from ..errors import TraceError, user_line
-from ..modules import copy_module, module_at, persistent, place
+from ..modules import copy_module, module_at, owner, persistent, place
 from .autograd import watching_export
 from .dual import DualGraphModule, adopt_layers
 from .frozen import Read, recording_reads, stand_in
@@ -221,9 +221,9 @@ def _export_error(root: nn.Module, error: Exception) -> TraceError:
     modules = {id(module): name for name, module in root.named_modules()}
     where = None
     for frame, _ in traceback.walk_tb(error.__traceback__):
-        owner = frame.f_locals.get("self")
-        if id(owner) in modules:
-            where = modules[id(owner)]  # the innermost module wins, as the frames go deeper
+        running = frame.f_locals.get("self")
+        if id(running) in modules:
+            where = modules[id(running)]  # the innermost module wins, as the frames go deeper
     module = root.get_submodule(where) if where else root
     line = user_line(error)
     if isinstance(error, GuardOnDataDependentSymNode):
@@ -292,9 +292,9 @@ def _fuse_batch_counts(graph: fx.Graph) -> None:
     counts: dict[str, fx.Node] = {}  # BatchNorm path -> its count of batches, not yet fused
     for node in list(graph.nodes):
         if _counts_batches(node):
-            counts[node.args[0].target.rpartition(".")[0]] = node
+            counts[owner(node.args[0].target)] = node
         elif node.target is _aten.batch_norm.default and isinstance(node.args[3], fx.Node):
-            count = counts.pop(node.args[3].target.rpartition(".")[0], None)
+            count = counts.pop(owner(node.args[3].target), None)
             if count is not None:
                 node.target = counted_batch_norm
                 node.args = (*node.args[:5], count.args[0], *node.args[5:])
@@ -382,7 +382,7 @@ def _read_ties_by_owner(graph: fx.Graph, root: nn.Module, modules: set[str]) -> 
     for node in list(graph.find_nodes(op="get_attr")):
         aliases = aliases_of.get(node.target, [node.target])
         for user in list(node.users):
-            owned = [name for name in aliases if name.rpartition(".")[0] == _scope(user, modules)]
+            owned = [name for name in aliases if owner(name) == _scope(user, modules)]
             name = owned[0] if owned else aliases[0]
             if name != node.target:
                 with graph.inserting_after(node):
