@@ -2,8 +2,9 @@
 
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, MissingExtraError, ReportError, ScoringError, SplitMismatchError,
-    TaskError, PythonStateWarning, StaleGraphError, TraceError, TraceMismatchError, UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, MissingExtraError, MissingTaskError, PartitionError,
+    RepeatedTaskError, ReportError, ScoringError, SplitMismatchError, TaskError, PythonStateWarning, StaleGraphError,
+    TraceError, TraceMismatchError, UnknownLayerError, UnknownTaskError,
 )
 from .export import export, script
 from .layers import LayerGraph, layer_graph
@@ -23,6 +24,9 @@ __all__ = [
     "LayerGraph",
     "LayerSelection",
     "MissingExtraError",
+    "MissingTaskError",
+    "PartitionError",
+    "RepeatedTaskError",
     "ReportError",
     "ScoringError",
     "SplitMismatchError",
@@ -34,6 +38,7 @@ __all__ = [
     "TraceMismatchError",
     "PythonStateWarning",
     "UnknownLayerError",
+    "UnknownTaskError",
     "analyze",
     "export",
     "layer_graph",

@@ -52,6 +52,22 @@ class TaskError(FxsplitError):
     """The tasks (their names, or how outputs map onto them) do not fit the model."""
 
 
+class PartitionError(LayerError, TaskError):
+    """A layer's partition of the tasks into groups does not fit the model's tasks."""
+
+
+class UnknownTaskError(PartitionError):
+    """A partition names a task the model does not have."""
+
+
+class RepeatedTaskError(PartitionError):
+    """A partition puts a task in more than one group."""
+
+
+class MissingTaskError(PartitionError):
+    """A task that uses a layer is in none of the groups of its partition."""
+
+
 class InitError(FxsplitError):
     """A split layer's copies cannot be initialised as asked."""
 
