@@ -3,9 +3,9 @@
 from . import rules
 from .analyze import analyze
 from .errors import (
-    ExportError, FxsplitError, InitError, LayerError, MissingExtraError, PartitionError, ReportError, ScoringError,
-    SplitMismatchError, TaskError, PythonStateWarning, StaleGraphError, TraceError, TraceMismatchError,
-    UnknownLayerError,
+    ExportError, FxsplitError, InitError, LayerError, MissingExtraError, MissingTaskError, PartitionError,
+    RepeatedTaskError, ReportError, ScoringError, SplitMismatchError, TaskError, PythonStateWarning, StaleGraphError,
+    TraceError, TraceMismatchError, UnknownLayerError, UnknownTaskError,
 )
 from .export import export, script
 from .layers import LayerGraph, layer_graph
@@ -26,7 +26,9 @@ __all__ = [
     "LayerGraph",
     "LayerSelection",
     "MissingExtraError",
+    "MissingTaskError",
     "PartitionError",
+    "RepeatedTaskError",
     "ReportError",
     "ScoringError",
     "SplitMismatchError",
@@ -38,6 +40,7 @@ __all__ = [
     "TraceMismatchError",
     "PythonStateWarning",
     "UnknownLayerError",
+    "UnknownTaskError",
     "analyze",
     "export",
     "layer_graph",

@@ -52,9 +52,21 @@ class TaskError(FxsplitError):
     """The tasks (their names, or how outputs map onto them) do not fit the model."""
 
 
-class PartitionError(TaskError):
-    """A grouped selection's entry for a layer is not a partition of the tasks into two groups or more: a task
-    unknown, in two groups or in none, or a single group."""
+class PartitionError(LayerError, TaskError):
+    """A layer's partition of the tasks into groups does not fit the model's tasks: a task unknown, in two groups
+    or in none, or a single group."""
+
+
+class UnknownTaskError(PartitionError):
+    """A partition names a task the model does not have."""
+
+
+class RepeatedTaskError(PartitionError):
+    """A partition puts a task in more than one group."""
+
+
+class MissingTaskError(PartitionError):
+    """A task that uses a layer is in none of the groups of its partition."""
 
 
 class InitError(FxsplitError):

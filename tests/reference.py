@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import keyword
 from collections.abc import Mapping
 
 import torch
@@ -63,21 +62,26 @@ def perturb_copies(split, scale: float = 0.1, seed: int = 0) -> None:
                 parameter.add_((noise * (scale * rms if rms > 0 else scale / 10)).to(parameter.dtype))
 
 
-def copies_of(task: str) -> str:
-    """Where a split keeps task ``task``'s copies, by the rule SplitModule documents: ``copies.<task>``, with one
-    more trailing underscore for a name that every ``nn.Module`` has, a keyword, or a name ending in one."""
-    escaped = task in dir(torch.nn.Module()) or keyword.iskeyword(task) or task.endswith("_")
-    return f"copies.{task}_" if escaped else f"copies.{task}"
+def held_as(split, task: str):
+    """Model name -> the name under which ``split`` holds what task ``task`` computes with: the copy of the group
+    serving ``task`` (found through the split's records: its ``groups`` and ``holder``) where there is one."""
+    holders = [split.holder(task, layer) for layer, groups in split.groups.items()
+               if any(task in group for group in groups)]
+    names = {*split.state_dict(keep_vars=True), *dict(split.named_parameters(remove_duplicate=False))}
+
+    def name_in_split(name: str) -> str:
+        return next((f"copies.{holder}.{name}" for holder in holders if f"copies.{holder}.{name}" in names), name)
+    return name_in_split
 
 
 def task_model(model, split, task: str):
-    """A copy of the original ``model`` holding what task ``task`` computes with in ``split``: its copies in
-    place of the split layers, the split's shared tensors everywhere else."""
+    """A copy of the original ``model`` holding what task ``task`` computes with in ``split``: its (group's)
+    copies in place of the split layers, the split's shared tensors everywhere else."""
     reference = copy.deepcopy(model)
     state = split.state_dict()
     own = reference.state_dict()
-    reference.load_state_dict({name: state.get(f"{copies_of(task)}.{name}", state.get(name, value))
-                               for name, value in own.items()})
+    name_in_split = held_as(split, task)
+    reference.load_state_dict({name: state.get(name_in_split(name), value) for name, value in own.items()})
     return reference
 
 
@@ -99,7 +103,8 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
                     modes=(False, True), kwargs: dict | None = None) -> None:
     """The contract after the copies train apart: with every copy perturbed independently, each task's output of
     ``split``, and its gradients with respect to every parameter, equal those of the original model with that
-    task's copies loaded (``task_model``), in each mode; no task's gradient reaches another task's own parameters.
+    task's copies (or its group's) loaded (``task_model``), in each mode; no task's gradient reaches a parameter
+    the task does not compute with.
 
     ``outputs`` maps tasks to output keys as rewrite takes them (default: the output is keyed by task); ``kwargs``
     are keyword inputs of the call. Works on copies: neither model changes.
@@ -110,6 +115,7 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
     split_names = dict(split.named_parameters(remove_duplicate=False))
     for training in modes:
         for task in split.tasks:
+            name_in_split = held_as(split, task)
             reference = task_model(model, split, task).train(training)
             split.train(training).zero_grad(set_to_none=True)
             torch.manual_seed(0)
@@ -125,7 +131,7 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
             probe(got).backward()
             pairs = {}
             for name, p in reference.named_parameters(remove_duplicate=False):
-                twin = split_names.get(f"{copies_of(task)}.{name}", split_names.get(name))
+                twin = split_names.get(name_in_split(name))
                 if twin is not None:
                     assert (p.grad is None) == (twin.grad is None), (task, name, p.grad is None)
                     if p.grad is not None:
@@ -134,7 +140,7 @@ def assert_per_task(model, split, args: tuple, outputs: dict | None = None, tole
             for name, (e, g) in pairs.items():  # a gradient that is zero but for rounding is measured by the whole
                 scale = max(e.norm().item(), 1e-3 * whole, 1e-12)
                 assert (e - g).norm().item() <= 10 * tolerance * scale, (task, name, training)
-            reached = {id(split_names.get(f"{copies_of(task)}.{name}", split_names.get(name))) for name in pairs}
+            reached = {id(split_names.get(name_in_split(name))) for name in pairs}
             strays = [name for name, p in split.named_parameters() if p.grad is not None and id(p) not in reached]
             assert not strays, (task, training, strays)
 

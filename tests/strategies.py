@@ -115,3 +115,12 @@ def programs(draw) -> tuple[Program, torch.Tensor, dict]:
     names = [f"t{i}" for i in range(tasks)]
     kwargs = {"tasks": names, "outputs": dict(zip(names, range(tasks)))} if as_tuple else {}
     return model, torch.randn(5, TOKENS, WIDTH, dtype=torch.float64), kwargs
+
+
+@st.composite
+def partitions(draw, users: list[str]) -> str | list[list[str]]:
+    """A random partition of ``users`` (the tasks that use a layer) into two or more groups, or ``"each"``."""
+    labels = [draw(st.integers(0, len(users) - 1)) for _ in users]
+    if len(set(labels)) < 2:
+        return "each"
+    return [[task for task, label in zip(users, labels) if label == group] for group in sorted(set(labels))]

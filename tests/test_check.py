@@ -88,7 +88,7 @@ def _leaking(split: fxsplit.SplitModule, reader: str, source: str) -> fxsplit.Sp
     split = copy.deepcopy(split)
     head = next(n for n in split.graph.nodes if n.op == "call_module" and n.target == f"heads.{reader}")
     own = head.args[0]
-    other = next(n for n in split.graph.nodes if n.meta.get("task") == source
+    other = next(n for n in split.graph.nodes if n.meta.get("branch") == {source}
                  and n.meta.get("origin") == own.meta["origin"])
     head.replace_input_with(own, other)
     split.recompile()

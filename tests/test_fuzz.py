@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import fxsplit
 from tests.reference import assert_per_task, reference
 from tests.models import assert_equivalent, count, task_outputs
-from tests.strategies import programs
+from tests.strategies import partitions, programs
 
 BACKWARD_ONLY = ("function", "gradient_hook")  # what torch.export loses, and its route refuses by name
 
@@ -61,6 +61,28 @@ def test_random_architectures_rewrite_exactly(program, data):
         split(x)[task].square().sum().backward()
         for other in set(split.tasks) - {task}:
             assert all(p.grad is None for p in split.task_parameters(other)), (task, other)
+
+
+@given(programs(), st.data())
+def test_random_architectures_split_into_random_groups_exactly(program, data):
+    """Random partitions of the tasks on random layers: each task computes as the model with its groups' copies,
+    each group copy adds its layer's parameters once, and the parameter groups cover every parameter once."""
+    model, x, kwargs = program
+    users = layer_users(model, x, kwargs)
+    shared = sorted(layer for layer, tasks in users.items() if len(tasks) > 1)
+    layers = data.draw(st.lists(st.sampled_from(shared), unique=True, max_size=3)) if shared else []
+    groups = {layer: data.draw(partitions(users[layer])) for layer in layers}
+    training, batch_branches = data.draw(st.booleans()), data.draw(st.booleans())
+    model.train(training)
+    split = fxsplit.rewrite(model, groups, batch_branches=batch_branches, example_inputs=x, **kwargs)
+    assert_equivalent(model, split, x, kwargs)
+    assert_per_task(model, split, (x,), kwargs.get("outputs"), modes=(training,))
+    graph = fxsplit.layer_graph(model)
+    extra = sum((len(split.groups[layer]) - 1) * graph.nodes[layer]["params"] for layer in split.split_layers)
+    assert count(split.parameters()) == count(model.parameters()) + extra
+    owners = split.parameter_tasks()
+    covered = [id(p) for group in set(owners.values()) for p in split.group_parameters(group)]
+    assert sorted(covered) == sorted(map(id, split.parameters()))
 
 
 @given(programs())

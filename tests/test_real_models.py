@@ -99,7 +99,7 @@ def test_tied_weights_are_one_layer_split_into_one_copy_per_task():
     for task in split.tasks:
         copy_ = split.copy_of(task, "embed")
         readers = [attribute(split, n.target) for n in split.graph.nodes
-                   if n.op in ("get_attr", "call_module") and n.meta.get("task") == task
+                   if n.op in ("get_attr", "call_module") and n.meta.get("branch") == {task}
                    and n.target.startswith(f"copies.{task}.")]
         weights = {id(r if isinstance(r, nn.Parameter) else r.weight) for r in readers}
         assert weights == {id(copy_.weight)}  # embedding, F.linear(h, embed.weight) and the tied decoder

@@ -1,8 +1,10 @@
-"""The rewrite stage: give chosen layers one copy per task and fan everything downstream out into branches.
+"""The rewrite stage: give chosen layers one copy per task, or per group of tasks, and fan everything downstream
+out into branches.
 
-Passes, each a graph to a graph: trace (both modes) -> fan out (:mod:`.fanout`) -> batch branches
-(:mod:`.batching`, optional); then the copies are made (:mod:`.copies`) and the result is checked against the
-model when an example input is given (:mod:`.check`).
+Plan, apply, assemble: trace (both modes) -> the plan (:mod:`.plan`: which layers split into which groups, which
+nodes each task needs, computed once) -> the passes that apply it: fan out (:mod:`.fanout`), make the copies
+(:mod:`.copies`), batch branches (:mod:`.batching`, optional) -> one assembly of the :class:`SplitModule`, which is
+checked against the model when an example input is given (:mod:`.check`).
 """
 
 from __future__ import annotations
@@ -13,20 +15,18 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..errors import LayerError, ReportError, unknown_layer
-from ..layers import Layer, find_layers
+from ..errors import LayerError
 from ..modules import attribute, check_names, copy_module, has, persistent, place
-from ..report import LayerSelection
-from ..rules import has_running_statistics
-from ..split_module import SplitModule, Surgery, copy_target
+from ..split_module import COPIES, SplitModule, Surgery
 from ..tracing import as_example, check_method, check_options, trace_modes, unwrapped
 from ..tracing.frozen import stand_in
 from ..tracing.verify import calling
 from .batching import batch_branches as batch_pass
 from .check import check_split
-from .copies import Init, check_init, layer_copy
-from .fanout import fan_out, needed_nodes, output_node, tainted_by
-from ..outputs import OutputKey, Path, repeated_items, task_paths
+from .copies import Init, check_init, make_copies
+from .fanout import FanOut, fan_out, output_node
+from .plan import Partition, Plan, plan as make_plan, selection
+from ..outputs import OutputKey, task_paths
 
 __all__ = ["rewrite"]
 
@@ -35,7 +35,7 @@ _PLAIN = (type(None), bool, int, float, complex, str, bytes, tuple, list, dict, 
 
 def rewrite(
     model: nn.Module,
-    layers: Iterable[str],
+    layers: Iterable[str] | Mapping[str, Partition],
     tasks: Sequence[str] | Mapping[str, Any] | None = None,
     *,
     outputs: Mapping[str, OutputKey] | None = None,
@@ -47,7 +47,8 @@ def rewrite(
     tracer_kwargs: Mapping[str, Any] | None = None,
     method: str = "auto",
 ) -> SplitModule:
-    """A copy of ``model`` in which each of ``layers`` has one copy per task, and all that follows fans out.
+    """A copy of ``model`` in which each of ``layers`` has one copy per task (or per group of tasks), and all that
+    follows fans out.
 
     Args:
         model: any ``nn.Module``; it is never modified. It is traced now, in train and eval mode, by ``method``
@@ -56,7 +57,11 @@ def rewrite(
             model's ``route`` and ``route_reason`` say which and why.
         layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
             a conflict report (``report.top(k)``), which also brings the tasks and which parts of the output each
-            task's loss read.
+            task's loss read. Or a mapping from layer names to partitions of the tasks,
+            ``{"layer3.0.conv1": [["a", "b"], ["c", "d", "e"]], "layer4.1.bn2": "each"}``: each group gets one
+            copy (``"each"``: one per task), and tasks that passed the same copies share one stream, which splits
+            where a later layer's groups separate them (``split.tree()``). A selection with ``tasks`` (and
+            ``outputs``) attributes, as a report's are, brings those.
         tasks: task names; optional when the model returns a mapping (its keys are the tasks) or ``layers``
             comes from a report.
         outputs: which part of the model's output belongs to which task: ``{"seg": 0, "depth": 1}`` for a
@@ -65,9 +70,10 @@ def rewrite(
             branch returns the output pruned to them). Needed when the model returns a tuple, a list or a mapping
             not keyed by task; a single tensor goes whole to every task.
         init: ``"copy"`` (copies start equal to the shared layer: the function is unchanged), ``"reset"``
-            (each copy's ``reset_parameters()``) or a callable ``init(copy, layer, task)`` that edits the copy.
+            (each copy's ``reset_parameters()``) or a callable ``init(copy, layer, task)`` that edits the copy
+            (``task`` is the tuple of a group's tasks for a group's copy).
         split_norms: also split every normalisation layer with running statistics that lies wholly in the
-            fanned-out region, so that each task's statistics see only its own branch.
+            fanned-out region, one copy per task, so that each task's statistics see only its own branch.
         batch_branches: in the fanned-out region, run a shared convolution or linear layer (and the per-sample
             modules that follow it: activations, pooling, LayerNorm, ...) once on the branches' batches
             concatenated, instead of once per branch. Mathematically the same (each sample is computed alone),
@@ -107,169 +113,98 @@ def rewrite(
     check_method(method)
     check_options(tracer_kwargs)
     check_names(model, SplitModule, "a split model")
-    from_report = isinstance(layers, LayerSelection)
+    from_report = hasattr(layers, "tasks")  # a report's selection (report.top(k), a grouped one) brings them
     if from_report:
         tasks = layers.tasks if tasks is None else tasks
         outputs = getattr(layers, "outputs", None) if outputs is None else outputs
-    names = _layer_names(layers)
+    partitions = selection(layers)
     example = as_example(example_inputs, example_kwargs)
     root = copy_module(model, share_tensors=False)
     traced = trace_modes(root, tracer_kwargs, private=True, method=method, example=example)
     graphs = {training: traced.graph_for(training) for training in (True, False)}
-    current = graphs[model.training]
-    paths = task_paths(output_node(current).args[0], tasks, outputs)
-    found = {id(graph): find_layers(traced, graph) for graph in graphs.values()}
-    _check_layers(names, found[id(current)], from_report)
-    if split_norms:
-        names += _norms_in_branches(traced, current, found[id(current)], names, paths)
-    split_layers = [layer for layer in found[id(current)] if layer in names]  # graph order
-    plan = {id(graph): _chosen(found[id(graph)], split_layers) for graph in graphs.values()}
-    users = _users(graphs.values(), found, split_layers, {id(graph): needed_nodes(traced, graph, paths)
-                                                           for graph in graphs.values()}, paths)
-    _check_shared(names, users)
+    paths = task_paths(output_node(graphs[model.training]).args[0], tasks, outputs)
+    plan = make_plan(traced, graphs, paths, partitions, training=model.training, split_norms=split_norms,
+                     from_report=from_report)
 
-    fanned = {id(graph): fan_out(traced, graph, paths, plan[id(graph)]) for graph in graphs.values()}
-    for layer in split_layers:
-        for task in users[layer]:
-            for member, new in layer_copy(traced, found[id(current)][layer], task, init).items():
-                place(traced, copy_target(task, member), new)
+    fanned = {id(graph): fan_out(traced, plan, graph) for graph in plan.distinct_graphs()}
+    make_copies(traced, plan, init)
     if batch_branches:
         for result in fanned.values():
             batch_pass(traced, result.graph)
-    uses = {}
-    for result in fanned.values():
-        for target, tasks_using in result.uses.items():
-            uses.setdefault(target, set()).update(tasks_using)
-    members = {layer: found[id(current)][layer].members for layer in split_layers}
-    route = traced.meta["route"], traced.meta["route_reason"]
-    split = SplitModule(traced, {training: fanned[id(graph)].graph for training, graph in graphs.items()},
-                        type(model).__name__, surgery=Surgery(tuple(paths), tuple(split_layers), members, {}))
-    _keep_the_rest(split, root, [m for layer in members.values() for m in layer])
-    split._surgery = Surgery(tuple(paths), tuple(split_layers), members, _owners(split, uses, tuple(paths)),
-                             _plain_attributes(split, root), *route)
-    split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}),
-                      given=traced.meta.get("given", {}))
+    split = _assemble(plan, traced, root, fanned, type(model).__name__)
     if example is not None:
         check_split(model, traced, split, paths, calling(*example))
     return split
 
 
-def _layer_names(layers: Iterable[str]) -> list[str]:
-    if isinstance(layers, str):
-        raise LayerError(f"layers must be a list of layer names, got the string {layers!r}; use [{layers!r}].")
-    if isinstance(layers, Mapping):  # its keys alone would split each layer per task, not per group
-        raise LayerError("rewrite makes one copy per task; it cannot split a grouped selection (layer -> groups of "
-                         "tasks). Pass list(selection) for one copy per task on its layers.")
-    try:
-        names = list(layers)
-    except TypeError:
-        raise LayerError(f"layers must be a list of layer names, got {type(layers).__name__}.") from None
-    for name in names:
-        if not isinstance(name, str):
-            raise LayerError(
-                f"layers must be names (str) as in fxsplit.layer_graph(model), got {type(name).__name__} {name!r}."
-            )
-    repeated = repeated_items(names)
-    if repeated:
-        raise LayerError(f"layer(s) {repeated} given more than once; name each layer once.")
-    return names
-
-
-def _check_layers(names: list[str], layers: Mapping[str, Layer], from_report: bool) -> None:
-    foreign = [name for name in names if name not in layers]
-    if from_report and foreign:
-        raise ReportError(
-            f"these layers of the conflict report are not layers of this model: {foreign[:3]}"
-            f"{' ...' if len(foreign) > 3 else ''}; the report was made for another model. Analyze this one."
-        )
-    for name in foreign:
-        owner = next((layer for layer in layers.values() if name in layer.members), None)
-        if owner is not None:
-            raise LayerError(f"{name!r} shares its parameters with {owner.members[0]!r} (tied weights): they are "
-                             f"one layer, named {owner.name!r}; split that.")
-        inside = [layer for layer in layers if layer.startswith(name + ".")] if name else list(layers)
-        if inside:
-            raise LayerError(
-                f"{name!r} is a container of {len(inside)} layers ({', '.join(inside[:3])}"
-                f"{', ...' if len(inside) > 3 else ''}), not a layer; name the layers to split."
-            )
-        raise unknown_layer(name, layers)
-
-
-def _chosen(layers: Mapping[str, Layer], names: list[str]) -> dict[fx.Node, str]:
-    """The nodes that read the chosen layers in one graph, each with its layer's name (a layer absent from this
-    mode's graph has none)."""
-    return {node: name for name in names if name in layers for node in layers[name].reads}
-
-
-def _users(graphs, found: Mapping[int, Mapping[str, Layer]], names: list[str],
-           needed: Mapping[int, Mapping[str, set[fx.Node]]], paths: Mapping[str, Path]) -> dict[str, list[str]]:
-    """Layer -> the tasks whose outputs use it, in either mode's graph (deep supervision reads a layer in train
-    mode only), in task order."""
-    using = {name: set() for name in names}
-    for graph in graphs:
-        layers = found[id(graph)]
-        for name in names:
-            if name in layers:
-                using[name].update(task for task, nodes in needed[id(graph)].items()
-                                   if nodes.intersection(layers[name].reads))
-    return {name: [task for task in paths if task in tasks] for name, tasks in using.items()}
-
-
-def _check_shared(names: list[str], users: Mapping[str, list[str]]) -> None:
-    for name in names:
-        if len(users[name]) < 2:
-            whose = f"only task {users[name][0]!r} uses it" if users[name] else "no task's output uses it"
-            raise LayerError(f"layer {name!r} cannot be split: {whose}, so it is already task-specific.")
-
-
-def _norms_in_branches(root, graph, layers: Mapping[str, Layer], names: list[str], paths) -> list[str]:
-    """Norm layers with running statistics, used by several tasks, all of whose calls lie in the fanned-out
-    region of ``names``."""
-    tainted = tainted_by(graph, _chosen(layers, names))
-    norms = [name for name, layer in layers.items() if name not in names
-             and has_running_statistics(attribute(root, name)) and all(node in tainted for node in layer.calls)]
-    users = _users([graph], {id(graph): layers}, norms, {id(graph): needed_nodes(root, graph, paths)}, paths)
-    return [name for name in norms if len(users[name]) > 1]
+def _assemble(plan: Plan, traced: fx.GraphModule, root: nn.Module, fanned: Mapping[int, FanOut], class_name: str
+              ) -> SplitModule:
+    """The split model: the fanned-out graphs on ``traced`` (which holds the copies), everything else of ``root``
+    kept, and the surgery recorded."""
+    members = {layer: plan.current.layers[layer].members for layer in plan.layers}
+    replaced = [member for layer in members.values() for member in layer]
+    uses: dict[str, set[str]] = {}
+    for result in fanned.values():
+        for target, tasks_using in result.uses.items():
+            uses.setdefault(target, set()).update(tasks_using)
+    route = traced.meta["route"], traced.meta["route_reason"]
+    surgery = Surgery(plan.tasks, plan.layers, members, plan.groups, plan.holders,
+                      _owners(traced, root, replaced, uses, plan.tasks), _plain_attributes(traced, root), *route)
+    split = SplitModule(traced, {training: fanned[id(graph)].graph for training, graph in plan.graphs.items()},
+                        class_name, surgery=surgery)
+    _keep_the_rest(split, root, replaced)
+    held = {name for name, _ in [*split.named_parameters(remove_duplicate=False),
+                                 *split.named_buffers(remove_duplicate=False)]}
+    for name in set(surgery.owners) - held:  # what only nodes no task needs read: not on the split
+        del surgery.owners[name]
+    split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}),
+                      given=traced.meta.get("given", {}))
+    return split
 
 
 def _keep_the_rest(split: SplitModule, root: nn.Module, replaced: list[str]) -> None:
     """Give ``split`` every module, parameter and buffer of ``root`` it lacks, at the same path, except the
     members of split layers (their copies replace them)."""
-    def replaced_path(path: str) -> bool:
-        return any(path == member or path.startswith(member + ".") for member in replaced)
-
     for path, module in root.named_modules():
-        if not path or replaced_path(path) or has(split, path):
+        if not path or _replaced(path, replaced) or has(split, path):
             continue
         holds_replaced = any(member.startswith(path + ".") for member in replaced)
         place(split, path, stand_in(module, nn.Module()) if holds_replaced else module)  # then its other
         # children, one by one
     for path, tensor in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
-        if not replaced_path(path) and not has(split, path):
+        if not _replaced(path, replaced) and not has(split, path):
             place(split, path, tensor, persistent(root, path))
 
 
-def _owners(split: SplitModule, uses: Mapping[str, set[str]], tasks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """Every name of every parameter and buffer -> the tasks whose outputs use it, in task order (unused: every
-    task)."""
+def _replaced(path: str, replaced: list[str]) -> bool:
+    return any(path == member or path.startswith(member + ".") for member in replaced)
+
+
+def _owners(traced: nn.Module, root: nn.Module, replaced: list[str], uses: Mapping[str, set[str]],
+            tasks: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """Every name of every parameter and buffer the split model will hold (those of ``traced``, which holds the
+    copies, and the rest of ``root``, less the split layers' members) -> the tasks whose outputs use it, in task
+    order (unused: every task)."""
     by_id: dict[int, set[str]] = {}
     for target, tasks_using in uses.items():
-        value = attribute(split, target)
+        value = attribute(traced, target)
         tensors = [value] if isinstance(value, torch.Tensor) else \
             [*value.parameters(), *value.buffers()] if isinstance(value, nn.Module) else []
         for tensor in tensors:
             by_id.setdefault(id(tensor), set()).update(tasks_using)
-    named = [*split.named_parameters(remove_duplicate=False), *split.named_buffers(remove_duplicate=False)]
-    return {name: tuple(t for t in tasks if t in by_id.get(id(tensor), tasks)) for name, tensor in named}
+    named = [(name, tensor) for module in (traced, root) for name, tensor in
+             [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+             if not _replaced(name, replaced)]
+    return {name: tuple(t for t in tasks if t in by_id.get(id(tensor), tasks)) for name, tensor in reversed(named)}
 
 
-def _plain_attributes(split: SplitModule, root: nn.Module) -> tuple[str, ...]:
+def _plain_attributes(traced: nn.Module, root: nn.Module) -> tuple[str, ...]:
     """Public plain-data attributes of the model (``model.tasks = [...]``) that the split model can take as they
-    are: names it does not have already."""
+    are (names it does not have itself), put on ``traced`` for it."""
     names = []
     for name, value in vars(root).items():
-        if not name.startswith("_") and name != "training" and isinstance(value, _PLAIN) and not hasattr(split, name):
-            setattr(split, name, value)
+        if not name.startswith("_") and name not in ("training", "meta", COPIES) and isinstance(value, _PLAIN) \
+                and not hasattr(SplitModule, name) and not has(traced, name):
+            traced.__dict__[name] = value
             names.append(name)
     return tuple(names)

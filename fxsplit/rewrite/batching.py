@@ -49,12 +49,12 @@ def batch_branches(root: nn.Module, graph: fx.Graph) -> None:
                                           graph.call_function(operator.getitem, (both, 1)))
             source, route = (stream, routes[stream]) if stream is not None else joined[tuple(sources)]
             batched = graph.call_module(group[0].target, (source, *group[0].args[1:]), dict(group[0].kwargs))
-            batched.meta = {**group[0].meta, "tasks": [node.meta["task"] for node in group]}
-            del batched.meta["task"]
+            batched.meta = {**group[0].meta, "branches": [node.meta["branch"] for node in group]}
+            del batched.meta["branch"]
             routes[batched] = route
             for i, node in enumerate(group):
                 item = graph.call_function(part, (batched, route, i))
-                item.meta = {"task": node.meta["task"], "origin": node.meta["origin"]}
+                item.meta = {"branch": node.meta["branch"], "origin": node.meta["origin"]}
                 parts[item] = (batched, i)
                 node.replace_all_uses_with(item)
                 graph.erase_node(node)
@@ -68,11 +68,11 @@ def batch_branches(root: nn.Module, graph: fx.Graph) -> None:
 
 
 def _branch_groups(root: nn.Module, graph: fx.Graph) -> list[list[fx.Node]]:
-    """Runs of branch nodes that apply the same shared module to one input each, one node per task; a module with
+    """Runs of branch nodes that apply the same shared module to one input each, one node per branch; a module with
     hooks is left to each branch, so that its hooks see the rows of one branch at a time."""
     groups: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        if "task" in node.meta and node.op == "call_module" and not node.target.startswith(f"{COPIES}.") and \
+        if "branch" in node.meta and node.op == "call_module" and not node.target.startswith(f"{COPIES}.") and \
                 not _hooked(root.get_submodule(node.target)):
             groups.setdefault(node.meta["origin"], []).append(node)
     return [group for group in groups.values()
@@ -93,7 +93,7 @@ def _plain_histories(root: nn.Module, graph: fx.Graph) -> set[fx.Node]:
     plain = set()
     for node in graph.nodes:
         if _plain_operation(root, node) and node not in observed and \
-                all(arg in plain or "task" not in arg.meta for arg in node.all_input_nodes):
+                all(arg in plain or "branch" not in arg.meta for arg in node.all_input_nodes):
             plain.add(node)
     return plain
 
@@ -145,6 +145,6 @@ def _stream(sources: list[fx.Node], parts: dict[fx.Node, tuple[fx.Node, int]]) -
     if any(s is None for s in streams) or len({batched for batched, _ in streams}) != 1:
         return None
     batched = streams[0][0]
-    if [i for _, i in streams] != list(range(len(sources))) or len(batched.meta["tasks"]) != len(sources):
+    if [i for _, i in streams] != list(range(len(sources))) or len(batched.meta["branches"]) != len(sources):
         return None
     return batched

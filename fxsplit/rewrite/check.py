@@ -36,7 +36,7 @@ def check_split(model: nn.Module, traced: nn.Module, split: nn.Module, paths: Ma
     """
     model = copy_module(model, share_tensors=True)  # forward may change Python state: never the user's
     surgery = split._surgery
-    references = {task: _task_model(model, split, task, surgery) for task in surgery.tasks}
+    references = {task: _task_model(model, split, task) for task in surgery.tasks}
     modules = [model, traced, split, *references.values()]
     norms = {name for name, module in model.named_modules() if has_running_statistics(module)}
     names, parameters = zip(*split.named_parameters()) if any(True for _ in split.parameters()) else ((), ())
@@ -88,16 +88,15 @@ def _first_task_difference(call: Call, split: nn.Module, references: Mapping[str
         raise SplitMismatchError(
             f"the split model fails where the original runs: {type(error).__name__}: {error}. Please report it as "
             f"an fxsplit bug, with the model; batch_branches=False may help meanwhile.") from error
-    owners = split._surgery.owners
     for task, reference in references.items():
         path = paths[task]
         expected = run(call, reference, reference.buffers(), state=dict(reference.named_buffers()),
                        parameters=parameters, parts=lambda output: {task: select(output, path, task)})
         found = first_difference(select(expected.output, path, task), got.output[task])
         if found is None:
-            mine = {_split_name(split, task, name): value for name, value in expected.state.items()
-                    if owner(name) not in norms and _updated_for(task, _split_name(split, task, name),
-                                                                             owners)}
+            held = {name: _split_name(split, task, name) for name in expected.state}
+            mine = {held[name]: value for name, value in expected.state.items()
+                    if owner(name) not in norms and _updated_for(split, task, held[name])}
             found = state_difference(mine, got.state)
         if found is None:
             found = gradient_difference(expected.gradients[task], got.gradients[task], names)
@@ -106,9 +105,9 @@ def _first_task_difference(call: Call, split: nn.Module, references: Mapping[str
     return None
 
 
-def _task_model(model: nn.Module, split: nn.Module, task: str, surgery) -> nn.Module:
-    """A copy of ``model`` that computes with what task ``task`` computes with in ``split``: its copies in place
-    of the split layers' members, the split's own tensors everywhere else (the same tensor objects, so that
+def _task_model(model: nn.Module, split: nn.Module, task: str) -> nn.Module:
+    """A copy of ``model`` that computes with what task ``task`` computes with in ``split``: its (group's) copies
+    in place of the split layers' members, the split's own tensors everywhere else (the same tensor objects, so that
     gradients of both are taken with respect to the split's parameters)."""
     reference = copy_module(model, share_tensors=True)
     held = {**dict(split.named_parameters(remove_duplicate=False)), **dict(split.named_buffers(remove_duplicate=False))}
@@ -122,18 +121,21 @@ def _task_model(model: nn.Module, split: nn.Module, task: str, surgery) -> nn.Mo
 
 
 def _split_name(split: nn.Module, task: str, name: str) -> str:
-    """Where the split keeps what task ``task`` computes with under the model's name ``name``."""
-    members = split._surgery.members
-    copied = any(name == m or name.startswith(m + ".") for layer in members.values() for m in layer)
-    return copy_target(task, name) if copied else name
+    """Where the split keeps what task ``task`` computes with under the model's name ``name``: the copy of its
+    group where ``name`` is a split layer's member."""
+    layer = next((layer for layer, members in split._surgery.members.items()
+                  if any(name == m or name.startswith(m + ".") for m in members)), None)
+    holder = None if layer is None else split._holder(task, layer)
+    return name if holder is None else copy_target(holder, name)
 
 
-def _updated_for(task: str, name: str, owners: Mapping[str, tuple[str, ...]]) -> bool:
-    """Whether the split's buffer ``name`` is to be compared with task ``task``'s reference: a copy of ``task``'s,
-    or a shared buffer that ``task`` is the first to use."""
-    if name.startswith(copy_target(task, "")):
+def _updated_for(split: nn.Module, task: str, name: str) -> bool:
+    """Whether the split's buffer ``name`` is to be compared with task ``task``'s reference: a copy of ``task``'s
+    or its group's, or a shared buffer that ``task`` is the first to use."""
+    holders = {split._holder(task, layer) for layer in split.split_layers} - {None}
+    if any(name.startswith(copy_target(holder, "")) for holder in holders):
         return True
-    users = owners.get(name, ())
+    users = split._surgery.owners.get(name, ())
     return bool(users) and users[0] == task
 
 

@@ -1,10 +1,11 @@
-"""Per-task copies of a layer: every module and parameter it is made of, copied together so that ties stay tied."""
+"""The copies pass: each group of a split layer gets a copy of it, every module and parameter it is made of copied
+together so that ties stay tied."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import nn
@@ -12,7 +13,11 @@ from torch.nn.utils import parametrize
 
 from ..errors import InitError
 from ..layers import Layer
-from ..modules import attribute
+from ..modules import attribute, place
+from ..split_module import copy_target
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 Init = Union[str, Callable[[Any, str, str], None]]
 
@@ -22,13 +27,30 @@ def check_init(init: Init) -> None:
         raise InitError(f"init must be 'copy', 'reset' or a callable init(copy, layer, task), got {init!r}.")
 
 
-def layer_copy(root: nn.Module, layer: Layer, task: str, init: Init) -> dict[str, nn.Module | nn.Parameter]:
-    """Member -> its copy for ``task``; members that share a parameter share its copy (one memo for all)."""
+def make_copies(root: nn.Module, plan: Plan, init: Init) -> None:
+    """Put on ``root`` (in place) one copy of each split layer per group, under its holder
+    (``copies.<holder>.<member>``)."""
+    layers = plan.current.layers
+    for layer in plan.layers:
+        for group in plan.groups[layer]:
+            for member, new in _layer_copy(root, layers[layer], _init_key(plan, group), init).items():
+                place(root, copy_target(plan.holders[group], member), new)
+
+
+def _init_key(plan: Plan, group: frozenset[str]) -> str | tuple[str, ...]:
+    """What a callable ``init`` is told the copy serves: the task, or a group's tasks in task order."""
+    tasks = tuple(task for task in plan.tasks if task in group)
+    return tasks[0] if len(tasks) == 1 else tasks
+
+
+def _layer_copy(root: nn.Module, layer: Layer, serves: str | tuple[str, ...], init: Init
+                ) -> dict[str, nn.Module | nn.Parameter]:
+    """Member -> its copy for ``serves``; members that share a parameter share its copy (one memo for all)."""
     memo: dict[int, Any] = {}
     copies = {member: _copy(attribute(root, member), memo) for member in layer.members}
     main = copies[layer.name]
     if callable(init):
-        init(main, layer.name, task)
+        init(main, layer.name, serves)
     elif init == "reset":
         _reset(list(copies.values()), layer.name)
     return copies

@@ -1,18 +1,20 @@
-"""The fan-out pass: from the first chosen layer on, values travel as one stream per task.
+"""The fan-out pass: from the first chosen layer on, values travel as one stream per branch.
 
-A node that depends on a chosen layer is *tainted*: it is emitted once per task whose output needs it (its
-branch), with the task's copy in place of each chosen layer's module or parameter, and the one shared set of
-weights everywhere else. Untainted nodes are emitted once and shared by every branch. Nodes no task's output
+A node that depends on a chosen layer is *tainted*: it is emitted once per branch, the set of tasks whose outputs
+need it and which have passed through the same copies so far (the same inputs, and at a chosen layer the same
+group's copy): with that group's copy in place of each chosen layer's module or parameter, and the one shared set
+of weights everywhere else. A stream splits only where a chosen layer's groups separate its tasks; with one group
+per task, a branch is a task. Untainted nodes are emitted once and shared by every branch. Nodes no task's output
 needs are dropped, except side effects (checks of the inputs, writes to buffers, a backward pass ``forward`` runs),
 which go with the values they read. Each emitted node records the original node it came from (``meta["origin"]``)
-and, in a branch, its task (``meta["task"]``), for the passes that follow.
+and, in a branch, its tasks (``meta["branch"]``, a frozenset), for the passes that follow.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
@@ -21,6 +23,9 @@ from ..split_module import copy_target
 from ..errors import LayerError
 from ..modules import owner
 from ..rules import has_running_statistics
+
+if TYPE_CHECKING:
+    from .plan import GraphPlan, Plan
 from ..tracing import aliases, mutated_input, viewed, written_input, written_tensor
 from ..outputs import Path, select
 
@@ -46,19 +51,19 @@ def needed_nodes(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path]) ->
     parameters (torch.export's checks of the inputs) goes with every task.
     """
     output = output_node(graph).args[0]
-    needed = {task: _ancestors(select(output, path, task)) for task, path in paths.items()}
+    needed = {task: ancestors(select(output, path, task)) for task, path in paths.items()}
     used = set().union(*needed.values())
     position = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         if node.users or not _side_effect(root, node, position):
             continue
-        ancestors = _ancestors(node)
-        read = {arg for own in ancestors - used for arg in own.all_input_nodes
+        before = ancestors(node)
+        read = {arg for own in before - used for arg in own.all_input_nodes
                 if arg in used and arg.op not in ("placeholder", "get_attr")}
         tasks = [task for task, nodes in needed.items() if read <= nodes] or \
                 [task for task, nodes in needed.items() if read & nodes]
         for task in tasks:
-            needed[task].update(ancestors)
+            needed[task].update(before)
     return needed
 
 
@@ -89,19 +94,19 @@ def _runs_backward(node: fx.Node) -> bool:
         node.op == "call_function" and node.target in (torch.autograd.backward, torch.Tensor.backward))
 
 
-def fan_out(root: nn.Module, graph: fx.Graph, paths: Mapping[str, Path], chosen: Mapping[fx.Node, str]) -> FanOut:
-    """The graph in which every node in ``chosen`` (node -> its layer's name) applies a per-task copy and
-    everything after it fans out."""
-    tainted = tainted_by(graph, chosen)
-    _check_no_backward_in_branches(tainted)
-    clone_first = _writes_into_shared(root, tainted, {node: i for i, node in enumerate(graph.nodes)})
-    emitter = _Emitter(chosen, tainted, clone_first, needed_nodes(root, graph, paths))
-    for node in graph.nodes:
+def fan_out(root: nn.Module, plan: Plan, graph: GraphPlan) -> FanOut:
+    """The graph in which every node that reads a split layer applies the copy of its branch's group, and
+    everything after it fans out into branches."""
+    position = {node: i for i, node in enumerate(graph.graph.nodes)}
+    _check_no_backward_in_branches(graph.tainted)
+    clone_first = _writes_into_shared(root, graph.tainted, position)
+    emitter = _Emitter(root, plan, graph, clone_first, position)
+    for node in graph.graph.nodes:
         if node.op != "output":
             emitter.emit(node)
-    output = output_node(graph).args[0]
+    output = output_node(graph.graph).args[0]
     emitter.graph.output({task: fx.node.map_arg(select(output, path, task), emitter.lookup(task))
-                          for task, path in paths.items()})
+                          for task, path in plan.paths.items()})
     emitter.graph.lint()
     return FanOut(emitter.graph, emitter.uses)
 
@@ -175,7 +180,8 @@ def _where(node: fx.Node) -> str:
     return node.meta.get("path", node.name)
 
 
-def _ancestors(value: Any) -> set[fx.Node]:
+def ancestors(value: Any) -> set[fx.Node]:
+    """Every node that ``value`` (a node, or a structure of them) depends on, itself included."""
     seen: set[fx.Node] = set()
     stack: list[fx.Node] = []
     fx.node.map_arg(value, stack.append)
@@ -188,26 +194,38 @@ def _ancestors(value: Any) -> set[fx.Node]:
 
 
 class _Emitter:
-    """Builds the fanned-out graph: shared nodes once, tainted nodes once per task that needs them."""
+    """Builds the fanned-out graph: shared nodes once, tainted nodes once per branch that needs them."""
 
-    def __init__(self, chosen, tainted, clone_first, needed: Mapping[str, set[fx.Node]]):
-        self.chosen, self.tainted, self.clone_first, self.needed = chosen, tainted, clone_first, needed
+    def __init__(self, root: nn.Module, plan: Plan, graph: GraphPlan, clone_first: set[fx.Node],
+                 position: Mapping[fx.Node, int]):
+        self.root, self.plan, self.source, self.clone_first, self.position = root, plan, graph, clone_first, position
         self.graph = fx.Graph()
         self.shared: dict[fx.Node, fx.Node] = {}
-        self.branch: dict[str, dict[fx.Node, fx.Node]] = {task: {} for task in needed}
+        self.branch: dict[str, dict[fx.Node, fx.Node]] = {task: {} for task in graph.needed}
         self.uses: dict[str, set[str]] = {}
 
     def emit(self, node: fx.Node) -> None:
-        users = [task for task, nodes in self.needed.items() if node in nodes]
-        if node.op == "placeholder" or (node not in self.tainted and users) or self._guards(node):
+        users = [task for task, nodes in self.source.needed.items() if node in nodes]
+        tainted = self.source.tainted
+        if node.op == "placeholder" or (node not in tainted and users) or self._guards(node):
             new = self.graph.node_copy(node, self.shared.__getitem__)
             new.meta["origin"] = node.name
             self.shared[node] = new
             self._use(new, users)
-        elif node in self.tainted:
+        elif node in tainted:
+            streams: dict[tuple, list[str]] = {}
             for task in users:
                 if all(arg in self.branch[task] or arg in self.shared for arg in node.all_input_nodes):
-                    self._emit_branch(node, task)  # a side effect goes where all it reads is
+                    streams.setdefault(self._stream(node, task), []).append(task)  # a side effect goes where all
+                    # it reads is
+            for tasks in streams.values():
+                self._emit_branch(node, tasks, [task for other in streams.values() if other is not tasks
+                                                for task in other])
+
+    def _stream(self, node: fx.Node, task: str) -> tuple:
+        """What ``task``'s value of ``node`` is computed from: tasks with the same share one node."""
+        layer = self.source.chosen.get(node)
+        return (*map(self.lookup(task), node.all_input_nodes), layer and self.plan.group_of(layer, task))
 
     def _guards(self, node: fx.Node) -> bool:
         """Whether ``node`` checks a value bound while tracing (``task_name=None``): kept, though no output needs it."""
@@ -217,16 +235,38 @@ class _Emitter:
     def lookup(self, task: str) -> Callable[[fx.Node], fx.Node]:
         return lambda node: self.branch[task][node] if node in self.branch[task] else self.shared[node]
 
-    def _emit_branch(self, node: fx.Node, task: str) -> None:
-        args = fx.node.map_arg(node.args, self.lookup(task))
-        if node in self.clone_first:
+    def _emit_branch(self, node: fx.Node, tasks: list[str], others: list[str]) -> None:
+        """Emit ``node`` for the branch ``tasks`` (``others``: the tasks of its other branches)."""
+        lookup = self.lookup(tasks[0])
+        args = fx.node.map_arg(node.args, lookup)
+        if node in self.clone_first or self._writes_into_stream(node, lookup, others):
             args = (self.graph.call_method("clone", (args[0],)),) + tuple(args[1:])
-        target = copy_target(task, node.target) if node in self.chosen else node.target
-        kwargs = fx.node.map_arg(node.kwargs, self.lookup(task))
-        new = self.graph.create_node(node.op, target, args, kwargs, f"{task}_{node.name}", node.type)
-        new.meta = {**node.meta, "task": task, "origin": node.name}
-        self.branch[task][node] = new
-        self._use(new, [task])
+        layer = self.source.chosen.get(node)
+        target = node.target if layer is None else \
+            copy_target(self.plan.holders[self.plan.group_of(layer, tasks[0])], node.target)
+        kwargs = fx.node.map_arg(node.kwargs, lookup)
+        new = self.graph.create_node(node.op, target, args, kwargs, f"{'_'.join(tasks)}_{node.name}", node.type)
+        new.meta = {**node.meta, "branch": frozenset(tasks), "origin": node.name}
+        for task in tasks:
+            self.branch[task][node] = new
+        self._use(new, tasks)
+
+    def _writes_into_stream(self, node: fx.Node, lookup: Callable[[fx.Node], fx.Node], others: list[str]) -> bool:
+        """Whether ``node`` writes in place into a value of a stream that another of its branches writes into too
+        (each branch then writes into its own clone); refused where that value's memory is read afterwards other
+        than through the write."""
+        mutated = written_input(self.root, node)
+        if mutated is None or mutated not in self.source.tainted or \
+                not any(self.lookup(task)(mutated) is lookup(mutated) for task in others):
+            return False
+        reader = _read_unwritten(self.root, node, written_tensor(self.root, node), self.position)
+        if reader is not None:
+            raise LayerError(
+                f"the in-place write at {_where(node)} writes into {_where(mutated)}, a value that several groups of "
+                f"tasks share before a later split layer separates them, and which is read afterwards (at "
+                f"{_where(reader)}): each group's branch would write into it in turn. Write out of place (h = h + "
+                f"update), or give those tasks one group at the layers after {_where(mutated)}.")
+        return True
 
     def _use(self, node: fx.Node, tasks: list[str]) -> None:
         if node.op in ("call_module", "get_attr"):
