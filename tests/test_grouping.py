@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import fxsplit
 from fxsplit.grouping import LayerGrouping, average_linkage, check_partition, within_budget
 from tests.patterns import DetachedProbe
+from tests.reference import assert_per_task
 
 CLUSTERS, PER_CLUSTER, DIM = 3, 4, 8
 PLANTED = [[f"{name}{i}" for i in range(PER_CLUSTER)] for name in "xyz"[:CLUSTERS]]
@@ -275,9 +276,15 @@ def test_bad_arguments_to_groups(arguments, match):
         hand_built({"layer": (10, ACROSS)}).groups(**arguments)
 
 
-def test_rewrite_refuses_a_grouped_selection_rather_than_split_it_per_task():
-    torch.manual_seed(0)
-    model = DetachedProbe()
-    selection = fxsplit.GroupedSelection({"trunk.0": [["a", "b"], ["probe"]]}, ["a", "b", "probe"])
-    with pytest.raises(fxsplit.LayerError, match="grouped"):
-        fxsplit.rewrite(model, selection)
+def test_a_reports_grouped_selection_splits_as_it_says(planted):
+    model, _, data = planted_problem()
+    x = data[0][0]
+    selection = planted.groups(k=3)
+    split = fxsplit.rewrite(model, selection, example_inputs=x)
+    assert split.groups == {layer: tuple(map(tuple, PLANTED)) for layer in selection}
+    calls = [node.target for node in split.graph.nodes if node.op == "call_module"]
+    assert sorted(calls) == sorted([*(f"copies.{'_'.join(group)}.{layer}" for layer in selection for group in PLANTED),
+                                    "1", "1", "1", "3", "3", "3"])  # each stream computed once: three, not twelve
+    added = sum(p.numel() for p in split.parameters()) - sum(p.numel() for p in model.parameters())
+    assert added == sum(planted.cost(layer, groups) for layer, groups in selection.items())
+    assert_per_task(model, split, (x,), outputs={task: () for task in split.tasks})
