@@ -44,7 +44,7 @@ def rewrite(
     example_inputs: Any = None,
     example_kwargs: dict[str, Any] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
-    method: str = "auto",
+    method: str | None = None,
 ) -> SplitModule:
     """A copy of ``model`` in which each of ``layers`` has one copy per task, and all that follows fans out.
 
@@ -52,10 +52,12 @@ def rewrite(
         model: any ``nn.Module``; it is never modified. It is traced now, in train and eval mode, by ``method``
             with ``tracer_kwargs`` (as :func:`fxsplit.trace` takes them): ``"auto"`` takes the ``torch.fx``
             route, or the ``torch.export`` route on the example when ``torch.fx`` fails or mis-traces; the split
-            model's ``route`` and ``route_reason`` say which and why.
+            model's ``route`` and ``route_reason`` say which and why. Default: a selection's route (and its
+            reason) when there is an example to check it on, else ``"auto"``.
         layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
-            a conflict report (``report.top(k)``), which also brings the tasks and which parts of the output each
-            task's loss read.
+            a conflict report (``report.top(k)``), which also brings the tasks, which parts of the output each
+            task's loss read, and the example call and route the report's trace was checked on (a report loaded
+            from JSON has no example).
         tasks: task names; optional when the model returns a mapping (its keys are the tasks) or ``layers``
             comes from a report.
         outputs: which part of the model's output belongs to which task: ``{"seg": 0, "depth": 1}`` for a
@@ -78,7 +80,8 @@ def rewrite(
             inputs, or one input, and a dict). When given, the trace and then the split model are run against the
             original, task by task, in eval and in train mode (dropout off), and a
             :class:`~fxsplit.TraceMismatchError` or :class:`~fxsplit.SplitMismatchError` stops a split that
-            differs. Without one, nothing is checked. The ``torch.export`` route needs one.
+            differs. Without one, nothing is checked. The ``torch.export`` route needs one. Default: the
+            selection's example; one given here replaces it.
 
     Returns:
         A :class:`SplitModule` whose ``forward`` returns ``{task: output}``.
@@ -105,11 +108,16 @@ def rewrite(
     check_init(init)
     check_names(model, SplitModule, "a split model")
     from_report = isinstance(layers, LayerSelection)
+    example, reason = as_example(example_inputs, example_kwargs), None
     if from_report:
         tasks = layers.tasks if tasks is None else tasks
         outputs = getattr(layers, "outputs", None) if outputs is None else outputs
+        _check_report_model(model, layers)
+        example = layers.example if example is None else example
+        if method is None and example is not None and layers.route is not None:
+            method, reason = layers.route, layers.route_reason
+    method = "auto" if method is None else method
     names = _layer_names(layers)
-    example = as_example(example_inputs, example_kwargs)
     root = copy_module(model, share_tensors=False)
     traced = trace_modes(root, tracer_kwargs, private=True, method=method, example=example)
     graphs = {training: traced.graph_for(training) for training in (True, False)}
@@ -138,7 +146,7 @@ def rewrite(
         for target, tasks_using in result.uses.items():
             uses.setdefault(target, set()).update(tasks_using)
     members = {layer: found[id(current)][layer].members for layer in split_layers}
-    route = traced.meta["route"], traced.meta["route_reason"]
+    route = traced.meta["route"], reason or traced.meta["route_reason"]
     split = SplitModule(traced, {training: fanned[id(graph)].graph for training, graph in graphs.items()},
                         type(model).__name__, surgery=Surgery(tuple(paths), tuple(split_layers), members, {}))
     _keep_the_rest(split, root, [m for layer in members.values() for m in layer])
@@ -169,13 +177,28 @@ def _layer_names(layers: Iterable[str]) -> list[str]:
     return names
 
 
-def _check_layers(names: list[str], layers: Mapping[str, Layer], from_report: bool) -> None:
-    foreign = [name for name in names if name not in layers]
-    if from_report and foreign:
+def _check_report_model(model: nn.Module, selection: LayerSelection) -> None:
+    """Before the model is traced (or run on the report's example): each chosen layer holds the same parameters
+    in ``model`` as in the report's model."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    foreign = [layer for layer, (parameters, count) in selection.parameters.items()
+               if not all(name in named for name in parameters)
+               or sum({id(named[name]): named[name].numel() for name in parameters}.values()) != count]
+    _refuse_foreign(foreign)
+
+
+def _refuse_foreign(foreign: list[str]) -> None:
+    if foreign:
         raise ReportError(
-            f"these layers of the conflict report are not layers of this model: {foreign[:3]}"
+            f"these layers of the conflict report are not layers of this model, or hold other parameters: {foreign[:3]}"
             f"{' ...' if len(foreign) > 3 else ''}; the report was made for another model. Analyze this one."
         )
+
+
+def _check_layers(names: list[str], layers: Mapping[str, Layer], from_report: bool) -> None:
+    foreign = [name for name in names if name not in layers]
+    if from_report:
+        _refuse_foreign(foreign)
     for name in foreign:
         owner = next((layer for layer in layers.values() if name in layer.members), None)
         if owner is not None:
