@@ -63,8 +63,8 @@ def analyze(
             :class:`~fxsplit.TraceMismatchError` names the output that differs. ``"auto"`` takes the ``torch.fx``
             route, or the ``torch.export`` route when ``torch.fx`` fails or mis-traces; ``report.route`` and
             ``report.route_reason`` say which and why. A graph passed in is taken as it is. Either way the report
-            keeps the example call, so that ``fxsplit.rewrite(model, report.top(k))`` splits on the same route,
-            checked on it.
+            keeps the example call (none where ``forward`` never calls the model itself), so that
+            ``fxsplit.rewrite(model, report.top(k))`` splits on the same route, checked on it.
         progress: show the run's progress and the share of conflicting task pairs so far on stderr: a bar on a
             terminal, otherwise a line every tenth of the run (every 100 steps if ``data`` has no length). Default
             (``None``): shown; ``False``: not.

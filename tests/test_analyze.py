@@ -352,7 +352,7 @@ def test_a_report_keeps_its_route_and_example_call_and_its_selections_split_on_t
     for selection in (report.top(2), report.within(1.0)):
         assert (selection.route, selection.example) == ("fx", report.example)
     split = fxsplit.rewrite(model, report.top(2))  # checked on the report's example
-    assert (split.route, split.route_reason) == (report.route, report.route_reason)
+    assert (split.route, split.route_reason) == ("fx", f"as the report's trace: {report.route_reason}")
     assert_unchanged(model, before)
     assert_per_task(model, split, args)
     by_export = fxsplit.rewrite(model, report.top(2), method="export")  # a method given wins, on the same example
@@ -365,7 +365,7 @@ def test_a_report_keeps_its_route_and_example_call_and_its_selections_split_on_t
     loaded = fxsplit.ConflictReport.load(path)
     assert (loaded.route, loaded.route_reason, loaded.example) == (report.route, report.route_reason, None)
     assert fxsplit.rewrite(model, loaded.top(2)).route_reason == "torch.fx traced it; not checked: no example input"
-    assert fxsplit.rewrite(model, loaded.top(2), example_inputs=args).route_reason == report.route_reason
+    assert fxsplit.rewrite(model, loaded.top(2), example_inputs=args).route_reason == split.route_reason
 
 
 def test_a_report_for_another_model_of_the_same_names_is_refused_before_its_example_runs():
@@ -389,7 +389,7 @@ def test_the_monitor_traces_by_method_on_its_example_and_its_report_keeps_them()
     assert (report.route, report.route_reason) == ("export", "asked for (method='export')")
     assert report.example == ((x,), {})
     split = fxsplit.rewrite(model, report.top(2))  # the report's route, though torch.fx traces the model
-    assert (split.route, split.route_reason) == ("export", "asked for (method='export')")
+    assert (split.route, split.route_reason) == ("export", "as the report's trace: asked for (method='export')")
     with pytest.raises(fxsplit.FxsplitError, match="method and tracer_kwargs say how to trace the model, and a graph "
                                                    "was given"):
         fxsplit.ConflictMonitor(model, list(tasks), graph=report.graph, method="fx")

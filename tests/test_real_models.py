@@ -52,7 +52,8 @@ def test_real_model_analyze_rewrite_export_train(name, tmp_path):
     keys = case.outputs or {task: task for task in case.targets}
     assert report.outputs == {task: [key] for task, key in keys.items()}  # read off the losses by autograd
     split = fxsplit.rewrite(model, layers)  # the selection brings tasks, outputs and the example it is checked on
-    assert (split.route, split.route_reason) == ("fx", "torch.fx traced it, and its graph matches the model")
+    assert (split.route, split.route_reason) == ("fx", "as the report's trace: torch.fx traced it, and its graph "
+                                                       "matches the model")
     assert_unchanged(model, before)
     kwargs = {"outputs": case.outputs} if case.outputs else {}
     without_dropout(model, split)
@@ -159,7 +160,7 @@ def test_a_trace_that_differs_from_the_model_is_stopped_or_traced_the_other_way(
     report = fxsplit.analyze(model, tasks, [torch.randn(3, 4) for _ in range(2)], progress=False)  # the same way
     assert report.route == "export" and report.route_reason.startswith("the graph of IsinstanceCheck traced by")
     split = fxsplit.rewrite(model, report.top(1))
-    assert (split.route, split.route_reason) == (report.route, report.route_reason)
+    assert (split.route, split.route_reason) == (report.route, f"as the report's trace: {report.route_reason}")
     assert all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
 
 
@@ -434,7 +435,7 @@ def test_bert_is_scored_layer_by_layer_and_split_on_the_export_route(bert):
     assert report.route == "export" and "torch.fx cannot trace module 'bert' (BertModel)" in report.route_reason
     assert len(report.scores) >= 20
     assert "bert.encoder.layer.1.attention.self.query" in report.scores and "bert" not in report.scores
-    assert (split.route, split.route_reason) == (report.route, report.route_reason)
+    assert (split.route, split.route_reason) == (report.route, f"as the report's trace: {report.route_reason}")
     assert_per_task(model, split, report.example[0])
     assert list(split.split_layers) == [layer for layer in report.graph if layer in report.top(3)]
     assert count(split.parameters()) == count(model.parameters()) + sum(report.cost(layer) for layer in report.top(3))
@@ -500,7 +501,7 @@ def test_mtan_analyze_rewrite_both_modes():
     assert report.route == "export" and "TaskAttention" in report.route_reason
     assert len(report.scores) == 8  # the shared encoder's layers
     split = fxsplit.rewrite(model, report.top(3))
-    assert (split.route, split.route_reason) == (report.route, report.route_reason)
+    assert (split.route, split.route_reason) == (report.route, f"as the report's trace: {report.route_reason}")
     assert_per_task(model, split, report.example[0])
     batch = torch.randn(6, 3, 16, 16)
     for training in (True, False):

@@ -52,8 +52,9 @@ def rewrite(
         model: any ``nn.Module``; it is never modified. It is traced now, in train and eval mode, by ``method``
             with ``tracer_kwargs`` (as :func:`fxsplit.trace` takes them): ``"auto"`` takes the ``torch.fx``
             route, or the ``torch.export`` route on the example when ``torch.fx`` fails or mis-traces; the split
-            model's ``route`` and ``route_reason`` say which and why. Default: a selection's route (and its
-            reason) when there is an example to check it on, else ``"auto"``.
+            model's ``route`` and ``route_reason`` say which and why. Default: a selection's route when there is
+            an example to check it on (``route_reason``: "as the report's trace: " and the report's reason), else
+            ``"auto"``.
         layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
             a conflict report (``report.top(k)``), which also brings the tasks, which parts of the output each
             task's loss read, and the example call and route the report's trace was checked on (a report loaded
@@ -115,7 +116,7 @@ def rewrite(
         _check_report_model(model, layers)
         example = layers.example if example is None else example
         if method is None and example is not None and layers.route is not None:
-            method, reason = layers.route, layers.route_reason
+            method, reason = layers.route, f"as the report's trace: {layers.route_reason}"
     method = "auto" if method is None else method
     names = _layer_names(layers)
     root = copy_module(model, share_tensors=False)
