@@ -11,8 +11,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from .errors import FxsplitError, TaskError
-from .layers import graph_of
+from .errors import FxsplitError, TaskError, TraceError
 from .modules import saved_buffers
 from .outputs import part_to_json, paths_read, task_names
 from .progress import Progress
@@ -20,8 +19,8 @@ from .report import ConflictReport
 from .scoring import ConflictMonitor, StepFigures
 from .scoring.checks import loss_value, step_hooks, thresholds, whole_number
 from .scoring.methods import Aggregator
-from .tracing import trace_graph, unwrapped
-from .tracing.verify import check_trace, forwarding
+from .tracing import unwrapped
+from .tracing.verify import forwarding, recorded_example
 
 Loss = Callable[[Any, Any], torch.Tensor]
 
@@ -37,6 +36,7 @@ def analyze(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     graph: nx.DiGraph | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
+    method: str = "auto",
     progress: bool | None = None,
     every: int = 1,
     bins: int = 20,
@@ -58,10 +58,14 @@ def analyze(
         optimizer: without one, analyze only probes and the model ends exactly as it began (parameters,
             buffers, ``.grad``, mode). With one, each step also applies ``optimizer.step()`` to the gradient of the
             summed loss: the scoring run trains the model, as in Recon.
-        graph: the layer graph to score. By default the model is traced (with ``tracer_kwargs``, as
-            :func:`fxsplit.trace` takes them) and the graph is checked against the model on the first batch, in the
-            model's mode: a :class:`~fxsplit.TraceMismatchError` names the output that differs. A graph passed in
-            is taken as it is.
+        graph: the layer graph to score. By default the model is traced by ``method`` (with ``tracer_kwargs``, as
+            :func:`fxsplit.trace` takes them) on the call of the model that ``forward`` makes on the first batch,
+            the example, and the graph is checked against the model on it, in the model's mode: a
+            :class:`~fxsplit.TraceMismatchError` names the output that differs. ``"auto"`` takes the ``torch.fx``
+            route, or the ``torch.export`` route when ``torch.fx`` fails or mis-traces; ``report.route`` and
+            ``report.route_reason`` say which and why. A graph passed in is taken as it is. Either way the report
+            keeps the example call (none where ``forward`` never calls the model itself), so that
+            ``fxsplit.rewrite(model, report.top(k))`` splits on the same route, checked on it.
         progress: show the run's progress and the share of conflicting task pairs so far on stderr: a bar on a
             terminal, otherwise a line every tenth of the run (every 100 steps if ``data`` has no length). Default
             (``None``): shown; ``False``: not.
@@ -87,8 +91,6 @@ def analyze(
     whole_number("bins", bins, 1)
     if steps is not None:
         whole_number("steps", steps, 0)
-    if graph is not None and tracer_kwargs:
-        raise FxsplitError("tracer_kwargs apply when analyze traces the model itself; a graph was given.")
     forward = forward or default_forward
     device = next((p.device for p in model.parameters()), torch.device("cpu"))  # where batches go
     restore_buffers = None if optimizer is not None else saved_buffers(model.buffers())
@@ -99,10 +101,10 @@ def analyze(
         first = next(batches, None)
         if first is None:
             raise FxsplitError("data gave no batch to analyze (empty data, or steps=0).")
-        if graph is None:
-            graph = _checked_graph(model, forward, _to(first, device), tracer_kwargs)
+        args, kwargs = _example(model, forward, _to(first, device), graph is None)
         monitor = ConflictMonitor(model, losses, threshold=threshold, graph=graph, bins=bins, aggregator=aggregator,
-                                  on_step=(*hooks, display.share) if display.enabled else hooks)
+                                  on_step=(*hooks, display.share) if display.enabled else hooks, method=method,
+                                  example_inputs=args, example_kwargs=kwargs, tracer_kwargs=tracer_kwargs)
         outputs = None
         for step, batch in enumerate(chain([first], batches)):
             if step % every and optimizer is None:
@@ -132,11 +134,17 @@ def analyze(
     return report
 
 
-def _checked_graph(model: nn.Module, forward: Callable, batch: Any, tracer_kwargs) -> nx.DiGraph:
-    """The layer graph of ``model`` traced in its current mode, once the graph is checked on ``batch``."""
-    traced = trace_graph(model, tracer_kwargs)
-    check_trace(model, traced, forwarding(forward, batch), modes=(model.training,))
-    return graph_of(traced)
+def _example(model: nn.Module, forward: Callable, batch: Any, needed: bool) -> tuple[Any, dict | None]:
+    """The call ``(args, kwargs)`` that ``forward`` makes of ``model`` on ``batch``, or ``(None, None)`` where it
+    never calls the model itself and no example is ``needed`` (a graph was given)."""
+    try:
+        return recorded_example(model, forwarding(forward, batch))
+    except TraceError as error:
+        if needed:
+            raise TraceError(f"forward(model, batch) never calls {type(model).__name__} itself, so analyze has no "
+                             f"call of its forward to trace: call the model in forward, or give graph=... (the layer "
+                             f"graph of what forward runs).") from error
+        return None, None
 
 
 def _to(batch: Any, device: torch.device) -> Any:

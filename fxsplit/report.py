@@ -23,19 +23,23 @@ READABLE = ("fxsplit.ConflictReport/1", FORMAT)  # version 1 files lack ``skippe
 
 
 class LayerSelection(list):
-    """Layer names chosen from a report; carries the report's tasks and which part of the output each task's loss
-    read, so ``fxsplit.rewrite(model, selection)`` needs no other argument."""
+    """Layer names chosen from a report; carries what ``fxsplit.rewrite(model, selection)`` needs besides: the
+    report's tasks, which part of the output each task's loss read, the example call the trace was checked on
+    (``example``, ``(args, kwargs)``; ``None`` from a report loaded from JSON), the route that traced the model and
+    why (``route``, ``route_reason``), and the parameters each chosen layer holds in the report's model
+    (``parameters``: layer -> (names, count)), by which rewrite tells a report for another model."""
 
-    def __init__(self, layers, tasks, outputs=None):
+    def __init__(self, layers, tasks, outputs=None, *, example=None, route=None, route_reason=None,
+                 parameters=None):
         super().__init__(layers)
-        _carry(self, tasks, outputs)
+        _carry(self, tasks, outputs, example, route, route_reason, parameters)
 
 
 class GroupedSelection(dict):
     """Layer -> the groups of tasks that share each of its copies: a partition of the tasks (``[["a", "b"],
     ["c"]]``: one copy per group) or ``"each"`` (one copy per task). Checked when made: a
     :class:`~fxsplit.PartitionError` names a task that is unknown, in two groups or in none, or a single group.
-    Carries the tasks and output parts as :class:`LayerSelection` does.
+    Carries what ``rewrite`` takes from the report as :class:`LayerSelection` does.
 
     ``report.groups(...)`` makes one with the evidence: ``groupings[layer]`` (the layer's task tree, a
     :class:`fxsplit.grouping.LayerGrouping`), ``model_params`` and ``threshold``; ``print(selection)`` then shows,
@@ -50,12 +54,13 @@ class GroupedSelection(dict):
     fc: each task its own copy, 3 streams after it
     """
 
-    def __init__(self, groups, tasks, outputs=None, *, groupings=None, model_params=None, threshold=None):
+    def __init__(self, groups, tasks, outputs=None, *, groupings=None, model_params=None, threshold=None,
+                 example=None, route=None, route_reason=None, parameters=None):
         if not isinstance(groups, Mapping):
             raise LayerError(f"a grouped selection maps layer names to groups of tasks, got {type(groups).__name__}; "
                              f"for one copy per task, pass the layer names as a list.")
         super().__init__({layer: check_partition(layer, value, list(tasks)) for layer, value in groups.items()})
-        _carry(self, tasks, outputs)
+        _carry(self, tasks, outputs, example, route, route_reason, parameters)
         self.groupings: dict[str, LayerGrouping] = dict(groupings or {})
         self.model_params, self.threshold = model_params, threshold
 
@@ -116,10 +121,12 @@ class GroupedSelection(dict):
         return figure
 
 
-def _carry(selection, tasks, outputs) -> None:
-    """Give a selection the report's tasks and, per task, the part of the output its loss read."""
+def _carry(selection, tasks, outputs, example=None, route=None, route_reason=None, parameters=None) -> None:
+    """Give a selection what ``rewrite`` takes from the report (:class:`LayerSelection` says what each is)."""
     selection.tasks = list(tasks)
     selection.outputs = None if outputs is None else {task: part_from_json(part) for task, part in outputs.items()}
+    selection.example, selection.route, selection.route_reason = example, route, route_reason
+    selection.parameters = dict(parameters or {})
 
 
 def _rate(rate: float | None) -> str:
@@ -138,7 +145,11 @@ class ConflictReport:
     layer was not scored. ``skipped`` counts the steps left unscored because their gradients were not finite (a
     ``GradScaler``'s overflow steps, which it skips too). ``outputs`` gives, per task, the key path of the part of
     the model's output its loss read (``[]``: the whole output; a list of paths where it read parts of several
-    keys), as :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``.
+    keys), as :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``. ``route`` and
+    ``route_reason`` say how the model was traced (``"fx"`` or ``"export"``) and why, as the graph records them.
+    ``example`` is the call ``(args, kwargs)`` of the model that the trace was checked on (analyze's first batch), so
+    that a selection splits on the same route, checked on it; it is kept in memory only: :meth:`save` writes no
+    tensors, and a loaded report has none.
 
     ``print(report)`` shows the 20 top-ranked layers (and how many more there are) and ends with a ``warning:``
     line when the ranking is likely noise: fewer than 20 scored steps, or a tie at the top (tied layers are ranked
@@ -159,6 +170,7 @@ class ConflictReport:
     graph: nx.DiGraph = field(repr=False)
     skipped: int = 0
     outputs: dict[str, list] | None = None
+    example: tuple[tuple, dict] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         for k, threshold in enumerate(self.thresholds):
@@ -168,6 +180,16 @@ class ConflictReport:
                 self.graph.nodes[layer]["score"] = self.scores[layer]
         for layer, reason in self.left_out.items():
             self.graph.nodes[layer]["left_out"] = reason
+
+    @property
+    def route(self) -> str | None:
+        """How the model was traced: ``"fx"`` or ``"export"`` (``None`` for a graph that does not say)."""
+        return self.graph.graph.get("route")
+
+    @property
+    def route_reason(self) -> str | None:
+        """Why that route: as the trace recorded it."""
+        return self.graph.graph.get("route_reason")
 
     @property
     def scores(self) -> dict[str, int]:
@@ -224,7 +246,7 @@ class ConflictReport:
         """The ``k`` highest-scoring layers."""
         if not isinstance(k, int) or k < 0:
             raise LayerError(f"top(k) needs a count k >= 0, got {k!r}.")
-        return LayerSelection(list(self.scores)[:k], self.tasks, self.outputs)
+        return self._selection(list(self.scores)[:k])
 
     def within(self, budget: float) -> LayerSelection:
         """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters (by
@@ -238,7 +260,18 @@ class ConflictReport:
             if score > 0 and self.cost(layer) <= allowance:
                 chosen.append(layer)
                 allowance -= self.cost(layer)
-        return LayerSelection(chosen, self.tasks, self.outputs)
+        return self._selection(chosen)
+
+    def _selection(self, layers: list[str]) -> LayerSelection:
+        return LayerSelection(layers, self.tasks, self.outputs, **self._carried(layers))
+
+    def _carried(self, layers) -> dict:
+        """What a selection of ``layers`` carries to ``rewrite`` besides tasks and outputs: the example call, the
+        route, and the parameters of each layer (where the graph names them)."""
+        nodes = self.graph.nodes
+        return dict(example=self.example, route=self.route, route_reason=self.route_reason,
+                    parameters={layer: (list(nodes[layer]["parameters"]), nodes[layer]["params"])
+                                for layer in layers if {"parameters", "params"} <= nodes[layer].keys()})
 
     def groups(self, budget: float | None = None, *, k: int | None = None, max_groups: int | None = None,
                threshold: float | None = None) -> GroupedSelection:
@@ -288,7 +321,7 @@ class ConflictReport:
         kept = [grouping for grouping in groupings if grouping.layer in chosen]  # network order
         return GroupedSelection({g.layer: g.value(chosen[g.layer]) for g in kept}, self.tasks, self.outputs,
                                 groupings={g.layer: g for g in kept}, model_params=self._model_params(),
-                                threshold=threshold)
+                                threshold=threshold, **self._carried([g.layer for g in kept]))
 
     def _grouping(self, layer: str, k: int) -> LayerGrouping:
         """``layer``'s users with their pairwise conflict counts at threshold index ``k``."""
@@ -344,12 +377,13 @@ class ConflictReport:
         return caveats
 
     def to_dict(self) -> dict:
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "graph"}
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("graph", "example")}
         data["graph"] = nx.node_link_data(_bare(self.graph), edges="edges")
         return {"format": FORMAT, **data}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the report as JSON (written whole, or not at all)."""
+        """Write the report as JSON (written whole, or not at all), without the example call, which holds tensors:
+        a loaded report's selections are checked on an example only when ``rewrite`` is given one."""
         path = Path(path)
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(json.dumps(self.to_dict(), indent=1))

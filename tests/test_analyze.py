@@ -1,4 +1,5 @@
 import copy
+import json
 import math
 
 import networkx as nx
@@ -230,10 +231,10 @@ def test_custom_forward_and_steps():
         return net(batch[0])
 
     report = fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False)
-    assert report.steps == 2 and len(seen) == 2 + 2  # the steps, and the first batch through model and trace
+    assert report.steps == 2 and len(seen) == 2 + 1  # the steps, and the first batch's call of the model recorded
     fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False,
                     graph=fxsplit.layer_graph(model))
-    assert len(seen) == 4 + 2  # a graph passed in is taken as it is
+    assert len(seen) == 3 + 2 + 1  # a graph passed in is taken as it is; the example call is still recorded
 
 
 def test_a_frozen_model_has_nothing_to_score():
@@ -336,3 +337,98 @@ def test_cost_and_within_count_the_copies_rewrite_makes_one_per_task_whose_outpu
     split = fxsplit.rewrite(model, report.top(2), example_inputs=batches[0])
     assert sum(p.numel() for p in split.parameters()) - total == report.cost("trunk.0") + report.cost("trunk.2")
     assert_per_task(model, split, (batches[0],))
+
+
+# Nothing but the model, the losses and the data: the first batch is the example the trace is checked on, and the
+# report's selections carry it to rewrite with the route.
+
+def test_a_report_keeps_its_route_and_example_call_and_its_selections_split_on_them(tmp_path):
+    model, tasks, batches = _model_tasks_batches()
+    before = snapshot(model)
+    report = fxsplit.analyze(model, tasks, batches, progress=False)
+    assert (report.route, report.route_reason) == ("fx", "torch.fx traced it, and its graph matches the model")
+    args, kwargs = report.example
+    assert len(args) == 1 and torch.equal(args[0], batches[0][0]) and args[0] is not batches[0][0] and kwargs == {}
+    for selection in (report.top(2), report.within(1.0)):
+        assert (selection.route, selection.example) == ("fx", report.example)
+    split = fxsplit.rewrite(model, report.top(2))  # checked on the report's example
+    assert (split.route, split.route_reason) == ("fx", f"as the report's trace: {report.route_reason}")
+    assert_unchanged(model, before)
+    assert_per_task(model, split, args)
+    by_export = fxsplit.rewrite(model, report.top(2), method="export")  # a method given wins, on the same example
+    assert (by_export.route, by_export.route_reason) == ("export", "asked for (method='export')")
+    by_export.eval()
+    assert all(torch.allclose(by_export(*args)[task], split.eval()(*args)[task]) for task in split.tasks)
+
+    path = report.save(tmp_path / "report.json")
+    assert "example" not in json.loads(path.read_text())  # no tensors in the file
+    loaded = fxsplit.ConflictReport.load(path)
+    assert (loaded.route, loaded.route_reason, loaded.example) == (report.route, report.route_reason, None)
+    assert fxsplit.rewrite(model, loaded.top(2)).route_reason == "torch.fx traced it; not checked: no example input"
+    assert fxsplit.rewrite(model, loaded.top(2), example_inputs=args).route_reason == split.route_reason
+
+
+def test_a_report_for_another_model_of_the_same_names_is_refused_before_its_example_runs():
+    model, tasks, batches = _model_tasks_batches()
+    report = fxsplit.analyze(model, tasks, batches[:2], progress=False)
+    other = copy.deepcopy(model)
+    other.backbone.stem[0] = torch.nn.Conv2d(1, 8, 3, padding=1).double()  # grey images: the example cannot run
+    before = snapshot(other)
+    with pytest.raises(fxsplit.ReportError, match=r"\['backbone.stem.0'\]; the report was made for another model"):
+        fxsplit.rewrite(other, report.top(len(report.scores)))
+    assert_unchanged(other, before)
+
+
+def test_the_monitor_traces_by_method_on_its_example_and_its_report_keeps_them():
+    model, tasks, batches = _model_tasks_batches()
+    x = batches[0][0]
+    monitor = fxsplit.ConflictMonitor(model, list(tasks), method="export", example_inputs=x)
+    out = model(x)
+    monitor.backward({task: loss(out, batches[0]) for task, loss in tasks.items()})
+    report = monitor.report()
+    assert (report.route, report.route_reason) == ("export", "asked for (method='export')")
+    assert report.example == ((x,), {})
+    split = fxsplit.rewrite(model, report.top(2))  # the report's route, though torch.fx traces the model
+    assert (split.route, split.route_reason) == ("export", "as the report's trace: asked for (method='export')")
+    with pytest.raises(fxsplit.FxsplitError, match="method and tracer_kwargs say how to trace the model, and a graph "
+                                                   "was given"):
+        fxsplit.ConflictMonitor(model, list(tasks), graph=report.graph, method="fx")
+
+
+class _Gated(torch.nn.Module):
+    """Two heads after a branch on a tensor's value, which neither route can trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = torch.nn.Linear(4, 4)
+        self.heads = torch.nn.ModuleDict({"a": torch.nn.Linear(4, 2), "b": torch.nn.Linear(4, 2)})
+
+    def forward(self, x):
+        h = self.trunk(x)
+        h = h if h.sum() > 0 else -h
+        return {task: head(h) for task, head in self.heads.items()}
+
+
+def test_a_model_neither_route_traces_is_one_error_with_the_fix_for_each():
+    tasks = {task: (lambda task: lambda out, batch: out[task].pow(2).mean())(task) for task in "ab"}
+    with pytest.raises(fxsplit.TraceError) as info:
+        fxsplit.analyze(_Gated(), tasks, [torch.randn(3, 4)], progress=False)
+    message = str(info.value)
+    assert message.count("torch.fx cannot trace") == 1 and message.count("torch.export cannot trace") == 1
+    assert "The torch.export route, tried next on the example, fails too" in message
+    assert "make the submodule a leaf" in message and "select with torch.where, or use torch.cond" in message
+
+
+def test_a_forward_that_never_calls_the_model_itself_is_analyzed_with_a_graph_and_keeps_no_example():
+    model, tasks, batches = _model_tasks_batches()
+
+    def forward(net, batch):  # the model's parts, not the model: no call of its forward to trace
+        features = net.backbone(batch[0])
+        return {task: head(features) for task, head in net.heads.items()}
+
+    with pytest.raises(fxsplit.TraceError, match=r"forward\(model, batch\) never calls MultiHead itself.*give "
+                                                 r"graph=\.\.\."):
+        fxsplit.analyze(model, tasks, batches, forward=forward, progress=False)
+    report = fxsplit.analyze(model, tasks, batches, forward=forward, graph=fxsplit.layer_graph(model), progress=False)
+    assert report.example is None and report.route == "fx"
+    assert fxsplit.rewrite(model, report.top(2)).route_reason == "torch.fx traced it; not checked: no example input"

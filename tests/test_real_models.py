@@ -51,7 +51,9 @@ def test_real_model_analyze_rewrite_export_train(name, tmp_path):
     assert len(layers) == case.top
     keys = case.outputs or {task: task for task in case.targets}
     assert report.outputs == {task: [key] for task, key in keys.items()}  # read off the losses by autograd
-    split = fxsplit.rewrite(model, layers, example_inputs=(x,))  # the selection brings tasks and outputs
+    split = fxsplit.rewrite(model, layers)  # the selection brings tasks, outputs and the example it is checked on
+    assert (split.route, split.route_reason) == ("fx", "as the report's trace: torch.fx traced it, and its graph "
+                                                       "matches the model")
     assert_unchanged(model, before)
     kwargs = {"outputs": case.outputs} if case.outputs else {}
     without_dropout(model, split)
@@ -153,6 +155,12 @@ def test_a_trace_that_differs_from_the_model_is_stopped_or_traced_the_other_way(
     assert unchecked.route == "fx" and not torch.equal(unchecked(x)["a"], model(x)["a"])
     split = fxsplit.rewrite(model, ["trunk"], example_inputs=x)  # "auto": the torch.export route runs the real code
     assert split.route == "export" and split.route_reason.startswith("the graph of IsinstanceCheck traced by the fx route does not")
+    assert all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
+    tasks = {task: (lambda task: lambda out, batch: out[task].pow(2).mean())(task) for task in "ab"}
+    report = fxsplit.analyze(model, tasks, [torch.randn(3, 4) for _ in range(2)], progress=False)  # the same way
+    assert report.route == "export" and report.route_reason.startswith("the graph of IsinstanceCheck traced by")
+    split = fxsplit.rewrite(model, report.top(1))
+    assert (split.route, split.route_reason) == (report.route, f"as the report's trace: {report.route_reason}")
     assert all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
 
 
@@ -408,27 +416,27 @@ def _cross_entropy(task: str, classes: int):
 
 @pytest.fixture(scope="module")
 def bert():
-    """BERT with two heads, analyzed on padded batches with the layer graph of the torch.export route, split at the
-    report's top 3 (checked on an example)."""
+    """BERT with two heads, analyzed on padded batches and split at the report's top 3, with nothing else: analyze
+    traces the model on its first batch, and the split is checked on it."""
     pytest.importorskip("transformers", reason="HuggingFace models are an optional test dependency")
     from tests.hf_models import BertTwoHeads, token_batch
 
     torch.manual_seed(0)
     model = BertTwoHeads()
-    example = token_batch(4)
-    graph = fxsplit.layer_graph(model, example_inputs=example, method="export")
     data = [(token_batch(4, padded=(3, 6)), torch.randint(0, 12, (4, 1))) for _ in range(3)]
     report = fxsplit.analyze(model, {"sentiment": _cross_entropy("sentiment", 3), "topic": _cross_entropy("topic", 4)},
-                             data, graph=graph, forward=lambda model, batch: model(*batch[0]), progress=False)
-    split = fxsplit.rewrite(model, report.top(3), example_inputs=example)
+                             data, forward=lambda model, batch: model(*batch[0]), progress=False)
+    split = fxsplit.rewrite(model, report.top(3))
     return model, report, split
 
 
 def test_bert_is_scored_layer_by_layer_and_split_on_the_export_route(bert):
     model, report, split = bert
-    assert report.graph.graph["route"] == "export" and len(report.scores) >= 20
+    assert report.route == "export" and "torch.fx cannot trace module 'bert' (BertModel)" in report.route_reason
+    assert len(report.scores) >= 20
     assert "bert.encoder.layer.1.attention.self.query" in report.scores and "bert" not in report.scores
-    assert split.route == "export" and "torch.fx cannot trace module 'bert' (BertModel)" in split.route_reason
+    assert (split.route, split.route_reason) == (report.route, f"as the report's trace: {report.route_reason}")
+    assert_per_task(model, split, report.example[0])
     assert list(split.split_layers) == [layer for layer in report.graph if layer in report.top(3)]
     assert count(split.parameters()) == count(model.parameters()) + sum(report.cost(layer) for layer in report.top(3))
 
@@ -458,16 +466,24 @@ def test_bert_split_round_trips_through_pt2_with_a_dynamic_batch(bert, tmp_path)
 
 
 def test_distilbert_splits_exactly():
+    """Dict batches, the mask given by keyword: the example call keeps both kinds of argument."""
     pytest.importorskip("transformers", reason="HuggingFace models are an optional test dependency")
     from tests.hf_models import DistilBertTwoHeads, token_batch
 
     torch.manual_seed(0)
     model = DistilBertTwoHeads()
-    example = token_batch(4)
-    graph = fxsplit.layer_graph(model, example_inputs=example)
-    assert graph.graph["route"] == "export" and graph.number_of_nodes() == 21
-    layers = ["encoder.transformer.layer.0.attention.out_lin", "encoder.transformer.layer.1.ffn.lin1"]
-    split = fxsplit.rewrite(model, layers, example_inputs=example)  # checked per task in both modes
+    data = [dict(zip(("input_ids", "attention_mask"), token_batch(4, padded=(2, 6))), label=torch.randint(0, 3, (4,)))
+            for _ in range(2)]
+    tasks = {"intent": lambda out, batch: torch.nn.functional.cross_entropy(out["intent"], batch["label"]),
+             "rating": lambda out, batch: (out["rating"][:, 0] - batch["label"]).pow(2).mean()}
+    forward = lambda model, batch: model(batch["input_ids"], attention_mask=batch["attention_mask"])  # noqa: E731
+    report = fxsplit.analyze(model, tasks, data, forward=forward, progress=False)
+    assert report.route == "export" and report.graph.number_of_nodes() == 21
+    args, kwargs = report.example
+    assert list(kwargs) == ["attention_mask"] and torch.equal(args[0], data[0]["input_ids"])
+    split = fxsplit.rewrite(model, report.top(2))  # checked per task in both modes, on the first batch
+    assert split.route == "export" and "DistilBertModel" in split.route_reason
+    assert_per_task(model, split, args, kwargs=kwargs)
     ids, mask = token_batch(6, padded=(3, 5))
     for training in (False, True):
         expected, got = copy.deepcopy(model).train(training)(ids, mask), copy.deepcopy(split).train(training)(ids, mask)
@@ -478,14 +494,15 @@ def test_mtan_analyze_rewrite_both_modes():
     from tests.mtan import MTAN
 
     torch.manual_seed(0)
-    model, x = MTAN(), torch.randn(4, 3, 16, 16)
+    model = MTAN(channels=(4, 8))  # two stages: the second resizes the first's attention
     tasks = {"segmentation": lambda out, batch: out["segmentation"].pow(2).mean(),
              "depth": lambda out, batch: (out["depth"] - 1).abs().mean()}
-    report = fxsplit.analyze(model, tasks, [torch.randn(4, 3, 16, 16) for _ in range(2)], progress=False,
-                             graph=fxsplit.layer_graph(model, example_inputs=x))
-    assert report.graph.graph["route"] == "export" and len(report.scores) == 12  # the shared encoder's layers
-    split = fxsplit.rewrite(model, report.top(3), example_inputs=x)
-    assert split.route == "export" and "TaskAttention" in split.route_reason
+    report = fxsplit.analyze(model, tasks, [torch.randn(4, 3, 16, 16) for _ in range(2)], progress=False)
+    assert report.route == "export" and "TaskAttention" in report.route_reason
+    assert len(report.scores) == 8  # the shared encoder's layers
+    split = fxsplit.rewrite(model, report.top(3))
+    assert (split.route, split.route_reason) == (report.route, f"as the report's trace: {report.route_reason}")
+    assert_per_task(model, split, report.example[0])
     batch = torch.randn(6, 3, 16, 16)
     for training in (True, False):
         expected, outputs = copy.deepcopy(model).train(training)(batch), copy.deepcopy(split).train(training)(batch)

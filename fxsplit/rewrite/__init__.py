@@ -25,7 +25,7 @@ from .batching import batch_branches as batch_pass
 from .check import check_split
 from .copies import Init, check_init, make_copies
 from .fanout import FanOut, fan_out, output_node
-from .plan import Partition, Plan, plan as make_plan, selection
+from .plan import Partition, Plan, plan as make_plan, refuse_foreign, selection
 from ..outputs import OutputKey, task_paths
 
 __all__ = ["rewrite"]
@@ -45,7 +45,7 @@ def rewrite(
     example_inputs: Any = None,
     example_kwargs: dict[str, Any] | None = None,
     tracer_kwargs: Mapping[str, Any] | None = None,
-    method: str = "auto",
+    method: str | None = None,
 ) -> SplitModule:
     """A copy of ``model`` in which each of ``layers`` has one copy per task (or per group of tasks), and all that
     follows fans out.
@@ -54,14 +54,17 @@ def rewrite(
         model: any ``nn.Module``; it is never modified. It is traced now, in train and eval mode, by ``method``
             with ``tracer_kwargs`` (as :func:`fxsplit.trace` takes them): ``"auto"`` takes the ``torch.fx``
             route, or the ``torch.export`` route on the example when ``torch.fx`` fails or mis-traces; the split
-            model's ``route`` and ``route_reason`` say which and why.
+            model's ``route`` and ``route_reason`` say which and why. Default: a selection's route when there is
+            an example to check it on (``route_reason``: "as the report's trace: " and the report's reason), else
+            ``"auto"``.
         layers: layer names, as in ``fxsplit.layer_graph(model)`` (``[]`` splits nothing), or a selection from
-            a conflict report (``report.top(k)``), which also brings the tasks and which parts of the output each
-            task's loss read. Or a mapping from layer names to partitions of the tasks,
+            a conflict report (``report.top(k)``), which also brings the tasks, which parts of the output each
+            task's loss read, and the example call and route the report's trace was checked on (a report loaded
+            from JSON has no example). Or a mapping from layer names to partitions of the tasks,
             ``{"layer3.0.conv1": [["a", "b"], ["c", "d", "e"]], "layer4.1.bn2": "each"}``: each group gets one
             copy (``"each"``: one per task), and tasks that passed the same copies share one stream, which splits
-            where a later layer's groups separate them (``split.tree()``). A selection with ``tasks`` (and
-            ``outputs``) attributes, as a report's are, brings those.
+            where a later layer's groups separate them (``split.tree()``); ``report.groups(...)`` makes one, which
+            brings what a report's selection brings.
         tasks: task names; optional when the model returns a mapping (its keys are the tasks) or ``layers``
             comes from a report.
         outputs: which part of the model's output belongs to which task: ``{"seg": 0, "depth": 1}`` for a
@@ -85,7 +88,8 @@ def rewrite(
             inputs, or one input, and a dict). When given, the trace and then the split model are run against the
             original, task by task, in eval and in train mode (dropout off), and a
             :class:`~fxsplit.TraceMismatchError` or :class:`~fxsplit.SplitMismatchError` stops a split that
-            differs. Without one, nothing is checked. The ``torch.export`` route needs one.
+            differs. Without one, nothing is checked. The ``torch.export`` route needs one. Default: the
+            selection's example; one given here replaces it.
 
     Returns:
         A :class:`SplitModule` whose ``forward`` returns ``{task: output}``.
@@ -110,15 +114,21 @@ def rewrite(
     if isinstance(model, SplitModule):
         raise LayerError("model is already split; rewrite the original model with all the layers at once.")
     check_init(init)
-    check_method(method)
+    if method is not None:
+        check_method(method)
     check_options(tracer_kwargs)
     check_names(model, SplitModule, "a split model")
     from_report = hasattr(layers, "tasks")  # a report's selection (report.top(k), a grouped one) brings them
+    example, reason = as_example(example_inputs, example_kwargs), None
     if from_report:
         tasks = layers.tasks if tasks is None else tasks
         outputs = getattr(layers, "outputs", None) if outputs is None else outputs
+        _check_report_model(model, layers)
+        example = getattr(layers, "example", None) if example is None else example
+        if method is None and example is not None and getattr(layers, "route", None) is not None:
+            method, reason = layers.route, f"as the report's trace: {layers.route_reason}"
+    method = "auto" if method is None else method
     partitions = selection(layers)
-    example = as_example(example_inputs, example_kwargs)
     root = copy_module(model, share_tensors=False)
     traced = trace_modes(root, tracer_kwargs, private=True, method=method, example=example)
     graphs = {training: traced.graph_for(training) for training in (True, False)}
@@ -131,23 +141,23 @@ def rewrite(
     if batch_branches:
         for result in fanned.values():
             batch_pass(traced, result.graph)
-    split = _assemble(plan, traced, root, fanned, type(model).__name__)
+    split = _assemble(plan, traced, root, fanned, type(model).__name__, reason)
     if example is not None:
         check_split(model, traced, split, paths, calling(*example))
     return split
 
 
-def _assemble(plan: Plan, traced: fx.GraphModule, root: nn.Module, fanned: Mapping[int, FanOut], class_name: str
-              ) -> SplitModule:
+def _assemble(plan: Plan, traced: fx.GraphModule, root: nn.Module, fanned: Mapping[int, FanOut], class_name: str,
+              reason: str | None) -> SplitModule:
     """The split model: the fanned-out graphs on ``traced`` (which holds the copies), everything else of ``root``
-    kept, and the surgery recorded."""
+    kept, and the surgery recorded (``reason``, if given, says why the route was taken)."""
     members = {layer: plan.current.layers[layer].members for layer in plan.layers}
     replaced = [member for layer in members.values() for member in layer]
     uses: dict[str, set[str]] = {}
     for result in fanned.values():
         for target, tasks_using in result.uses.items():
             uses.setdefault(target, set()).update(tasks_using)
-    route = traced.meta["route"], traced.meta["route_reason"]
+    route = traced.meta["route"], reason or traced.meta["route_reason"]
     surgery = Surgery(plan.tasks, plan.layers, members, plan.groups, plan.holders,
                       _owners(traced, root, replaced, uses, plan.tasks), _plain_attributes(traced, root), *route)
     split = SplitModule(traced, {training: fanned[id(graph)].graph for training, graph in plan.graphs.items()},
@@ -160,6 +170,16 @@ def _assemble(plan: Plan, traced: fx.GraphModule, root: nn.Module, fanned: Mappi
     split.meta.update(route=route[0], route_reason=route[1], frozen=traced.meta.get("frozen", {}),
                       given=traced.meta.get("given", {}))
     return split
+
+
+def _check_report_model(model: nn.Module, selection) -> None:
+    """Before the model is traced (or run on the report's example): each chosen layer holds the same parameters
+    in ``model`` as in the report's model."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    foreign = [layer for layer, (parameters, count) in getattr(selection, "parameters", {}).items()
+               if not all(name in named for name in parameters)
+               or sum({id(named[name]): named[name].numel() for name in parameters}.values()) != count]
+    refuse_foreign(foreign)
 
 
 def _keep_the_rest(split: SplitModule, root: nn.Module, replaced: list[str]) -> None:

@@ -121,13 +121,19 @@ def plan(root: nn.Module, graphs: Mapping[bool, fx.Graph], paths: Mapping[str, P
                 {mode: by_graph[id(graph)] for mode, graph in graphs.items()}, training)
 
 
+def refuse_foreign(foreign: list[str]) -> None:
+    """A :class:`~fxsplit.ReportError` for layers of a report that this model lacks (or holds otherwise)."""
+    if foreign:
+        raise ReportError(
+            f"these layers of the conflict report are not layers of this model, or hold other parameters: "
+            f"{foreign[:3]}{' ...' if len(foreign) > 3 else ''}; the report was made for another model. Analyze this "
+            f"one.")
+
+
 def _check_layers(names: list[str], layers: Mapping[str, Layer], from_report: bool) -> None:
     foreign = [name for name in names if name not in layers]
-    if from_report and foreign:
-        raise ReportError(
-            f"these layers of the conflict report are not layers of this model: {foreign[:3]}"
-            f"{' ...' if len(foreign) > 3 else ''}; the report was made for another model. Analyze this one."
-        )
+    if from_report:
+        refuse_foreign(foreign)
     for name in foreign:
         owner = next((layer for layer in layers.values() if name in layer.members), None)
         if owner is not None:

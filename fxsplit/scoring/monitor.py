@@ -6,6 +6,7 @@ import contextlib
 import itertools
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import torch
@@ -15,7 +16,7 @@ from ..errors import FxsplitError, ScoringError, TaskError
 from ..layers import layer_graph
 from ..outputs import task_names
 from ..report import ConflictReport
-from ..tracing import unwrapped
+from ..tracing import as_example, unwrapped
 from . import checks
 from .counter import ConflictCounter
 from .distributed import check_not_sharded, reduction
@@ -88,7 +89,11 @@ class ConflictMonitor:
             accepted: its module is scored). The monitor keeps no hook on it and changes nothing but ``.grad``.
         tasks: the task names: the keys of the mapping given to :meth:`backward`.
         threshold: S, or several (the first is the primary one).
-        graph: the layer graph to score (default ``fxsplit.layer_graph(model)``, traced from ``forward``).
+        graph: the layer graph to score. By default the model's ``forward`` is traced as
+            :func:`fxsplit.layer_graph` traces it, with ``method``, ``example_inputs``, ``example_kwargs`` and
+            ``tracer_kwargs``: on ``"auto"``, by ``torch.fx``, or by ``torch.export`` on the example when ``torch.fx``
+            fails or mis-traces; with an example, the graph is checked against the model on it. The report keeps the
+            example, so that a selection from it splits on the same route, checked on it.
         bins: bins of the cosine histogram over [-1, 1].
         aggregator: a gradient method on the shared parameters: a torchjd aggregator (e.g.
             ``torchjd.aggregation.UPGrad()``) or its class name (``"UPGrad"``). Parameters that two or more tasks
@@ -154,12 +159,24 @@ class ConflictMonitor:
         distributed: str = "global",
         group=None,
         on_step: Callable[[StepFigures], object] | Iterable[Callable[[StepFigures], object]] | None = None,
+        method: str = "auto",
+        example_inputs: Any = None,
+        example_kwargs: dict[str, Any] | None = None,
+        tracer_kwargs: Mapping[str, Any] | None = None,
     ):
         self.model = unwrapped(model, quietly=True)  # the documented way in: scoring inside a parallel loop
         self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
         self.tasks = task_names(tasks)
         self.thresholds = checks.thresholds(threshold)
-        self.graph = layer_graph(self.model) if graph is None else graph
+        self.example = as_example(example_inputs, example_kwargs)
+        if graph is None:
+            graph = layer_graph(self.model, tracer_kwargs=tracer_kwargs, example_inputs=example_inputs,
+                                example_kwargs=example_kwargs, method=method)
+        elif method != "auto" or tracer_kwargs:
+            raise FxsplitError("method and tracer_kwargs say how to trace the model, and a graph was given: trace "
+                               "it with them, graph=fxsplit.layer_graph(model, method=..., tracer_kwargs=...), or "
+                               "give no graph.")
+        self.graph = graph
         self.bins = checks.whole_number("bins", bins, 1)
         self.aggregator = aggregator_of(aggregator)
         self.scaler = scaler
@@ -306,7 +323,7 @@ class ConflictMonitor:
             counts=tally.counts.cpu().tolist(), mean_cosine=mean, histogram=tally.histogram.cpu().tolist(),
             whole_cosine=tally.whole.cpu()[finite].tolist(), steps=steps, reach={**scope.reach, **outside_reach},
             left_out={**scope.left_out, **scope.unfrozen(self._trained_names()), **outside_left_out}, graph=graph,
-            skipped=len(finite) - steps,
+            skipped=len(finite) - steps, example=self.example,
         )
 
     def _trained_names(self) -> set[str]:

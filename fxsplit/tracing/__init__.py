@@ -177,8 +177,7 @@ def _route(model: nn.Module, method: str, example: Example | None, options: Mapp
         if example is None:
             raise TraceError(f"{error} Or give an example input, and fxsplit tries the torch.export route, which "
                              f"runs the model's Python on it: example_inputs=... (and example_kwargs=...) to trace, "
-                             f"layer_graph and rewrite; to analyze, graph=fxsplit.layer_graph(model, "
-                             f"example_inputs=...).") from error
+                             f"layer_graph, rewrite and ConflictMonitor (analyze takes its first batch).") from error
         return _second_route(model, by, error, example, modes, options)
     if example is None:
         return _recorded(traced, FX, "asked for (method='fx'), not checked: no example input" if method == FX.name
