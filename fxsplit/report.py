@@ -44,6 +44,15 @@ class ConflictReport:
     the model's output its loss read (``[]``: the whole output; a list of paths where it read parts of several
     keys), as :func:`fxsplit.analyze` found it; a selection passes it on to ``rewrite``.
 
+    Steps where only some tasks had a loss: ``pair_steps[p]`` is the number of scored steps at which both tasks of
+    ``pairs[p]`` had one, the steps its counts and ``mean_cosine`` are over (``whole_cosine`` is ``None`` at the
+    others). A pair's *rate* on a layer is its count over its pair steps; a layer's rate (:meth:`rates_at`) sums its
+    pairs' rates: its score per step, as if every pair were scored at every step. :meth:`ranking`, which ``top`` and
+    ``within`` follow, ranks by score when every pair was scored equally often (fully labelled steps: the score
+    divided by the steps, the same order) and by rate otherwise, so that a pair scored at few steps neither vanishes
+    nor dominates; a pair never scored (its tasks never had a loss at one step) adds nothing. A report saved without
+    ``pair_steps`` (before it existed) was fully labelled: every pair was scored at every step.
+
     ``print(report)`` shows the 20 top-ranked layers (and how many more there are) and ends with a ``warning:``
     line when the ranking is likely noise: fewer than 20 scored steps, or a tie at the top (tied layers are ranked
     in network order). ``plot(path, chosen=report.top(k))`` draws the scores per layer with the chosen ones marked.
@@ -63,8 +72,11 @@ class ConflictReport:
     graph: nx.DiGraph = field(repr=False)
     skipped: int = 0
     outputs: dict[str, list] | None = None
+    pair_steps: list[int] | None = None
 
     def __post_init__(self):
+        if self.pair_steps is None:
+            self.pair_steps = [self.steps] * len(self.pairs)
         for k, threshold in enumerate(self.thresholds):
             for layer, score in self.scores_at(threshold).items():
                 self.graph.nodes[layer].setdefault("scores", {})[threshold] = score
@@ -83,6 +95,31 @@ class ConflictReport:
         k = self._threshold_index(threshold)
         totals = {layer: sum(self.counts[k][l]) for l, layer in enumerate(self.layers)}
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+    def rates_at(self, threshold: float | None = None) -> dict[str, float]:
+        """Layer -> its rate at ``threshold`` (default: the primary one): the sum over its pairs of count / pair
+        steps (a pair never scored adds 0), highest first (ties in graph order)."""
+        rates = {layer: sum(rate for rate in pairs.values() if rate is not None)
+                 for layer, pairs in self.pair_rates(threshold).items()}
+        return dict(sorted(rates.items(), key=lambda item: -item[1]))
+
+    def pair_rates(self, threshold: float | None = None) -> dict[str, dict[tuple[str, str], float | None]]:
+        """Layer -> {(task, task): count / pair steps} at ``threshold`` (default: the primary one), in graph order;
+        ``None`` for a pair never scored."""
+        steps = dict(zip(map(tuple, self.pairs), self.pair_steps))
+        return {layer: {pair: n / steps[pair] if steps[pair] else None for pair, n in counts.items()}
+                for layer, counts in self.pair_counts(threshold).items()}
+
+    def ranking(self, threshold: float | None = None) -> dict[str, float]:
+        """What ``top`` and ``within`` rank by, highest first: the scores (:meth:`scores_at`) when every pair was
+        scored at the same number of steps, else the rates (:meth:`rates_at`)."""
+        threshold = self.thresholds[0] if threshold is None else threshold
+        return self.scores_at(threshold) if self.equal_pair_steps else self.rates_at(threshold)
+
+    @property
+    def equal_pair_steps(self) -> bool:
+        """Whether every task pair was scored at the same number of steps (as with fully labelled steps)."""
+        return len(set(self.pair_steps)) <= 1
 
     def pair_counts(self, threshold: float | None = None) -> dict[str, dict[tuple[str, str], int]]:
         """Layer -> {(task, task): count} at ``threshold`` (default: the primary one), in graph order."""
@@ -123,38 +160,47 @@ class ConflictReport:
         return [[task]] if keyed else [[]]
 
     def top(self, k: int) -> LayerSelection:
-        """The ``k`` highest-scoring layers."""
+        """The ``k`` top-ranked layers (by :meth:`ranking`)."""
         if not isinstance(k, int) or k < 0:
             raise LayerError(f"top(k) needs a count k >= 0, got {k!r}.")
-        return LayerSelection(list(self.scores)[:k], self.tasks, self.outputs)
+        return LayerSelection(list(self.ranking())[:k], self.tasks, self.outputs)
 
     def within(self, budget: float) -> LayerSelection:
-        """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters (by
+        """Layers in :meth:`ranking` order (score > 0) whose split adds at most ``budget`` x the model's parameters (by
         :meth:`cost`: the copies ``rewrite`` makes); a layer that would overshoot is skipped and the next ones are
         tried."""
         if not budget >= 0:
             raise LayerError(f"within(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
         allowance = budget * sum(params for _, params in self.graph.nodes(data="params"))
         chosen = []
-        for layer, score in self.scores.items():
+        for layer, score in self.ranking().items():
             if score > 0 and self.cost(layer) <= allowance:
                 chosen.append(layer)
                 allowance -= self.cost(layer)
         return LayerSelection(chosen, self.tasks, self.outputs)
 
-    def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float]:
-        """Per task pair, the fraction of steps whose whole-shared-vector cosine is below ``threshold``."""
-        return {tuple(pair): sum(step[p] < threshold for step in self.whole_cosine) / max(self.steps, 1)
-                for p, pair in enumerate(self.pairs)}
+    def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float | None]:
+        """Per task pair, the fraction of its pair steps whose whole-shared-vector cosine is below ``threshold``
+        (``None`` for a pair never scored; 0 when no step was)."""
+        below = [sum(step[p] is not None and step[p] < threshold for step in self.whole_cosine)
+                 for p in range(len(self.pairs))]
+        return {tuple(pair): n / steps if steps else (0.0 if not self.steps else None)
+                for pair, n, steps in zip(self.pairs, below, self.pair_steps)}
 
     def __str__(self) -> str:
-        header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}  mean cos"
-        lines = [f"Conflict scores over {self.steps} steps, tasks {self.tasks}, cosine < {self.thresholds[0]}",
-                 header, "-" * len(header)]
-        ranked = list(self.scores.items())
-        lines += [self._row(rank, layer, score) for rank, (layer, score) in enumerate(ranked[:PRINTED], 1)]
+        rate = "" if self.equal_pair_steps else f"  {'rate':>6}"
+        header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}{rate}  mean cos"
+        lines = [f"Conflict scores over {self.steps} steps, tasks {self.tasks}, cosine < {self.thresholds[0]}"]
+        if not self.equal_pair_steps:
+            steps = ", ".join(f"{a}-{b} {n}" for (a, b), n in zip(self.pairs, self.pair_steps))
+            lines.append(f"pairs scored at unequal numbers of steps ({steps}): ranked by rate")
+        lines += [header, "-" * len(header)]
+        ranked = list(self.ranking())
+        lines += [self._row(rank, layer) for rank, layer in enumerate(ranked[:PRINTED], 1)]
         if len(ranked) > PRINTED:
-            lines.append(f"... and {len(ranked) - PRINTED} more layers, with scores {ranked[PRINTED][1]} and below")
+            what = "scores" if self.equal_pair_steps else "rates"
+            lines.append(f"... and {len(ranked) - PRINTED} more layers, with {what} "
+                         f"{self._rank_value(ranked[PRINTED])} and below")
         lines += [f"warning: {caveat}" for caveat in self._caveats()]
         if self.skipped:
             lines.append(f"skipped: {self.skipped} steps whose gradients were not finite")
@@ -162,11 +208,16 @@ class ConflictReport:
             lines.append(f"not scored: {len(self.left_out)} layers (e.g. {next(iter(self.left_out.items()))})")
         return "\n".join(lines)
 
-    def _row(self, rank: int, layer: str, score: int) -> str:
+    def _row(self, rank: int, layer: str) -> str:
         node, l = self.graph.nodes[layer], self.layers.index(layer)
         cosines = [c for c in self.mean_cosine[l] if c is not None]
         mean = f"{sum(cosines) / len(cosines):+.3f}" if cosines else "-"
-        return f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {score:>6}  {mean}"
+        rate = "" if self.equal_pair_steps else f"  {self._rank_value(layer):>6}"
+        return f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {self.scores[layer]:>6}{rate}  {mean}"
+
+    def _rank_value(self, layer: str) -> str:
+        value = self.ranking()[layer]
+        return str(value) if self.equal_pair_steps else f"{value:.3f}"
 
     def _caveats(self) -> list[str]:
         """Why the ranking may be noise: few steps, or a tie at the top (broken by network order)."""
@@ -174,11 +225,16 @@ class ConflictReport:
         if self.steps < FEW_STEPS:
             caveats.append(f"only {self.steps} steps were scored: a ranking from fewer than {FEW_STEPS} is mostly "
                            f"noise; score more batches")
-        scores = list(self.scores.values())
+        few = [f"{a}-{b} ({n})" for (a, b), n in zip(self.pairs, self.pair_steps) if n < min(FEW_STEPS, self.steps)]
+        if few:
+            caveats.append(f"pair(s) {', '.join(few)} were scored at fewer steps than {FEW_STEPS}: their rates are "
+                           f"mostly noise (0: never, their tasks never had a loss at one step, adding nothing)")
+        scores = list(self.ranking().values())
         tied = scores.count(scores[0]) if scores else 0
         if tied > 1:
-            caveats.append(f"the top {tied} layers tie at score {scores[0]}: their order is network order, not a "
-                           f"ranking; score more batches, or at another threshold")
+            what = "score" if self.equal_pair_steps else "rate"
+            caveats.append(f"the top {tied} layers tie at {what} {self._rank_value(next(iter(self.ranking())))}: "
+                           f"their order is network order, not a ranking; score more batches, or at another threshold")
         return caveats
 
     def to_dict(self) -> dict:
