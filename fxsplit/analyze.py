@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from .errors import FxsplitError, TaskError
-from .layers import graph_of
+from .layers import graph_of, with_profile
 from .outputs import part_to_json, paths_read
 from .progress import Progress
 from .report import ConflictReport
@@ -139,10 +139,12 @@ def analyze(
 
 
 def _checked_graph(model: nn.Module, forward: Callable, batch: Any, tracer_kwargs) -> nx.DiGraph:
-    """The layer graph of ``model`` traced in its current mode, once the graph is checked on ``batch``."""
+    """The layer graph of ``model`` traced in its current mode, once the graph is checked on ``batch``, with its
+    compute profile on ``batch`` (what a split costs in FLOPs)."""
     traced = trace_graph(model, tracer_kwargs)
-    check_trace(model, traced, forwarding(forward, batch), modes=(model.training,))
-    return graph_of(traced)
+    call = forwarding(forward, batch)
+    check_trace(model, traced, call, modes=(model.training,))
+    return with_profile(graph_of(traced), traced, call)
 
 
 def _to(batch: Any, device: torch.device) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import networkx as nx
 
+from .compute import added
 from .errors import FxsplitError, LayerError, ReportError, unknown_layer
 from .outputs import Paths, part_from_json
 
@@ -52,6 +54,9 @@ class ConflictReport:
     divided by the steps, the same order) and by rate otherwise, so that a pair scored at few steps neither vanishes
     nor dominates; a pair never scored (its tasks never had a loss at one step) adds nothing. A report saved without
     ``pair_steps`` (before it existed) was fully labelled: every pair was scored at every step.
+
+    :meth:`flops` is what a split adds in compute (FLOPs per sample, by the profile in ``graph.graph["compute"]``
+    that analyze measures on its first batch), :meth:`describe` a selection's parameters and FLOPs together.
 
     ``print(report)`` shows the 20 top-ranked layers (and how many more there are) and ends with a ``warning:``
     line when the ranking is likely noise: fewer than 20 scored steps, or a tie at the top (tied layers are ranked
@@ -146,9 +151,55 @@ class ConflictReport:
         fed = self.graph.nodes[layer].get("outputs")
         if fed is None:  # a graph that does not say which outputs a layer feeds (made by hand, or saved before)
             return list(self.reach[layer])
-        using = {task for task in self.tasks for part in self._parts(task) for path in fed
-                 if path[:len(part)] == part}
+        using = self._fed(fed)
         return [task for task in self.tasks if task in using or task in self.reach[layer]]
+
+    def _fed(self, paths: list[list]) -> set[str]:
+        """The tasks whose part of the output holds one of the leaves at ``paths``."""
+        return {task for task in self.tasks for part in self._parts(task) for path in paths
+                if path[:len(part)] == part}
+
+    def flops(self, layers: str | Iterable[str]) -> float:
+        """FLOPs per sample that splitting ``layers`` (one name, or a selection) adds to the model's forward pass.
+
+        Recon's split runs one stream per task from the first split layer on: every traced node downstream of a
+        split layer (its own call among them) runs once per task whose output it feeds. The added FLOPs are the sum
+        over those nodes of (tasks fed - 1) x their FLOPs, as ``torch.utils.flop_counter.FlopCounterMode`` counts
+        them (matrix products, convolutions, attention), per sample of the batch they were measured on: analyze's
+        first batch, or the example given to ``fxsplit.layer_graph``. :attr:`model_flops` is the model's own.
+        """
+        compute = self._compute()
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        for layer in layers:
+            if layer not in self.graph:
+                raise unknown_layer(layer, self.graph)
+        return added(compute, [self.graph.nodes[layer]["order"] for layer in layers], lambda fed: len(self._fed(fed)))
+
+    @property
+    def model_flops(self) -> float:
+        """The model's forward FLOPs per sample, as :meth:`flops` counts them."""
+        return self._compute()["model"]
+
+    def _compute(self) -> dict:
+        compute = self.graph.graph.get("compute")
+        if compute is None:
+            raise ReportError("this report has no compute profile: FLOPs are measured on an example, which analyze "
+                              "takes from its first batch; for a ConflictMonitor pass graph=fxsplit.layer_graph(model, "
+                              "example_inputs=x). A model whose forward call reads more than its graph is not "
+                              "measured.")
+        return compute
+
+    def describe(self, layers: Iterable[str]) -> str:
+        """What splitting ``layers`` adds, in parameters and (when measured) in FLOPs per sample, e.g.
+        ``"3 layers: +1,056 parameters (+2.1%), +120 kFLOPs per sample (+8.0%)"``."""
+        layers = list(layers)
+        params = sum(self.cost(layer) for layer in layers)
+        total = sum(count for _, count in self.graph.nodes(data="params"))
+        text = f"{len(layers)} layers: +{params:,} parameters ({_share(params, total)})"
+        if self.graph.graph.get("compute") is not None:
+            flops = self.flops(layers)
+            text += f", +{_flops(flops)} per sample ({_share(flops, self.model_flops)})"
+        return text
 
     def _parts(self, task: str) -> list[list]:
         """The key paths of ``task``'s part of the output: as analyze found it, else as ``rewrite`` reads it without
@@ -165,16 +216,23 @@ class ConflictReport:
             raise LayerError(f"top(k) needs a count k >= 0, got {k!r}.")
         return LayerSelection(list(self.ranking())[:k], self.tasks, self.outputs)
 
-    def within(self, budget: float) -> LayerSelection:
-        """Layers in :meth:`ranking` order (score > 0) whose split adds at most ``budget`` x the model's parameters (by
-        :meth:`cost`: the copies ``rewrite`` makes); a layer that would overshoot is skipped and the next ones are
-        tried."""
-        if not budget >= 0:
-            raise LayerError(f"within(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
-        allowance = budget * sum(params for _, params in self.graph.nodes(data="params"))
+    def within(self, budget: float | None = None, *, flops: float | None = None) -> LayerSelection:
+        """Layers in :meth:`ranking` order (score > 0) whose split adds at most ``budget`` x the model's parameters
+        (by :meth:`cost`: the copies ``rewrite`` makes) and at most ``flops`` x the model's FLOPs per sample (by
+        :meth:`flops`); either budget may be left out. A layer that would overshoot is skipped and the next ones
+        are tried."""
+        for name, value in (("budget", budget), ("flops", flops)):
+            if value is not None and not value >= 0:
+                raise LayerError(f"within({name}=...) needs a fraction >= 0 of the model's "
+                                 f"{'parameters' if name == 'budget' else 'FLOPs'}, got {value!r}.")
+        if budget is None and flops is None:
+            raise LayerError("within() needs a budget: within(0.05) (parameters) and/or within(flops=0.5).")
+        allowance = math.inf if budget is None else budget * sum(n for _, n in self.graph.nodes(data="params"))
+        compute = math.inf if flops is None else flops * self.model_flops
         chosen = []
         for layer, score in self.ranking().items():
-            if score > 0 and self.cost(layer) <= allowance:
+            if score > 0 and self.cost(layer) <= allowance and (flops is None or
+                                                                 self.flops([*chosen, layer]) <= compute):
                 chosen.append(layer)
                 allowance -= self.cost(layer)
         return LayerSelection(chosen, self.tasks, self.outputs)
@@ -189,7 +247,8 @@ class ConflictReport:
 
     def __str__(self) -> str:
         rate = "" if self.equal_pair_steps else f"  {'rate':>6}"
-        header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}{rate}  mean cos"
+        compute = f"  {'FLOPs':>7}" if self.graph.graph.get("compute") is not None else ""
+        header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}{rate}  mean cos{compute}"
         lines = [f"Conflict scores over {self.steps} steps, tasks {self.tasks}, cosine < {self.thresholds[0]}"]
         if not self.equal_pair_steps:
             steps = ", ".join(f"{a}-{b} {n}" for (a, b), n in zip(self.pairs, self.pair_steps))
@@ -201,6 +260,9 @@ class ConflictReport:
             what = "scores" if self.equal_pair_steps else "rates"
             lines.append(f"... and {len(ranked) - PRINTED} more layers, with {what} "
                          f"{self._rank_value(ranked[PRINTED])} and below")
+        if compute:
+            lines.append(f"FLOPs: what splitting the layer alone adds to the model's {_flops(self.model_flops)} per "
+                         f"sample; top(5): {self.describe(self.top(5))}")
         lines += [f"warning: {caveat}" for caveat in self._caveats()]
         if self.skipped:
             lines.append(f"skipped: {self.skipped} steps whose gradients were not finite")
@@ -213,7 +275,10 @@ class ConflictReport:
         cosines = [c for c in self.mean_cosine[l] if c is not None]
         mean = f"{sum(cosines) / len(cosines):+.3f}" if cosines else "-"
         rate = "" if self.equal_pair_steps else f"  {self._rank_value(layer):>6}"
-        return f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {self.scores[layer]:>6}{rate}  {mean}"
+        compute = "" if self.graph.graph.get("compute") is None else \
+            f"  {_share(self.flops(layer), self.model_flops):>7}"
+        return (f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {self.scores[layer]:>6}{rate}  "
+                f"{mean:<8}{compute}")
 
     def _rank_value(self, layer: str) -> str:
         value = self.ranking()[layer]
@@ -311,6 +376,17 @@ class ConflictReport:
             return self.thresholds.index(threshold)
         except ValueError:
             raise ReportError(f"threshold {threshold} was not scored; the report has {self.thresholds}.") from None
+
+
+def _flops(count: float) -> str:
+    """``count`` FLOPs with a unit prefix: ``"1.2 GFLOPs"``."""
+    scale, prefix = next(((10.0 ** power, prefix) for power, prefix in ((12, "T"), (9, "G"), (6, "M"), (3, "k"))
+                          if count >= 10.0 ** power), (1.0, ""))
+    return f"{count / scale:.3g} {prefix}FLOPs"
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:+.1f}%" if whole else "-"
 
 
 def _bare(graph: nx.DiGraph) -> nx.DiGraph:

@@ -230,10 +230,11 @@ def test_custom_forward_and_steps():
         return net(batch[0])
 
     report = fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False)
-    assert report.steps == 2 and len(seen) == 2 + 2  # the steps, and the first batch through model and trace
+    assert report.steps == 2 and len(seen) == 2 + 2 + 1  # the steps, the first batch through model and trace, and
+    # through the trace once more, node by node, for its FLOPs
     fxsplit.analyze(model, tasks, iter(batches), steps=2, forward=forward, progress=False,
                     graph=fxsplit.layer_graph(model))
-    assert len(seen) == 4 + 2  # a graph passed in is taken as it is
+    assert len(seen) == 5 + 2  # a graph passed in is taken as it is
 
 
 def test_a_frozen_model_has_nothing_to_score():
