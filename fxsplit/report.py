@@ -82,6 +82,9 @@ class ConflictReport:
     def __post_init__(self):
         if self.pair_steps is None:
             self.pair_steps = [self.steps] * len(self.pairs)
+        if len(self.pair_steps) != len(self.pairs):
+            raise ReportError(f"pair_steps has {len(self.pair_steps)} entries for {len(self.pairs)} task pairs: one "
+                              f"per pair, the steps it was scored at.")
         for k, threshold in enumerate(self.thresholds):
             for layer, score in self.scores_at(threshold).items():
                 self.graph.nodes[layer].setdefault("scores", {})[threshold] = score

@@ -372,6 +372,8 @@ def test_a_pair_never_scored_adds_nothing_and_divides_by_nothing():
     assert report.pair_rates()["layer0"][("a", "c")] is None
     assert report.conflict_rate(0.5) == {("a", "b"): 1.0, ("a", "c"): None, ("b", "c"): 1.0}
     assert "a-c (0)" in str(report) and report.top(1) == ["layer0"]
+    with pytest.raises(fxsplit.ReportError, match="pair_steps has 2 entries for 3 task pairs"):
+        _three_pair_report([[5, 0, 2]], pair_steps=[30, 30])
 
 
 def _labelled(task, column):
