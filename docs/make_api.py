@@ -18,7 +18,7 @@ SECTIONS = {
     "Errors and warnings": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
                "UnknownLayerError", "StaleGraphError", "TaskError", "PartitionError", "InitError", "ReportError",
                "ScoringError", "ExportError",
-               "MissingExtraError",
+               "MissingExtraError", "UnknownTaskError", "RepeatedTaskError", "MissingTaskError",
                "PythonStateWarning"],
 }
 

@@ -51,7 +51,10 @@ def analyze(
     task gradients (weight and bias together); a layer's score counts the (step, pair) with cosine < ``threshold``.
 
     Args:
-        tasks: task name -> ``loss(output, batch)``, a scalar tensor; ``output`` is what the model returned.
+        tasks: task name -> ``loss(output, batch)``, a scalar tensor; ``output`` is what the model returned. A loss
+            may return ``None`` for a batch without its task's labels: that task's pairs are not scored at that
+            step (see :class:`~fxsplit.ConflictReport` for how such reports rank); a task whose loss is ``None`` at
+            every step is a :class:`~fxsplit.TaskError`.
         data: batches; the model is called as ``model(batch[0])`` for a tuple/list batch, ``model(batch)``
             otherwise, or ``forward(model, batch)``. Tensors are moved to the model's device.
         threshold: S, or several (the first is the primary one; one pass scores them all).
@@ -105,19 +108,21 @@ def analyze(
         monitor = ConflictMonitor(model, losses, threshold=threshold, graph=graph, bins=bins, aggregator=aggregator,
                                   on_step=(*hooks, display.share) if display.enabled else hooks, method=method,
                                   example_inputs=args, example_kwargs=kwargs, tracer_kwargs=tracer_kwargs)
-        outputs = None
+        outputs = {}
         for step, batch in enumerate(chain([first], batches)):
             if step % every and optimizer is None:
                 continue
             batch = _to(batch, device)
             output = forward(model, batch)
             values = _losses(losses, output, batch)
-            if outputs is None:
-                outputs = paths_read(output, values)
+            unread = {task: value for task, value in values.items() if task not in outputs}
+            if unread:  # the first batch, and the first that has a task's labels
+                outputs.update(paths_read(output, unread))
             if optimizer is not None:
                 model.zero_grad(set_to_none=True)
             if step % every:
-                sum(values.values()).backward()
+                if values:
+                    sum(values.values()).backward()
             else:
                 monitor.backward(values, update_grad=optimizer is not None)
             if optimizer is not None:
@@ -130,7 +135,7 @@ def analyze(
         raise TaskError(f"the loss of task(s) {monitor.nonfinite_tasks} is NaN or infinite, or its gradient, at some "
                         f"step; check the data and the learning rate.")
     report = monitor.report()
-    report.outputs = {task: part_to_json(part) for task, part in outputs.items()}
+    report.outputs = {task: part_to_json(outputs[task]) for task in losses}
     return report
 
 
@@ -167,13 +172,15 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
 
 
 def _losses(losses: Mapping[str, Loss], output: Any, batch: Any) -> dict[str, torch.Tensor]:
+    """The tasks' losses on a batch; a task whose loss returned ``None`` (no labels in the batch) is left out."""
     values = {}
     for name, loss in losses.items():
         try:
             value = loss(output, batch)
         except Exception as error:
             raise TaskError(f"the loss of task {name!r} raised {type(error).__name__}: {error}") from error
-        values[name] = loss_value(name, value)
+        if value is not None:
+            values[name] = loss_value(name, value)
     return values
 
 

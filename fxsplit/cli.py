@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import SplitModule, analyze, export, layer_graph, rewrite
+from .compute import forward_flops
 from .analyze import default_forward
 from .errors import FxsplitError, raised_at
 from .experiment import demo
@@ -265,6 +266,8 @@ def _selection_flags(sub: argparse.ArgumentParser, required: bool = True) -> arg
     choice.add_argument("--layers", nargs="+", metavar="LAYER", help="layer names to split")
     choice.add_argument("--top", type=int, metavar="K", help="the K top-scored layers of --report")
     choice.add_argument("--budget", type=float, metavar="F", help="top layers of --report adding at most F x params")
+    choice.add_argument("--flops", type=float, metavar="F",
+                        help="top layers of --report adding at most F x the model's FLOPs per sample")
     sub.add_argument("--report", type=Path, help="a report saved by `fxsplit analyze --out`")
     return choice
 
@@ -313,12 +316,12 @@ def _layer_graph(spec: Spec):
 def _selected(args) -> list[str] | None:
     if args.layers is not None:
         return args.layers
-    if args.top is None and args.budget is None:
+    if args.top is None and args.budget is None and args.flops is None:
         return None
     if args.report is None:
-        raise FxsplitError("--top and --budget choose from a report: give --report REPORT.json")
+        raise FxsplitError("--top, --budget and --flops choose from a report: give --report REPORT.json")
     report = ConflictReport.load(args.report)
-    return report.top(args.top) if args.top is not None else report.within(args.budget)
+    return report.top(args.top) if args.top is not None else report.within(args.budget, flops=args.flops)
 
 
 def _split(args, spec: Spec, **options):
@@ -339,10 +342,15 @@ def _rewrite(args) -> None:
     split, layers = _split(args, spec, init=args.init, split_norms=args.split_norms)
     before = sum(p.numel() for p in spec.model.parameters())
     after = sum(p.numel() for p in split.parameters())
+    flops = [forward_flops(module, *spec.example) for module in (spec.model, split)]
     summary = {"layers": layers, "split_layers": list(split.split_layers), "tasks": list(split.tasks),
-               "params": after, "increase": after / before - 1, "saved": str(args.out) if args.out else None}
+               "params": after, "increase": after / before - 1, "flops_per_sample": flops[1],
+               "flops_increase": flops[1] / flops[0] - 1 if flops[0] else None,
+               "saved": str(args.out) if args.out else None}
+    compute = f"{flops[0]:,.0f} -> {flops[1]:,.0f} FLOPs per sample" + \
+        (f" ({flops[1] / flops[0] - 1:+.1%})" if flops[0] else "")
     _print(args, summary, f"split {', '.join(split.split_layers) or 'no layer'} for tasks {', '.join(split.tasks)}: "
-           f"{before:,} -> {after:,} parameters ({after / before - 1:+.1%})")
+           f"{before:,} -> {after:,} parameters ({after / before - 1:+.1%}), {compute}")
     if args.out:
         torch.save(split, args.out)
         _note(args, f"wrote {args.out}")

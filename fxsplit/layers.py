@@ -26,7 +26,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from . import structure
+from . import compute, structure
 from .errors import FxsplitError
 from .modules import attribute, canonical_names, owner, torch_layer
 from .tracing import as_example, route_of, trace_graph, unwrapped
@@ -157,7 +157,9 @@ def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = N
     :func:`fxsplit.trace` takes them; with an example, the trace is checked against the model on it).
 
     Both routes give the same layers under the same names. ``graph.graph["route"]`` and
-    ``graph.graph["route_reason"]`` say which route traced the model and why.
+    ``graph.graph["route_reason"]`` say which route traced the model and why; with an example,
+    ``graph.graph["compute"]`` is the model's compute profile on it (see ``fxsplit.compute``), which a
+    :class:`~fxsplit.ConflictMonitor` given this graph passes on to its report.
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
@@ -175,8 +177,10 @@ def layer_graph(model: nn.Module, *, tracer_kwargs: Mapping[str, Any] | None = N
     ([('0', '1')], 224, 'export')
     """
     model = unwrapped(model)
-    return graph_of(trace_graph(model, tracer_kwargs, method=method, example=as_example(example_inputs,
-                                                                                         example_kwargs)))
+    example = as_example(example_inputs, example_kwargs)
+    traced = trace_graph(model, tracer_kwargs, method=method, example=example)
+    graph = graph_of(traced)
+    return graph if example is None else with_profile(graph, traced, lambda module: module(*example[0], **example[1]))
 
 
 def graph_of(gm: fx.GraphModule) -> LayerGraph:
@@ -190,6 +194,13 @@ def graph_of(gm: fx.GraphModule) -> LayerGraph:
                        calls=[node.name for node in layer.calls], parameters=list(layer.parameters),
                        members=list(layer.members), outputs=_outputs_fed(layer, leaves))
     graph.add_edges_from(_layer_edges(gm.graph, layers))
+    return graph
+
+
+def with_profile(graph: LayerGraph, gm: fx.GraphModule, call) -> LayerGraph:
+    """``graph``, the layer graph of ``gm``, with ``graph.graph["compute"]``: the FLOPs profile of ``gm`` on the
+    example ``call(module)`` (see ``fxsplit.compute``), ``None`` where the call cannot run the graph alone."""
+    graph.graph["compute"] = compute.profile(gm, graph, call, _output_leaves(gm.graph), reads_metadata)
     return graph
 
 

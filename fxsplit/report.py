@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -11,6 +12,7 @@ from pathlib import Path
 import networkx as nx
 import numpy as np
 
+from .compute import added
 from .errors import FxsplitError, LayerError, ReportError, unknown_layer
 from .grouping import EACH, LayerGrouping, best_layers, check_partition, copies, streams, within_budget
 from .outputs import Paths, part_from_json
@@ -151,6 +153,18 @@ class ConflictReport:
     that a selection splits on the same route, checked on it; it is kept in memory only: :meth:`save` writes no
     tensors, and a loaded report has none.
 
+    Steps where only some tasks had a loss: ``pair_steps[p]`` is the number of scored steps at which both tasks of
+    ``pairs[p]`` had one, the steps its counts and ``mean_cosine`` are over (``whole_cosine`` is ``None`` at the
+    others). A pair's *rate* on a layer is its count over its pair steps; a layer's rate (:meth:`rates_at`) sums its
+    pairs' rates: its score per step, as if every pair were scored at every step. :meth:`ranking`, which ``top`` and
+    ``within`` follow, ranks by score when every pair was scored equally often (fully labelled steps: the score
+    divided by the steps, the same order) and by rate otherwise, so that a pair scored at few steps neither vanishes
+    nor dominates; a pair never scored (its tasks never had a loss at one step) adds nothing. A report saved without
+    ``pair_steps`` (before it existed) was fully labelled: every pair was scored at every step.
+
+    :meth:`flops` is what a split adds in compute (FLOPs per sample, by the profile in ``graph.graph["compute"]``
+    that analyze measures on its first batch), :meth:`describe` a selection's parameters and FLOPs together.
+
     ``print(report)`` shows the 20 top-ranked layers (and how many more there are) and ends with a ``warning:``
     line when the ranking is likely noise: fewer than 20 scored steps, or a tie at the top (tied layers are ranked
     in network order). ``plot(path, chosen=report.top(k))`` draws the scores per layer with the chosen ones marked.
@@ -171,8 +185,14 @@ class ConflictReport:
     skipped: int = 0
     outputs: dict[str, list] | None = None
     example: tuple[tuple, dict] | None = field(default=None, repr=False, compare=False)
+    pair_steps: list[int] | None = None
 
     def __post_init__(self):
+        if self.pair_steps is None:
+            self.pair_steps = [self.steps] * len(self.pairs)
+        if len(self.pair_steps) != len(self.pairs):
+            raise ReportError(f"pair_steps has {len(self.pair_steps)} entries for {len(self.pairs)} task pairs: one "
+                              f"per pair, the steps it was scored at.")
         for k, threshold in enumerate(self.thresholds):
             for layer, score in self.scores_at(threshold).items():
                 self.graph.nodes[layer].setdefault("scores", {})[threshold] = score
@@ -202,6 +222,31 @@ class ConflictReport:
         totals = {layer: sum(self.counts[k][l]) for l, layer in enumerate(self.layers)}
         return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
+    def rates_at(self, threshold: float | None = None) -> dict[str, float]:
+        """Layer -> its rate at ``threshold`` (default: the primary one): the sum over its pairs of count / pair
+        steps (a pair never scored adds 0), highest first (ties in graph order)."""
+        rates = {layer: sum(rate for rate in pairs.values() if rate is not None)
+                 for layer, pairs in self.pair_rates(threshold).items()}
+        return dict(sorted(rates.items(), key=lambda item: -item[1]))
+
+    def pair_rates(self, threshold: float | None = None) -> dict[str, dict[tuple[str, str], float | None]]:
+        """Layer -> {(task, task): count / pair steps} at ``threshold`` (default: the primary one), in graph order;
+        ``None`` for a pair never scored."""
+        steps = dict(zip(map(tuple, self.pairs), self.pair_steps))
+        return {layer: {pair: n / steps[pair] if steps[pair] else None for pair, n in counts.items()}
+                for layer, counts in self.pair_counts(threshold).items()}
+
+    def ranking(self, threshold: float | None = None) -> dict[str, float]:
+        """What ``top`` and ``within`` rank by, highest first: the scores (:meth:`scores_at`) when every pair was
+        scored at the same number of steps, else the rates (:meth:`rates_at`)."""
+        threshold = self.thresholds[0] if threshold is None else threshold
+        return self.scores_at(threshold) if self.equal_pair_steps else self.rates_at(threshold)
+
+    @property
+    def equal_pair_steps(self) -> bool:
+        """Whether every task pair was scored at the same number of steps (as with fully labelled steps)."""
+        return len(set(self.pair_steps)) <= 1
+
     def pair_counts(self, threshold: float | None = None) -> dict[str, dict[tuple[str, str], int]]:
         """Layer -> {(task, task): count} at ``threshold`` (default: the primary one), in graph order."""
         k = self._threshold_index(self.thresholds[0] if threshold is None else threshold)
@@ -229,9 +274,55 @@ class ConflictReport:
         fed = self.graph.nodes[layer].get("outputs")
         if fed is None:  # a graph that does not say which outputs a layer feeds (made by hand, or saved before)
             return list(self.reach[layer])
-        using = {task for task in self.tasks for part in self._parts(task) for path in fed
-                 if path[:len(part)] == part}
+        using = self._fed(fed)
         return [task for task in self.tasks if task in using or task in self.reach[layer]]
+
+    def _fed(self, paths: list[list]) -> set[str]:
+        """The tasks whose part of the output holds one of the leaves at ``paths``."""
+        return {task for task in self.tasks for part in self._parts(task) for path in paths
+                if path[:len(part)] == part}
+
+    def flops(self, layers: str | Iterable[str]) -> float:
+        """FLOPs per sample that splitting ``layers`` (one name, or a selection) adds to the model's forward pass.
+
+        Recon's split runs one stream per task from the first split layer on: every traced node downstream of a
+        split layer (its own call among them) runs once per task whose output it feeds. The added FLOPs are the sum
+        over those nodes of (tasks fed - 1) x their FLOPs, as ``torch.utils.flop_counter.FlopCounterMode`` counts
+        them (matrix products, convolutions, attention), per sample of the batch they were measured on: analyze's
+        first batch, or the example given to ``fxsplit.layer_graph``. :attr:`model_flops` is the model's own.
+        """
+        compute = self._compute()
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        for layer in layers:
+            if layer not in self.graph:
+                raise unknown_layer(layer, self.graph)
+        return added(compute, [self.graph.nodes[layer]["order"] for layer in layers], lambda fed: len(self._fed(fed)))
+
+    @property
+    def model_flops(self) -> float:
+        """The model's forward FLOPs per sample, as :meth:`flops` counts them."""
+        return self._compute()["model"]
+
+    def _compute(self) -> dict:
+        compute = self.graph.graph.get("compute")
+        if compute is None:
+            raise ReportError("this report has no compute profile: FLOPs are measured on an example, which analyze "
+                              "takes from its first batch; for a ConflictMonitor pass graph=fxsplit.layer_graph(model, "
+                              "example_inputs=x). A model whose forward call reads more than its graph is not "
+                              "measured.")
+        return compute
+
+    def describe(self, layers: Iterable[str]) -> str:
+        """What splitting ``layers`` adds, in parameters and (when measured) in FLOPs per sample, e.g.
+        ``"3 layers: +1,056 parameters (+2.1%), +120 kFLOPs per sample (+8.0%)"``."""
+        layers = list(layers)
+        params = sum(self.cost(layer) for layer in layers)
+        total = sum(count for _, count in self.graph.nodes(data="params"))
+        text = f"{len(layers)} layers: +{params:,} parameters ({_share(params, total)})"
+        if self.graph.graph.get("compute") is not None:
+            flops = self.flops(layers)
+            text += f", +{_flops(flops)} per sample ({_share(flops, self.model_flops)})"
+        return text
 
     def _parts(self, task: str) -> list[list]:
         """The key paths of ``task``'s part of the output: as analyze found it, else as ``rewrite`` reads it without
@@ -243,21 +334,28 @@ class ConflictReport:
         return [[task]] if keyed else [[]]
 
     def top(self, k: int) -> LayerSelection:
-        """The ``k`` highest-scoring layers."""
+        """The ``k`` top-ranked layers (by :meth:`ranking`)."""
         if not isinstance(k, int) or k < 0:
             raise LayerError(f"top(k) needs a count k >= 0, got {k!r}.")
-        return self._selection(list(self.scores)[:k])
+        return self._selection(list(self.ranking())[:k])
 
-    def within(self, budget: float) -> LayerSelection:
-        """Layers in ranking order (score > 0) whose split adds at most ``budget`` x the model's parameters (by
-        :meth:`cost`: the copies ``rewrite`` makes); a layer that would overshoot is skipped and the next ones are
-        tried."""
-        if not budget >= 0:
-            raise LayerError(f"within(budget) needs a fraction >= 0 of the model's parameters, got {budget!r}.")
-        allowance = budget * self._model_params()
+    def within(self, budget: float | None = None, *, flops: float | None = None) -> LayerSelection:
+        """Layers in :meth:`ranking` order (score > 0) whose split adds at most ``budget`` x the model's parameters
+        (by :meth:`cost`: the copies ``rewrite`` makes) and at most ``flops`` x the model's FLOPs per sample (by
+        :meth:`flops`); either budget may be left out. A layer that would overshoot is skipped and the next ones
+        are tried."""
+        for name, value in (("budget", budget), ("flops", flops)):
+            if value is not None and not value >= 0:
+                raise LayerError(f"within({name}=...) needs a fraction >= 0 of the model's "
+                                 f"{'parameters' if name == 'budget' else 'FLOPs'}, got {value!r}.")
+        if budget is None and flops is None:
+            raise LayerError("within() needs a budget: within(0.05) (parameters) and/or within(flops=0.5).")
+        allowance = math.inf if budget is None else budget * self._model_params()
+        compute = math.inf if flops is None else flops * self.model_flops
         chosen = []
-        for layer, score in self.scores.items():
-            if score > 0 and self.cost(layer) <= allowance:
+        for layer, score in self.ranking().items():
+            if score > 0 and self.cost(layer) <= allowance and (flops is None or
+                                                                 self.flops([*chosen, layer]) <= compute):
                 chosen.append(layer)
                 allowance -= self.cost(layer)
         return self._selection(chosen)
@@ -306,6 +404,11 @@ class ConflictReport:
         if max_groups is not None and (not isinstance(max_groups, int) or isinstance(max_groups, bool)
                                        or max_groups < 2):
             raise LayerError(f"groups(max_groups=) needs a count >= 2 (one group splits nothing), got {max_groups!r}.")
+        if not self.equal_pair_steps:
+            raise ReportError("groups() clusters tasks by their pairs' conflict counts, which are comparable only when "
+                              "every pair was scored at the same steps; this report's pairs were not (steps where "
+                              f"only some tasks had a loss: pair_steps {self.pair_steps}). Use top(k) or within(), "
+                              "which rank by rate, or score on fully labelled steps.")
         threshold = self.thresholds[0] if threshold is None else threshold
         scores = self.scores_at(threshold)
         groupings = [self._grouping(layer, self._threshold_index(threshold)) for layer in self.layers
@@ -337,19 +440,32 @@ class ConflictReport:
     def _model_params(self) -> int:
         return sum(params for _, params in self.graph.nodes(data="params"))
 
-    def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float]:
-        """Per task pair, the fraction of steps whose whole-shared-vector cosine is below ``threshold``."""
-        return {tuple(pair): sum(step[p] < threshold for step in self.whole_cosine) / max(self.steps, 1)
-                for p, pair in enumerate(self.pairs)}
+    def conflict_rate(self, threshold: float) -> dict[tuple[str, str], float | None]:
+        """Per task pair, the fraction of its pair steps whose whole-shared-vector cosine is below ``threshold``
+        (``None`` for a pair never scored; 0 when no step was)."""
+        below = [sum(step[p] is not None and step[p] < threshold for step in self.whole_cosine)
+                 for p in range(len(self.pairs))]
+        return {tuple(pair): n / steps if steps else (0.0 if not self.steps else None)
+                for pair, n, steps in zip(self.pairs, below, self.pair_steps)}
 
     def __str__(self) -> str:
-        header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}  mean cos"
-        lines = [f"Conflict scores over {self.steps} steps, tasks {self.tasks}, cosine < {self.thresholds[0]}",
-                 header, "-" * len(header)]
-        ranked = list(self.scores.items())
-        lines += [self._row(rank, layer, score) for rank, (layer, score) in enumerate(ranked[:PRINTED], 1)]
+        rate = "" if self.equal_pair_steps else f"  {'rate':>6}"
+        compute = f"  {'FLOPs':>7}" if self.graph.graph.get("compute") is not None else ""
+        header = f"{'rank':>4}  {'layer':<40} {'kind':<16} {'params':>10}  {'score':>6}{rate}  mean cos{compute}"
+        lines = [f"Conflict scores over {self.steps} steps, tasks {self.tasks}, cosine < {self.thresholds[0]}"]
+        if not self.equal_pair_steps:
+            steps = ", ".join(f"{a}-{b} {n}" for (a, b), n in zip(self.pairs, self.pair_steps))
+            lines.append(f"pairs scored at unequal numbers of steps ({steps}): ranked by rate")
+        lines += [header, "-" * len(header)]
+        ranked = list(self.ranking())
+        lines += [self._row(rank, layer) for rank, layer in enumerate(ranked[:PRINTED], 1)]
         if len(ranked) > PRINTED:
-            lines.append(f"... and {len(ranked) - PRINTED} more layers, with scores {ranked[PRINTED][1]} and below")
+            what = "scores" if self.equal_pair_steps else "rates"
+            lines.append(f"... and {len(ranked) - PRINTED} more layers, with {what} "
+                         f"{self._rank_value(ranked[PRINTED])} and below")
+        if compute:
+            lines.append(f"FLOPs: what splitting the layer alone adds to the model's {_flops(self.model_flops)} per "
+                         f"sample; top(5): {self.describe(self.top(5))}")
         lines += [f"warning: {caveat}" for caveat in self._caveats()]
         if self.skipped:
             lines.append(f"skipped: {self.skipped} steps whose gradients were not finite")
@@ -357,11 +473,19 @@ class ConflictReport:
             lines.append(f"not scored: {len(self.left_out)} layers (e.g. {next(iter(self.left_out.items()))})")
         return "\n".join(lines)
 
-    def _row(self, rank: int, layer: str, score: int) -> str:
+    def _row(self, rank: int, layer: str) -> str:
         node, l = self.graph.nodes[layer], self.layers.index(layer)
         cosines = [c for c in self.mean_cosine[l] if c is not None]
         mean = f"{sum(cosines) / len(cosines):+.3f}" if cosines else "-"
-        return f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {score:>6}  {mean}"
+        rate = "" if self.equal_pair_steps else f"  {self._rank_value(layer):>6}"
+        compute = "" if self.graph.graph.get("compute") is None else \
+            f"  {_share(self.flops(layer), self.model_flops):>7}"
+        return (f"{rank:>4}  {layer:<40} {node['kind']:<16} {node['params']:>10,}  {self.scores[layer]:>6}{rate}  "
+                f"{mean:<8}{compute}")
+
+    def _rank_value(self, layer: str) -> str:
+        value = self.ranking()[layer]
+        return str(value) if self.equal_pair_steps else f"{value:.3f}"
 
     def _caveats(self) -> list[str]:
         """Why the ranking may be noise: few steps, or a tie at the top (broken by network order)."""
@@ -369,11 +493,16 @@ class ConflictReport:
         if self.steps < FEW_STEPS:
             caveats.append(f"only {self.steps} steps were scored: a ranking from fewer than {FEW_STEPS} is mostly "
                            f"noise; score more batches")
-        scores = list(self.scores.values())
+        few = [f"{a}-{b} ({n})" for (a, b), n in zip(self.pairs, self.pair_steps) if n < min(FEW_STEPS, self.steps)]
+        if few:
+            caveats.append(f"pair(s) {', '.join(few)} were scored at fewer steps than {FEW_STEPS}: their rates are "
+                           f"mostly noise (0: never, their tasks never had a loss at one step, adding nothing)")
+        scores = list(self.ranking().values())
         tied = scores.count(scores[0]) if scores else 0
         if tied > 1:
-            caveats.append(f"the top {tied} layers tie at score {scores[0]}: their order is network order, not a "
-                           f"ranking; score more batches, or at another threshold")
+            what = "score" if self.equal_pair_steps else "rate"
+            caveats.append(f"the top {tied} layers tie at {what} {self._rank_value(next(iter(self.ranking())))}: "
+                           f"their order is network order, not a ranking; score more batches, or at another threshold")
         return caveats
 
     def to_dict(self) -> dict:
@@ -445,6 +574,17 @@ class ConflictReport:
             return self.thresholds.index(threshold)
         except ValueError:
             raise ReportError(f"threshold {threshold} was not scored; the report has {self.thresholds}.") from None
+
+
+def _flops(count: float) -> str:
+    """``count`` FLOPs with a unit prefix: ``"1.2 GFLOPs"``."""
+    scale, prefix = next(((10.0 ** power, prefix) for power, prefix in ((12, "T"), (9, "G"), (6, "M"), (3, "k"))
+                          if count >= 10.0 ** power), (1.0, ""))
+    return f"{count / scale:.3g} {prefix}FLOPs"
+
+
+def _share(part: float, whole: float) -> str:
+    return f"{100 * part / whole:+.1f}%" if whole else "-"
 
 
 def _bare(graph: nx.DiGraph) -> nx.DiGraph:

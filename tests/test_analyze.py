@@ -432,3 +432,72 @@ def test_a_forward_that_never_calls_the_model_itself_is_analyzed_with_a_graph_an
     report = fxsplit.analyze(model, tasks, batches, forward=forward, graph=fxsplit.layer_graph(model), progress=False)
     assert report.example is None and report.route == "fx"
     assert fxsplit.rewrite(model, report.top(2)).route_reason == "torch.fx traced it; not checked: no example input"
+
+
+# --- steps where only some tasks have a loss -----------------------------------------------------------------
+
+def _three_pair_report(counts: list[list[int]], pair_steps: list[int]) -> fxsplit.ConflictReport:
+    """A three-task report whose layers ``layer0``, ... have these counts per pair (a-b, a-c, b-c)."""
+    layers = [f"layer{i}" for i in range(len(counts))]
+    graph = nx.DiGraph()
+    graph.add_nodes_from((layer, {"kind": "Linear", "params": 10}) for layer in layers)
+    return fxsplit.ConflictReport(
+        tasks=["a", "b", "c"], thresholds=[0.0], layers=layers, pairs=[["a", "b"], ["a", "c"], ["b", "c"]],
+        counts=[counts], mean_cosine=[[-0.5, None if not pair_steps[1] else -0.5, -0.5]] * len(layers),
+        histogram=[[0] * 20] * len(layers), whole_cosine=[[0.0, None, 0.0]] * max(pair_steps), steps=max(pair_steps),
+        reach={layer: ["a", "b", "c"] for layer in layers}, left_out={}, graph=graph, pair_steps=pair_steps)
+
+
+def test_pairs_scored_unequally_often_rank_by_rate_so_a_rare_pair_neither_vanishes_nor_dominates():
+    # a-c was scored at 10 of 100 steps: layer1's 9 conflicts there are a rate of 0.9, layer0's 50 on a-b 0.5
+    report = _three_pair_report([[50, 0, 0], [0, 9, 0], [0, 1, 0]], pair_steps=[100, 10, 100])
+    assert report.scores == {"layer0": 50, "layer1": 9, "layer2": 1}
+    assert report.rates_at() == pytest.approx({"layer1": 0.9, "layer0": 0.5, "layer2": 0.1})
+    assert report.top(2) == ["layer1", "layer0"] and report.within(0.7) == ["layer1"]  # 20 of 21 parameters
+    assert report.pair_rates()["layer1"] == {("a", "b"): 0.0, ("a", "c"): 0.9, ("b", "c"): 0.0}
+    lines = str(report).splitlines()
+    assert lines[1] == "pairs scored at unequal numbers of steps (a-b 100, a-c 10, b-c 100): ranked by rate"
+    assert lines[4].split()[1:] == ["layer1", "Linear", "10", "9", "0.900", "-0.500"]
+    assert "warning: pair(s) a-c (10) were scored at fewer steps than 20" in str(report)
+
+
+def test_a_pair_never_scored_adds_nothing_and_divides_by_nothing():
+    report = _three_pair_report([[5, 0, 2], [1, 0, 0]], pair_steps=[30, 0, 30])
+    assert report.rates_at() == pytest.approx({"layer0": 7 / 30, "layer1": 1 / 30})
+    assert report.pair_rates()["layer0"][("a", "c")] is None
+    assert report.conflict_rate(0.5) == {("a", "b"): 1.0, ("a", "c"): None, ("b", "c"): 1.0}
+    assert "a-c (0)" in str(report) and report.top(1) == ["layer0"]
+    with pytest.raises(fxsplit.ReportError, match="pair_steps has 2 entries for 3 task pairs"):
+        _three_pair_report([[5, 0, 2]], pair_steps=[30, 30])
+
+
+def _labelled(task, column):
+    """A loss that has no value (None) for a batch whose labels of ``task`` are missing (all -1)."""
+    loss = cases()["cnn-3-tasks"][1][task]
+    return lambda out, batch: None if bool((batch[1][:, column] < 0).all()) else loss(out, batch)
+
+
+def test_analyze_scores_a_loss_that_returns_none_as_the_monitor_scores_an_absent_task():
+    model, tasks, batches = cases()["cnn-3-tasks"]
+    unlabelled = [(x, y.clone()) for x, y in batches]
+    unlabelled[0][1][:, 1] = -1  # task "b" (column 1) has no labels in the first batch, "a" none in the third
+    unlabelled[2][1][:, 0] = -1
+    partial = {"a": _labelled("a", 0), "b": _labelled("b", 1), "c": tasks["c"]}
+    report = fxsplit.analyze(copy.deepcopy(model), partial, unlabelled, progress=False)
+    monitor = fxsplit.ConflictMonitor(model, list(tasks))
+    for batch in unlabelled:
+        out = model(batch[0])
+        monitor.backward({task: loss(out, batch) for task, loss in partial.items()})
+    expected = monitor.report()
+    assert report.pair_steps == expected.pair_steps == [2, 3, 3]
+    assert report.counts == expected.counts and report.top(3) == expected.top(3)
+    assert report.outputs == {"a": ["a"], "b": ["b"], "c": ["c"]}  # "b" read from the first batch it had labels in
+    never = {**partial, "b": lambda out, batch: None}
+    with pytest.raises(fxsplit.TaskError, match=r"task\(s\) \['b'\] had no loss at any step"):
+        fxsplit.analyze(copy.deepcopy(model), never, unlabelled, progress=False)
+
+
+def test_groups_refuse_a_report_whose_pairs_were_scored_unequally_often():
+    report = _three_pair_report([[50, 0, 0]], pair_steps=[100, 10, 100])
+    with pytest.raises(fxsplit.ReportError, match=r"every pair was scored at the same steps.*\[100, 10, 100\]"):
+        report.groups(k=1)

@@ -282,12 +282,23 @@ def test_analyze_and_graph_say_which_files_they_wrote(tmp_path, capsys):
 
 def test_rewrite_names_the_layers_it_split_and_says_what_it_saved(tmp_path, capsys):
     spec, saved = spec_file(tmp_path), tmp_path / "split.pkl"
-    summary = "split trunk.0, trunk.2 for tasks a, b: 148 -> 260 parameters (+75.7%)"
+    summary = ("split trunk.0, trunk.2 for tasks a, b: 148 -> 260 parameters (+75.7%), 256 -> 448 FLOPs per sample "
+               "(+75.0%)")  # the trunk runs twice: 2 x (4 x 8 + 8 x 8) FLOPs more
     code, out, _ = run(capsys, "rewrite", str(spec), "--layers", "trunk.2", "trunk.0")
     assert (code, out) == (0, f"{summary}\nnothing saved: give --out FILE.pkl to save the split model\n")
     assert not saved.exists()
     code, out, _ = run(capsys, "rewrite", str(spec), "--layers", "trunk.2", "trunk.0", "--out", str(saved))
     assert (code, out) == (0, f"{summary}\nwrote {saved}\n") and saved.exists()
+
+
+def test_rewrite_chooses_within_a_compute_budget(tmp_path, capsys):
+    spec, report = spec_file(tmp_path), tmp_path / "report.json"
+    code, out, _ = run(capsys, "analyze", str(spec), "--out", str(report))
+    assert code == 0 and "FLOPs: what splitting the layer alone adds to the model's 256 FLOPs per sample" in out
+    code, out, _ = run(capsys, "rewrite", str(spec), "--report", str(report), "--flops", "0.6", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["flops_increase"] <= 0.6 and summary["flops_per_sample"] <= 1.6 * 256
+    assert summary["split_layers"] == fxsplit.ConflictReport.load(report).within(flops=0.6)
 
 
 def test_export_writes_a_saved_and_trained_split(tmp_path, capsys):

@@ -121,15 +121,51 @@ def test_manual_optimization_with_an_aggregator_scores_and_trains_as_the_plain_l
                                           r"\{\"loss\": sum\(losses.values\(\)\), \"losses\": \{task: loss\}\}; it "
                                           r"returned a Tensor"),
     (lambda losses: {"loss": sum(losses.values())}, r"it returned no 'losses' \(keys \['loss'\]\)"),
-    (lambda losses: {"loss": losses["a"], "losses": {"a": losses["a"]}}, r"no loss for task\(s\) \['b'\]"),
     (lambda losses: {"loss": losses["a"] + 2 * losses["b"], "losses": losses},
      r"'loss' .* is not the sum of its 'losses' .* with any task weights inside the losses"),
-], ids=["a-tensor", "no-losses", "a-task-missing", "a-weighted-total"])
+], ids=["a-tensor", "no-losses", "a-weighted-total"])
 def test_a_training_step_without_the_per_task_losses_is_a_task_error(returns, message):
     module = TwoTasks(MultiHead(SmallCNN(), 16), returns=returns)
     with pytest.raises(fxsplit.TaskError, match=message):
         fit(module, batches(1), ConflictCallback(TASKS))
     assert not {"backward", "training_step"} & set(vars(module))
+
+
+class PartlyLabelled(TwoTasks):
+    """Task "b" has no labels in the batches ``unlabelled`` picks (by index): its loss is None there."""
+
+    def __init__(self, net, manual, unlabelled):
+        super().__init__(net, manual)
+        self.unlabelled = unlabelled
+
+    def training_step(self, batch, batch_idx):
+        losses = {**step_losses(self.net, TASKS, batch), **({"b": None} if self.unlabelled(batch_idx) else {})}
+        if self.automatic_optimization:
+            return {"loss": sum(loss for loss in losses.values() if loss is not None), "losses": losses}
+        self.manual_backward(losses)
+        self.optimizers().step()
+        self.optimizers().zero_grad()
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_a_task_without_labels_in_some_batches_is_scored_at_the_others_and_in_none_is_a_task_error(manual):
+    net = MultiHead(SmallCNN(), 16)
+    twin, data = copy.deepcopy(net), batches()
+    callback = ConflictCallback(TASKS, model=net)
+    fit(PartlyLabelled(net, manual, lambda i: i % 2 == 0), data, callback)
+    monitor, optimizer = fxsplit.ConflictMonitor(twin, TASKS), torch.optim.SGD(twin.parameters(), **SGD)
+    for i, batch in enumerate(data):
+        monitor.backward({**step_losses(twin, TASKS, batch), **({"b": None} if i % 2 == 0 else {})})
+        optimizer.step()
+        optimizer.zero_grad()
+    report = callback.monitor.report()
+    assert report.pair_steps == monitor.report().pair_steps == [2]
+    assert_same_scores(report, monitor.report())
+    assert_same_weights(net, twin)
+    callback = ConflictCallback(TASKS)
+    fit(PartlyLabelled(MultiHead(SmallCNN(), 16), manual, lambda i: True), batches(1), callback)
+    with pytest.raises(fxsplit.TaskError, match=r"task\(s\) \['b'\] had no loss at any step"):
+        callback.monitor.report()
 
 
 def test_manual_backward_of_the_total_is_a_task_error():

@@ -1,10 +1,14 @@
 import copy
+import itertools
 import json
 import math
+import re
 
 import networkx as nx
 import pytest
 import torch
+import torch.nn.functional as F
+from hypothesis import example, given, settings, strategies as st
 from torch import nn
 
 import fxsplit
@@ -229,7 +233,8 @@ def _detached(out, batch):
 @pytest.mark.parametrize("act, error, match", [
     (lambda m, losses: m.backward({**losses, "c": losses["a"]}), fxsplit.TaskError,
      r"'c' is not a task of this monitor; its tasks are \['a', 'b'\]"),
-    (lambda m, losses: m.backward({"a": losses["a"]}), fxsplit.TaskError, r"no loss for task\(s\) \['b'\]"),
+    (lambda m, losses: (m.backward({"a": losses["a"]}), m.report()), fxsplit.TaskError,
+     r"task\(s\) \['b'\] had no loss at any step"),
     (lambda m, losses: m.backward([losses["a"], losses["b"]]), fxsplit.TaskError, "backward takes a mapping"),
     (lambda m, losses: m.backward({**losses, "b": losses["b"].detach()}), fxsplit.TaskError,
      "task 'b' does not depend on the model's parameters"),
@@ -748,3 +753,150 @@ def test_a_data_parallel_model_is_scored_through_its_module():
         reports.append(monitor.report())
     assert reports[1].counts == reports[0].counts and reports[1].layers == reports[0].layers
     assert len(reports[0].layers) > 5
+
+
+# --- steps where only some tasks have a loss -----------------------------------------------------------------
+
+def _partial_reference(model, tasks, batches, masks, graph, optimizer):
+    """The plain loop on partly labelled steps: per step, each present task's gradient by its own autograd.grad;
+    per layer and pair of present tasks that reach it, the cosine (weight and bias as one vector); then a step on
+    the present losses' sum. Returns {(layer, pair): cosines} and {pair: steps at which both tasks were present}."""
+    named = dict(model.named_parameters())
+    cosines, pair_steps = {}, dict.fromkeys(itertools.combinations(tasks, 2), 0)
+    for batch, mask in zip(batches, masks):
+        out = model(batch[0])
+        losses = {t: loss(out, batch) for t, loss in tasks.items() if mask[t]}
+        grads = {t: dict(zip(named, torch.autograd.grad(value, list(named.values()), retain_graph=True,
+                                                        allow_unused=True))) for t, value in losses.items()}
+        for pair in itertools.combinations(losses, 2):
+            pair_steps[pair] += 1
+        for layer, params in graph.nodes(data="parameters"):
+            users = [t for t in losses if any(grads[t][p] is not None for p in params)]
+            for a, b in itertools.combinations(users, 2):
+                va, vb = (torch.cat([(grads[t][p] if grads[t][p] is not None else torch.zeros_like(named[p]))
+                                     .reshape(-1) for p in params]) for t in (a, b))
+                cosines.setdefault((layer, (a, b)), []).append(F.cosine_similarity(va, vb, dim=0).item())
+        optimizer.zero_grad()
+        if losses:
+            sum(losses.values()).backward()
+        optimizer.step()
+    return cosines, pair_steps
+
+
+MASKS = st.lists(st.fixed_dictionaries({t: st.booleans() for t in "abcd"}), min_size=4, max_size=4)
+
+
+@settings(max_examples=12, deadline=None)
+@example(masks=[dict.fromkeys("abcd", True)] * 4)
+@example(masks=[{"a": True, "b": False, "c": True, "d": False}, {"a": False, "b": True, "c": True, "d": True}] * 2)
+@given(masks=MASKS)
+def test_partly_labelled_steps_score_each_pair_at_the_steps_both_its_tasks_have_a_loss(masks):
+    model, tasks, batches = scoring_cases()["called-twice-4-tasks"]
+    graph = fxsplit.layer_graph(model)
+    twin = copy.deepcopy(model)
+    monitor = fxsplit.ConflictMonitor(model, tasks, threshold=[0.0, 0.3], graph=graph)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for k, (batch, mask) in enumerate(zip(batches, masks)):
+        losses = step_losses(model, tasks, batch)
+        # an absent task: no entry at even steps, None at odd ones
+        monitor.backward({t: loss for t, loss in losses.items() if mask[t]} if k % 2 == 0 else
+                         {t: loss if mask[t] else None for t, loss in losses.items()})
+        _step(optimizer)
+    never = [t for t in tasks if not any(mask[t] for mask in masks)]
+    if never:
+        with pytest.raises(fxsplit.TaskError, match=re.escape(f"task(s) {never!r} had no loss at any step")):
+            monitor.report()
+        return
+    report = monitor.report()
+    cosines, pair_steps = _partial_reference(twin, tasks, batches, masks, graph, torch.optim.SGD(twin.parameters(),
+                                                                                                 lr=0.05))
+    _assert_same_state(model, twin)  # .grad was the present losses' sum
+    pairs = [tuple(pair) for pair in report.pairs]
+    assert report.pair_steps == [pair_steps[pair] for pair in pairs]
+    assert {layer for layer, _ in cosines} <= set(report.layers)
+    for k, S in enumerate([0.0, 0.3]):
+        for l, layer in enumerate(report.layers):
+            assert report.counts[k][l] == [sum(c < S for c in cosines.get((layer, pair), [])) for pair in pairs]
+        rates = {layer: sum(n / steps for n, steps in zip(report.counts[k][l], report.pair_steps) if steps)
+                 for l, layer in enumerate(report.layers)}
+        assert report.rates_at(S) == pytest.approx(rates, rel=1e-12)
+    for l, layer in enumerate(report.layers):
+        for p, pair in enumerate(pairs):
+            values = cosines.get((layer, pair))
+            assert report.mean_cosine[l][p] == (pytest.approx(sum(values) / len(values), rel=1e-9) if values else None)
+    by = report.scores if len(set(report.pair_steps)) == 1 else report.rates_at()
+    assert report.top(len(report.layers)) == sorted(report.layers, key=lambda layer: (-by[layer],
+                                                                                       report.layers.index(layer)))
+    assert all(step[p] is None for step, mask in zip(report.whole_cosine, masks) for p, (a, b) in enumerate(pairs)
+               if not (mask[a] and mask[b]))
+    str(report)  # prints without dividing by zero, whatever pairs were never scored
+
+
+def test_fully_labelled_steps_give_the_plain_loops_counts_and_rank_by_score():
+    model, tasks, batches = scoring_cases()["cnn-3-tasks"]
+    graph = fxsplit.layer_graph(model)
+    report = monitored(copy.deepcopy(model), tasks, batches, graph=graph)
+    expected = reference(model, tasks, batches, graph, [0.0])[0.0]
+    assert report.scores == {layer: expected.get(layer, 0) for layer in report.scores}
+    assert report.pair_steps == [len(batches)] * 3 and report.equal_pair_steps
+    assert report.top(5) == list(report.scores)[:5] and report.ranking() == report.scores
+    assert "rate" not in str(report)
+
+
+def _recording(calls):
+    def aggregator(jacobian):
+        calls.append(jacobian.clone())
+        return jacobian.mean(0)
+    return aggregator
+
+
+def test_an_aggregator_combines_the_present_tasks_only_and_one_present_task_trains_on_its_own_gradient():
+    model, tasks, batches = scoring_cases()["cnn-3-tasks"]
+    calls = []
+    monitor = fxsplit.ConflictMonitor(model, tasks, aggregator=_recording(calls))
+    trunk = dict(model.backbone.named_parameters())
+    for present in ("abc", "ac", "b"):
+        model.zero_grad(set_to_none=True)
+        losses = step_losses(model, tasks, batches[0])
+        expected = {t: torch.autograd.grad(losses[t], list(trunk.values()), retain_graph=True) for t in present}
+        monitor.backward({t: losses[t] for t in present})
+        if len(present) > 1:
+            jacobian = calls.pop()
+            assert jacobian.shape[0] == len(present)
+            combined = torch.stack([torch.cat([g.reshape(-1) for g in expected[t]]) for t in present]).mean(0)
+            assert torch.cat([p.grad.reshape(-1) for p in trunk.values()]).sort().values == \
+                pytest.approx(combined.sort().values, rel=1e-10)  # the rows' column order is the monitor's own
+        else:
+            assert not calls
+            for p, g in zip(trunk.values(), expected["b"]):
+                torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+        assert model.heads["a"].weight.grad is None if "a" not in present else model.heads["a"].weight.grad.abs().sum()
+
+
+def test_a_step_with_no_task_is_recorded_and_changes_no_grad():
+    model, tasks, batches = scoring_cases()["cnn-bn"]
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    monitor.backward({"a": None, "b": None})
+    assert all(p.grad is None for p in model.parameters())
+    monitor.backward(step_losses(model, tasks, batches[0]))
+    report = monitor.report()
+    assert report.steps == 2 and report.pair_steps == [1] and report.whole_cosine[0] == [None]
+
+
+def test_a_report_without_pair_steps_loads_as_fully_labelled(tmp_path):
+    model, tasks, batches = scoring_cases()["cnn-bn"]
+    report = monitored(model, tasks, batches)
+    data = report.to_dict()
+    del data["pair_steps"]
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(data))
+    loaded = fxsplit.ConflictReport.load(path)
+    assert loaded.pair_steps == [len(batches)] and loaded.top(3) == report.top(3)
+
+
+def test_partly_labelled_steps_need_every_task_under_a_process_group(monkeypatch):
+    model, tasks, batches = scoring_cases()["cnn-bn"]
+    monitor = fxsplit.ConflictMonitor(model, tasks)
+    monkeypatch.setattr(monitor, "_reduction", object())  # as under an initialized process group of 2 ranks
+    with pytest.raises(fxsplit.ScoringError, match=r"no loss for task\(s\) \['b'\].*under a process group"):
+        monitor.backward({"a": step_losses(model, tasks, batches[0])["a"]})

@@ -19,7 +19,8 @@ THRESHOLDS = [0.0, -0.3, 0.4]
 @st.composite
 def layouts(draw):
     """Parameter shapes, layers (lists of parameter indices; a parameter may sit in two layers, as a tied one
-    does), and per step and task the gradients (``None`` where the task's loss does not reach)."""
+    does), per step and task the gradients (``None`` where the task's loss does not reach), and per step which tasks
+    have a loss."""
     tasks = draw(st.integers(2, 4))
     shapes = draw(st.lists(st.sampled_from(SHAPES), min_size=1, max_size=8))
     owner = draw(st.lists(st.integers(0, 3), min_size=len(shapes), max_size=len(shapes)))
@@ -30,7 +31,8 @@ def layouts(draw):
     reached = draw(st.lists(st.lists(st.booleans(), min_size=len(shapes), max_size=len(shapes)),
                             min_size=tasks, max_size=tasks))
     seed = draw(st.integers(0, 2**16))
-    return tasks, shapes, layers, reached, seed
+    present = draw(st.lists(st.lists(st.booleans(), min_size=tasks, max_size=tasks), min_size=2, max_size=2))
+    return tasks, shapes, layers, reached, seed, present
 
 
 def _gradients(shapes, reached, generator):
@@ -54,7 +56,7 @@ def _expected(layers, grads, shapes, tasks):
 
 @given(layouts())
 def test_counts_equal_direct_cosines_over_random_layer_layouts(layout):
-    tasks, shapes, layers, reached, seed = layout
+    tasks, shapes, layers, reached, seed, present = layout
     generator = torch.Generator().manual_seed(seed)
     params = [torch.zeros(shape, dtype=torch.float64) for shape in shapes]
     graph = nx.DiGraph()
@@ -75,7 +77,7 @@ def test_counts_equal_direct_cosines_over_random_layer_layouts(layout):
             for t in range(tasks):
                 rows.add(t, more[t])
             grads = [[None if a is None else a + b for a, b in zip(g, m)] for g, m in zip(grads, more)]
-        counter.update(layer_grams(rows.grams()), torch.tensor(True))
+        counter.update(layer_grams(rows.grams()), torch.tensor(True), counter.pairs_of(torch.tensor(present[step])))
         expected.append(_expected(layers, grads, shapes, tasks))
         shared = sorted({i for k, layer in enumerate(layers) if k in expected[-1] for i in layer})
         whole = _expected([shared], grads, shapes, tasks).get(0, {}) if shared else {}
@@ -85,10 +87,13 @@ def test_counts_equal_direct_cosines_over_random_layer_layouts(layout):
     assert scope.layers == [f"layer{k}" for k in scored]
     tally = counter.tally()
     pairs = list(itertools.combinations(range(tasks), 2))
+    both = [[present[step][a] and present[step][b] for a, b in pairs] for step in range(2)]
+    assert tally.pair_steps.tolist() == [sum(step[p] for step in both) for p in range(len(pairs))]
     for row, k in enumerate(scored):
         for p, pair in enumerate(pairs):
-            cosines = [step[k][pair] for step in expected if pair in step[k]]
+            cosines = [step[k][pair] for step, counted in zip(expected, both) if pair in step[k] and counted[p]]
             for s, threshold in enumerate(THRESHOLDS):
                 assert tally.counts[s, row, p].item() == sum(c < threshold for c in cosines)
             assert abs(tally.cosine_sum[row, p].item() - sum(cosines)) < 1e-12
-        assert tally.histogram[row].sum().item() == 2 * len(expected[0][k])
+        assert tally.histogram[row].sum().item() == sum(counted[pairs.index(pair)] for counted in both
+                                                       for pair in expected[0][k])

@@ -36,7 +36,8 @@ class ConflictCallback(pl.Callback):
     the :class:`~fxsplit.ConflictReport`; ``path`` saves it at the end of ``fit``.
 
     Args:
-        tasks: the task names, the keys of ``"losses"``.
+        tasks: the task names, the keys of ``"losses"`` (``None``, or no entry, for a task without labels in the
+            batch: see :class:`~fxsplit.ConflictMonitor`).
         model: the module to score (default: the ``LightningModule``); its layer graph is traced from its
             ``forward``, and it must hold every parameter the optimizers train.
         path: where to save the report when ``fit`` ends.
@@ -146,7 +147,10 @@ class ConflictCallback(pl.Callback):
                 raise TaskError(f"with ConflictCallback, manual optimization calls self.manual_backward(losses) with "
                                 f"the mapping task -> loss, {self.tasks}, not with their total "
                                 f"({type(losses).__name__}).")
-            losses = {task: loss_value(task, loss) for task, loss in losses.items()}
+            losses = {task: loss_value(task, loss) for task, loss in losses.items() if loss is not None}
+            if not losses:
+                raise TaskError("manual_backward got no task's loss (all None): skip the backward of a batch without "
+                                "any task's labels.")
             self._pending = (losses, None)
             manual_backward(sum(losses.values()), *args, **kwargs)  # precision plugin, hooks; then _backward
 

@@ -28,11 +28,12 @@ class TensorBoardLogger:
       of task pairs whose gradients on all scored layers together (the parameters still shared) have cosine below S
       (averaged over the steps, ``report.conflict_rate(S)`` averaged over pairs);
     * ``fxsplit/layer_conflict_rate/{layer}`` for the ``top`` layers scored highest so far, at the interval's last
-      step: the share of (scored step, task pair that reaches the layer) with cosine below the primary S so far
-      (``report.counts`` over the steps and the layer's pairs);
+      step: the share of (scored step, task pair that reaches the layer, both tasks with a loss) with cosine below
+      the primary S so far (``report.counts`` over the layer's pair steps);
     * ``fxsplit/layer_cosine``, a heat map: a row per scored layer in network order, a column per step of the
       interval, the layer's mean pair cosine from red (-1) through white (0) to blue (+1), grey where a step was
-      not scored.
+      not scored. When the monitor's scored layers grow (a task has a loss for the first time), the interval so far
+      is written on the layers it had, and the next starts with all of them.
 
     ``writer``: a ``SummaryWriter``, or the log directory of a new one. Call :meth:`flush` at the end of training
     (it writes the steps since the last interval).
@@ -54,25 +55,35 @@ class TensorBoardLogger:
                              f"{top!r}.")
         self.writer = writer if isinstance(writer, SummaryWriter) else SummaryWriter(os.fspath(writer))
         self.every, self.top = every, top
-        self._figures: StepFigures | None = None  # the last step's (names and reach stay the same)
+        self._figures: StepFigures | None = None  # the last step's
         self._steps: list[int] = []  # of the interval
         self._shares: list[torch.Tensor] = []  # per step of the interval: (thresholds,)
         self._cosines: list[torch.Tensor] = []  # per step of the interval: (layers,)
         self._conflicts: torch.Tensor | None = None  # per layer, since the start: conflicting (step, pair) at S
-        self._scored: torch.Tensor | None = None  # steps scored since the start
+        self._pair_steps: torch.Tensor | None = None  # per layer, since the start: scored (step, valid pair)
 
     def __call__(self, figures: StepFigures) -> None:
-        if self._conflicts is None:
-            self._conflicts = torch.zeros(len(figures.layers), dtype=torch.int64, device=figures.cosine.device)
-            self._scored = torch.zeros((), dtype=torch.int64, device=figures.cosine.device)
+        if self._figures is None or list(figures.layers) != list(self._figures.layers):
+            self._grow(figures)
         self._figures = figures
         self._steps.append(figures.step)
         self._shares.append(figures.conflicting_pairs())
         self._cosines.append(figures.layer_cosine())
         self._conflicts.add_(figures.conflicts[0].sum(1))
-        self._scored.add_(figures.scored)
+        self._pair_steps.add_(torch.bitwise_and(figures.valid, figures.scored).sum(1))
         if len(self._steps) >= self.every:
             self._write()
+
+    def _grow(self, figures: StepFigures) -> None:
+        """Start the tallies on ``figures``' layers, carrying those of the layers seen so far."""
+        self._write()
+        tallies = [torch.zeros(len(figures.layers), dtype=torch.int64, device=figures.cosine.device) for _ in range(2)]
+        if self._figures is not None:
+            at = torch.tensor([list(figures.layers).index(layer) for layer in self._figures.layers],
+                              dtype=torch.int64, device=figures.cosine.device)
+            for tally, old in zip(tallies, (self._conflicts, self._pair_steps)):
+                tally[at] = old
+        self._conflicts, self._pair_steps = tallies
 
     def flush(self) -> None:
         """Write the steps since the last interval, and flush the writer."""
@@ -84,19 +95,18 @@ class TensorBoardLogger:
             return
         figures, steps = self._figures, self._steps
         shares, cosines = torch.stack(self._shares), torch.stack(self._cosines)
-        parts = [shares.flatten(), cosines.flatten(), self._conflicts.double(), figures.valid.sum(1).double(),
-                 self._scored.double().view(1)]
+        parts = [shares.flatten(), cosines.flatten(), self._conflicts.double(), self._pair_steps.double()]
         host = torch.cat(parts).cpu().numpy()  # the interval's one read from the device
-        shares, cosines, conflicts, pairs, (scored,) = np.split(host, np.cumsum([p.numel() for p in parts])[:-1])
+        shares, cosines, conflicts, pair_steps = np.split(host, np.cumsum([p.numel() for p in parts])[:-1])
         shares, cosines = shares.reshape(len(steps), -1), cosines.reshape(len(steps), -1)
         for step, row in zip(steps, shares):
             for threshold, share in zip(figures.thresholds, row):
                 if not np.isnan(share):  # a step not scored
                     self.writer.add_scalar(share_key(threshold), share, step)
-        if scored:
-            for layer in np.argsort(-conflicts, kind="stable")[:self.top]:  # ties in network order, as reports rank
-                self.writer.add_scalar(layer_rate_key(figures.layers[layer]),
-                                       conflicts[layer] / (scored * pairs[layer]), steps[-1])
+        for layer in np.argsort(-conflicts, kind="stable")[:self.top]:  # ties in network order, as reports rank
+            if pair_steps[layer]:
+                self.writer.add_scalar(layer_rate_key(figures.layers[layer]), conflicts[layer] / pair_steps[layer],
+                                       steps[-1])
         self.writer.add_image(HEAT_MAP_KEY, heat_map(cosines.T), steps[-1], dataformats="HWC")
         self._steps, self._shares, self._cosines = [], [], []
 

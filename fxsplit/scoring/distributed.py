@@ -56,13 +56,14 @@ class Reduction:
         """Local mode: the ranks' counts summed, their steps listed one rank after another."""
         if self.mode == "global":
             return tally
-        summed = [t.clone() for t in (tally.counts, tally.cosine_sum, tally.histogram)]
+        summed = [t.clone() for t in (tally.counts, tally.cosine_sum, tally.histogram, tally.pair_steps)]
         for t in summed:
             dist.all_reduce(t, group=self.group)
         steps = [None] * self.world
-        dist.all_gather_object(steps, (tally.whole.cpu(), tally.finite.cpu()), group=self.group)
-        whole, finite = (torch.cat(parts).to(tally.whole.device) for parts in zip(*steps))
-        return Tally(*summed, whole, finite)
+        dist.all_gather_object(steps, (tally.whole.cpu(), tally.finite.cpu(), tally.present.cpu()), group=self.group)
+        whole, finite, present = (torch.cat(parts).to(tally.whole.device) for parts in zip(*steps))
+        counts, cosine_sum, histogram, pair_steps = summed
+        return Tally(counts, cosine_sum, histogram, whole, finite, present, pair_steps)
 
     def check_same_parameters(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """Raise if the ranks start from different parameters: their training would silently diverge."""

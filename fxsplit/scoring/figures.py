@@ -19,10 +19,11 @@ class StepFigures:
 
     ``step`` counts the monitor's optimizer steps from 0, the unscored ones (non-finite gradients) included.
     ``cosine[l, p]`` is the gradient cosine of task pair ``pairs[p]`` on layer ``layers[l]``, meaningful where
-    ``valid[l, p]`` (both tasks reach the layer); ``whole[p]`` the cosine over all scored layers' parameters
-    together; ``conflicts[k, l, p]`` what the step adds to ``report.counts[k][l][p]`` (cosine below
-    ``thresholds[k]``, counted only where valid and scored); ``scored`` whether the step was scored; ``limits``
-    the thresholds as a column on the device.
+    ``valid[l, p]`` (both tasks reach the layer and have a loss at this step); ``whole[p]`` the cosine over all
+    scored layers' parameters together, meaningful where ``present[p]`` (both tasks have a loss); ``conflicts[k, l,
+    p]`` what the step adds to ``report.counts[k][l][p]`` (cosine below ``thresholds[k]``, counted only where valid
+    and scored); ``scored`` whether the step was scored; ``limits`` the thresholds as a column on the device. The
+    layers grow when a task has a loss for the first time (see :class:`fxsplit.ConflictMonitor`).
 
     >>> import torch, fxsplit
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
@@ -45,15 +46,19 @@ class StepFigures:
     whole: torch.Tensor  # (pairs,) float64
     conflicts: torch.Tensor  # (thresholds, layers, pairs) bool
     scored: torch.Tensor  # () bool
+    present: torch.Tensor  # (pairs,) bool
     limits: torch.Tensor = field(repr=False)  # (thresholds, 1) float64: the thresholds, on the device
 
     def conflicting_pairs(self) -> torch.Tensor:
-        """Per threshold, the share of task pairs whose cosine on all scored layers together is below it; NaN at a
-        step not scored. Averaged over steps, it is ``report.conflict_rate(threshold)`` averaged over pairs."""
-        share = torch.lt(self.whole, self.limits).double().mean(1)
-        return torch.where(self.scored, share, share.new_full((), float("nan")))
+        """Per threshold, the share of the present task pairs whose cosine on all scored layers together is below
+        it; NaN at a step not scored, or with no pair present. With every task present at every step, its mean over
+        steps is ``report.conflict_rate(threshold)`` averaged over pairs."""
+        below = torch.bitwise_and(torch.lt(self.whole, self.limits), self.present)
+        share = below.double().sum(1) / self.present.sum().clamp_min(1)
+        return torch.where(torch.bitwise_and(self.scored, self.present.any()), share, share.new_full((), float("nan")))
 
     def layer_cosine(self) -> torch.Tensor:
-        """Per scored layer, the mean cosine of the task pairs that reach it; NaN at a step not scored."""
-        mean = torch.where(self.valid, self.cosine, 0.0).sum(1) / self.valid.sum(1)
-        return torch.where(self.scored, mean, mean.new_full((), float("nan")))
+        """Per scored layer, the mean cosine of the valid task pairs; NaN at a step not scored, or with none."""
+        count = self.valid.sum(1)
+        mean = torch.where(self.valid, self.cosine, 0.0).sum(1) / count.clamp_min(1)
+        return torch.where(torch.bitwise_and(self.scored, count > 0), mean, mean.new_full((), float("nan")))

@@ -44,6 +44,7 @@ class _Layout:
         self.infinity: torch.Tensor | None = None
         self.shared: set[int] = set()  # parameters the aggregator combines (positions in the layout)
         self.shared_columns: list[tuple[int, int]] = []
+        self.seen: set[int] = set()  # tasks that had a loss at a scored step in this layout
 
     def fit(self, scope: ScoredLayers, shared: Iterable[int]) -> None:
         """Read the scored layers' Gram matrices, and the columns the aggregator combines, in this layout."""
@@ -64,7 +65,7 @@ class _Step:
     """
 
     layout: _Layout
-    stored: list[bool]  # per task: its row holds this step's first micro-batch
+    stored: list[bool]  # per task: its row holds this step's first micro-batch (the task has a loss at this step)
     reached: list[set[int]]  # per task: the parameters (positions in the layout) its losses reached
     captured: dict[str, bool] = field(default_factory=dict)  # hook style: this micro-batch's tasks -> accumulate
     sparse: dict[int, torch.Tensor] = field(default_factory=dict)  # sparse gradients, summed over tasks and batches
@@ -83,6 +84,14 @@ class ConflictMonitor:
     comes from its own autograd pass, the step is scored, and every parameter's ``.grad`` receives what the summed
     loss would have given it (the task gradients' sum) or, with an ``aggregator``, the aggregator's combination.
     ``monitor.report()`` is the same :class:`ConflictReport` that :func:`fxsplit.analyze` returns.
+
+    Steps where only some tasks have a loss (partly labelled batches): leave a task out of the mapping, or give it
+    ``None``. A task pair is scored only at the steps where both of its tasks have a loss (``report.pair_steps``
+    counts them); ``.grad`` receives the present tasks' sum (an aggregator combines the present tasks' gradients, and
+    is skipped when only one task is present). Which layers a task's loss reaches is read at the first step it has
+    one: the scored layers grow when a task first appears, and ``on_step`` hooks then see more layers. A task that
+    never has a loss is a :class:`~fxsplit.TaskError` in :meth:`report`. Under a process group, and with
+    :meth:`task`, every task needs its loss at every step.
 
     Args:
         model: the model the losses come from (a ``DistributedDataParallel`` or ``DataParallel`` wrapper is
@@ -196,11 +205,16 @@ class ConflictMonitor:
         self._scope: ScoredLayers | None = None
         self._layer_of: dict[int, str] = {}  # scored parameter -> its layer
         self._counter: ConflictCounter | None = None
-        self._users: dict[int, list[str]] = {}  # per parameter trained so far: the tasks that used it at its first step
+        self._users: dict[int, list[str]] = {}  # per parameter trained so far: the tasks that use it (see _fit_layout)
         self._outside_reach: dict[int, set[str]] = {}  # parameter no layer holds -> the tasks that reached it
         self._layout: _Layout | None = None  # of the parameters that required grad at the last step
         self._layout = self._layout_of(self._trainable())
         self._step: _Step | None = None
+        self._reached = [[False] * len(named) for _ in self.tasks]  # task t's loss reached parameter i, when decided
+        self._decided: list[set[int]] = [set() for _ in self.tasks]  # per task, the parameters _reached decides
+        self._scope_seen: set[int] = set()  # the tasks the scored layers were decided with
+        self._seen: set[int] = set()  # the tasks that had a loss at some step
+        self._presence: dict[tuple[bool, ...], torch.Tensor] = {}  # tasks with a loss -> pairs scored, on the device
 
     # --- the two ways in ------------------------------------------------------------------------------------------
 
@@ -209,7 +223,8 @@ class ConflictMonitor:
         """Each task's gradient by its own autograd pass, in place of ``sum(losses.values()).backward()``.
 
         Args:
-            losses: task name -> scalar loss, for every task of the monitor.
+            losses: task name -> scalar loss; a task left out, or given ``None``, has no loss at this step (its
+                labels are missing from the batch): its pairs are not scored at this step.
             accumulate: more micro-batches of this optimizer step follow (gradient accumulation): the task
                 gradients are added up, and the step is scored, and ``.grad`` updated, by the first call without
                 ``accumulate``.
@@ -220,10 +235,10 @@ class ConflictMonitor:
         self._check_no_open_step()
         values = self._values(losses)
         with self._abandoning_on_error():
-            checks.no_reentrant_checkpoint(self.model, values)
+            checks.no_reentrant_checkpoint(self.model, list(values.values()))
             params = self._open_step().layout.rows.params
-            for t, value in enumerate(values):
-                self._capture(t, self._grads(params, value, retain_graph or t < len(values) - 1))
+            for k, (t, value) in enumerate(values.items()):
+                self._capture(t, self._grads(params, value, retain_graph or k < len(values) - 1))
             self._complete(accumulate, update_grad)
 
     def _grads(self, params: list[torch.Tensor], loss: torch.Tensor,
@@ -306,14 +321,21 @@ class ConflictMonitor:
         if self._counter is None:
             raise ScoringError("no step has been scored yet: call monitor.backward(losses) (or capture every task "
                                "with monitor.task) before monitor.report().")
+        never = [name for t, name in enumerate(self.tasks) if t not in self._seen]
+        if never:
+            raise TaskError(f"task(s) {never} had no loss at any step: backward got None or no entry for them every "
+                            f"time. Check their labels and loss functions, or leave them out of the tasks.")
         tally = self._counter.tally()
         if self._reduction is not None:
             tally = self._reduction.tally(tally)
         finite = tally.finite.cpu()
         steps = int(finite.sum())
+        pair_steps = tally.pair_steps.cpu().tolist()
         valid = self._counter.valid[:-1].cpu().tolist()
-        mean = [[(s / steps if ok and steps else None) for s, ok in zip(row, valid_row)]
+        mean = [[(s / n if ok and n else None) for s, ok, n in zip(row, valid_row, pair_steps)]
                 for row, valid_row in zip(tally.cosine_sum.cpu().tolist(), valid)]
+        whole = [[c if present else None for c, present in zip(row, presence)]
+                 for row, presence in zip(tally.whole.cpu()[finite].tolist(), tally.present.cpu()[finite].tolist())]
         scope = self._scope
         graph, outside_reach, outside_left_out = outside_layers(self.model, self.graph, self._names,
                                                                 self._outside_reach, self.tasks)
@@ -321,9 +343,9 @@ class ConflictMonitor:
             tasks=list(self.tasks), thresholds=list(self.thresholds), layers=list(scope.layers),
             pairs=[list(pair) for pair in self._pairs],
             counts=tally.counts.cpu().tolist(), mean_cosine=mean, histogram=tally.histogram.cpu().tolist(),
-            whole_cosine=tally.whole.cpu()[finite].tolist(), steps=steps, reach={**scope.reach, **outside_reach},
+            whole_cosine=whole, steps=steps, reach={**scope.reach, **outside_reach},
             left_out={**scope.left_out, **scope.unfrozen(self._trained_names()), **outside_left_out}, graph=graph,
-            skipped=len(finite) - steps, example=self.example,
+            skipped=len(finite) - steps, example=self.example, pair_steps=pair_steps,
         )
 
     def _trained_names(self) -> set[str]:
@@ -339,16 +361,19 @@ class ConflictMonitor:
 
     # --- one step -------------------------------------------------------------------------------------------------
 
-    def _values(self, losses) -> list[torch.Tensor]:
+    def _values(self, losses) -> dict[int, torch.Tensor]:
+        """Task index -> its loss (scaled by the scaler), for the tasks that have one at this step, in task order."""
         if not isinstance(losses, Mapping):
             raise TaskError(f"backward takes a mapping task name -> loss, got {type(losses).__name__}.")
         for name in losses:
             self._task_index(name)
-        missing = [name for name in self.tasks if name not in losses]
-        if missing:
-            raise TaskError(f"no loss for task(s) {missing}: backward needs every task's loss, {self.tasks}.")
-        values = [checks.loss_value(name, losses[name]) for name in self.tasks]
-        return values if self.scaler is None else [self.scaler.scale(value) for value in values]
+        missing = [name for name in self.tasks if losses.get(name) is None]
+        if missing and self._reduction is not None:
+            raise ScoringError(f"no loss for task(s) {missing} at this step: under a process group every task needs "
+                               f"its loss at every step (the ranks reduce every task's gradient); give the step's "
+                               f"loss of every task, or score in one process.")
+        values = {t: checks.loss_value(name, losses[name]) for t, name in enumerate(self.tasks) if name not in missing}
+        return values if self.scaler is None else {t: self.scaler.scale(value) for t, value in values.items()}
 
     def _trainable(self) -> tuple[int, ...]:
         """The parameters that require grad now."""
@@ -418,57 +443,79 @@ class ConflictMonitor:
             return
         step = self._step
         layout = step.layout
+        for t, stored in enumerate(step.stored):
+            if not stored:  # no loss at this step: its row holds an earlier step's gradient
+                layout.rows.flat[t].zero_()
         if self._reduction is not None:
             self._reduction.rows(layout.rows.flat)
-        if layout.layer_grams is None:
+        present = tuple(step.stored)
+        if layout.layer_grams is None or not layout.seen.issuperset(t for t, p in enumerate(present) if p):
             self._fit_layout(step)
         self._note_outside_reach(step)
         grams = layout.rows.grams()
         finite = torch.lt(grams.sum(0).index_select(0, self._diagonal), layout.infinity)  # per task: |gradient|^2
         self._finite.bitwise_and_(finite)
         scored = finite.all()
-        cosine, conflicts = self._counter.update(layout.layer_grams(grams).double(), scored)
+        pairs = self._present_pairs(present)
+        cosine, conflicts = self._counter.update(layout.layer_grams(grams).double(), scored, pairs)
         if update_grad:
             self._update_grad(step)
         self._step = None
         self._completed += 1
         if self._on_step:
-            self._hand_over(cosine, conflicts, scored)
+            self._hand_over(cosine, conflicts, scored, pairs)
 
-    def _hand_over(self, cosine: torch.Tensor, conflicts: torch.Tensor, scored: torch.Tensor) -> None:
+    def _present_pairs(self, present: tuple[bool, ...]) -> torch.Tensor:
+        """``(pairs,)`` bool on the device: the pairs both of whose tasks have a loss (one copy per distinct set)."""
+        if present not in self._presence:
+            tasks = torch.tensor(present, device=self._diagonal.device)
+            self._presence[present] = self._counter.pairs_of(tasks)
+        return self._presence[present]
+
+    def _hand_over(self, cosine: torch.Tensor, conflicts: torch.Tensor, scored: torch.Tensor,
+                   present: torch.Tensor) -> None:
         """Give the step's figures to the ``on_step`` hooks, as they lie on the device."""
         counter = self._counter
         figures = StepFigures(
             step=self._completed - 1, layers=self._scope.layers, pairs=self._pairs, thresholds=self.thresholds,
-            cosine=cosine[:-1], valid=counter.valid[:-1], whole=cosine[-1], conflicts=conflicts[:, :-1],
-            scored=scored, limits=counter.thresholds.view(-1, 1))
+            cosine=cosine[:-1], valid=torch.bitwise_and(counter.valid[:-1], present), whole=cosine[-1],
+            conflicts=conflicts[:, :-1], scored=scored, present=present, limits=counter.thresholds.view(-1, 1))
         for hook in self._on_step:
             hook(figures)
 
     def _fit_layout(self, step: _Step) -> None:
-        """At a layout's first scored step: which tasks use the parameters that train for the first time (the
-        monitor's first step also decides the scored layers), and how the layout is read."""
+        """At a layout's first scored step, and at the first step a task has a loss in it: which tasks use the
+        parameters, each task decided at its first step with a loss on them (the scored layers grow when a task
+        first has one), and how the layout is read."""
         layout = step.layout
-        reached = [[False] * len(self._parameters) for _ in self.tasks]
-        for by_task, task in zip(reached, step.reached):
-            for k in task:
-                by_task[layout.params[k]] = True
-        self._users.update(users_of(self.tasks, reached, [i for i in layout.params if i not in self._users],
-                                    self._owners))
-        if self._scope is None:
-            self._start_scoring(layout, reached)
+        new = [t for t, stored in enumerate(step.stored) if stored and t not in layout.seen]
+        for t in new:
+            for k, i in enumerate(layout.params):
+                if i not in self._decided[t]:
+                    self._decided[t].add(i)
+                    self._reached[t][i] = k in step.reached[t]
+        layout.seen.update(new)
+        self._seen.update(new)
+        self._users.update(users_of(self.tasks, self._reached, layout.params, self._owners))
+        if self._scope is None or not self._scope_seen.issuperset(new):
+            self._score_layers(layout)
         layout.fit(self._scope, [i for i, users in self._users.items() if len(users) > 1])
 
-    def _start_scoring(self, layout: _Layout, reached: Sequence[Sequence[bool]]) -> None:
-        """The first step decides which layers are scored, from which tasks' losses reached which parameters."""
+    def _score_layers(self, layout: _Layout) -> None:
+        """Decide which layers are scored, from which tasks' losses reached which parameters: at the first step
+        on the parameters that train then, again (more layers, the counts kept) when a task first has a loss."""
         device = layout.rows.flat.device
-        trainable = {name: i for name, i in self._index.items() if i in layout.position}
-        self._scope = ScoredLayers(self.graph, trainable, self.tasks, reached, self._owners)
-        self._layer_of = self._scope.layer_of()
-        self._counter = ConflictCounter(self._scope.reach_matrix(device), self.thresholds, self.bins)
-        self._pairs = list(itertools.combinations(self.tasks, 2))  # in the counter's order
-        self._finite = torch.ones(len(self.tasks), dtype=torch.bool, device=device)  # per task, at every step so far
-        self._diagonal = torch.arange(len(self.tasks), device=device) * (len(self.tasks) + 1)
+        if self._scope is None:
+            self._scope_index = {name: i for name, i in self._index.items() if i in layout.position}
+            self._pairs = list(itertools.combinations(self.tasks, 2))  # in the counter's order
+            self._finite = torch.ones(len(self.tasks), dtype=torch.bool, device=device)  # per task, every step so far
+            self._diagonal = torch.arange(len(self.tasks), device=device) * (len(self.tasks) + 1)
+        scope = ScoredLayers(self.graph, self._scope_index, self.tasks, self._reached, self._owners)
+        reach = scope.reach_matrix(device)
+        self._counter = ConflictCounter(reach, self.thresholds, self.bins) if self._scope is None else \
+            self._counter.grown(reach, [scope.layers.index(layer) for layer in self._scope.layers])
+        self._scope, self._layer_of = scope, scope.layer_of()
+        self._scope_seen = set(self._seen)
 
     def _note_outside_reach(self, step: _Step) -> None:
         """Which tasks reached parameters that no layer of the graph holds (none, usually)."""
@@ -479,18 +526,20 @@ class ConflictMonitor:
 
     def _update_grad(self, step: _Step) -> None:
         """Add this step's update to ``.grad`` as ``backward`` would: parameters no task reached keep theirs."""
-        update = self._update(step.layout)
+        update = self._update(step.layout, [t for t, stored in enumerate(step.stored) if stored])
         if self._reduction is not None:
             self._reduction.update(update)
         step.layout.writer.write(update, sorted(set().union(*step.reached)), self._sparse_addends(step))
 
-    def _update(self, layout: _Layout) -> torch.Tensor:
-        """The step's update, as one vector: the task gradients' sum, the aggregator's on the shared parameters."""
+    def _update(self, layout: _Layout, present: list[int]) -> torch.Tensor:
+        """The step's update, as one vector: the task gradients' sum (an absent task's row is zero), the
+        aggregator's combination of the ``present`` tasks' gradients on the shared parameters (two or more)."""
         flat = layout.rows.flat
         update = flat.sum(0)
-        if self.aggregator is not None and layout.shared_columns:
+        if self.aggregator is not None and layout.shared_columns and len(present) > 1:
             scale = None if self.scaler is None else self.scaler.scale(torch.ones((), device=update.device))
-            jacobian = torch.cat([flat[:, start:stop] for start, stop in layout.shared_columns], dim=1)
+            rows = flat if len(present) == len(flat) else flat[present]
+            jacobian = torch.cat([rows[:, start:stop] for start, stop in layout.shared_columns], dim=1)
             shared = aggregate(self.aggregator, jacobian, scale)
             if shared is not None:
                 parts = shared.to(update.dtype).split([stop - start for start, stop in layout.shared_columns])
