@@ -185,7 +185,8 @@ class MixedPrecisionTrunk(nn.Module):
 
 
 class DictBatch(nn.Module):
-    """Reads a dict batch (image and metadata) and returns a tuple ``(segmentation, depth)``."""
+    """Reads a batch of dicts per modality (the image's pixels; metadata and a weight per sample) and an optional
+    ``scale``, and returns a tuple ``(segmentation, depth)``; the metadata is reshaped by the batch size."""
 
     def __init__(self):
         super().__init__()
@@ -195,10 +196,20 @@ class DictBatch(nn.Module):
         self.segment = nn.Conv2d(8, 3, 1)
         self.depth = nn.Conv2d(8, 1, 1)
 
-    def forward(self, batch):
-        h = self.stem(batch["image"]) + self.meta_proj(batch["meta"])[:, :, None, None]
+    def forward(self, batch, scale=None):
+        meta = self.meta_proj(batch["meta"]["values"]) * batch["meta"]["weight"]
+        pixels = batch["image"]["pixels"]
+        h = self.stem(pixels) + meta.view(pixels.shape[0], -1, 1, 1)
         h = torch.relu(self.body(h))
+        if scale is not None:  # an optional weighting, given by some calls only
+            h = h * scale
         return self.segment(h), self.depth(h)
+
+
+def dict_batch(size: int = BATCH) -> dict:
+    """A batch for ``DictBatch``: ``size`` images and their metadata (TorchScript takes a dict of dicts of tensors)."""
+    return {"image": {"pixels": torch.randn(size, 3, 8, 8)},
+            "meta": {"values": torch.randn(size, 4), "weight": torch.rand(size, 1)}}
 
 
 class UNetDecoder(nn.Module):
@@ -345,8 +356,8 @@ CASES: dict[str, Case] = {
                     {"lm": _square, "denoise": _shifted, "topic": _square},
                     ties=[("embed.weight", "decoder.weight")]),
     "log-vars": Case(UncertaintyWeighted, lambda: torch.randn(BATCH, 6), {"a": _square, "b": _shifted}, top=2),
-    "dict-batch": Case(DictBatch, lambda: {"image": torch.randn(BATCH, 3, 8, 8), "meta": torch.randn(BATCH, 4)},
-                       {"segmentation": _square, "depth": _shifted}, outputs={"segmentation": 0, "depth": 1}),
+    "dict-batch": Case(DictBatch, dict_batch, {"segmentation": _square, "depth": _shifted},
+                       outputs={"segmentation": 0, "depth": 1}),
     "deeplabv3": Case(deeplab, _image(32), {"out": _square, "aux": _shifted}, top=4),
     "timm-unet": Case(EncoderTwoDecoders, _image(32), {"segmentation": _square, "depth": _shifted}),
     "recon-lists": Case(ListResNet, _image(), {"left": _square, "right": _shifted}, top=5),

@@ -63,7 +63,8 @@ def test_leaf_module_is_one_layer_with_all_its_parameters():
     model = nn.Sequential(Opaque(), nn.Linear(3, 1))
     leaves = {"leaf_modules": [Opaque]}
     graph = fxsplit.layer_graph(model, tracer_kwargs=leaves)
-    assert dict(fxsplit.layer_graph(fxsplit.trace(model, tracer_kwargs=leaves)).nodes(data=True)) == dict(graph.nodes(data=True))
+    traced = fxsplit.trace(model, tracer_kwargs=leaves)
+    assert dict(fxsplit.layer_graph(traced).nodes(data=True)) == dict(graph.nodes(data=True))
     assert list(graph.nodes) == ["0", "1"]
     assert graph.nodes["0"]["params"] == 24 and graph.nodes["0"]["kind"] == "Opaque"
 

@@ -11,12 +11,14 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 import fxsplit
 from fxsplit.modules import attribute
 from tests.models import assert_equivalent, assert_unchanged, count, snapshot, without_dropout
 from tests.reference import assert_per_task
-from tests.real_models import CASES, Case, ListResNet, FrozenTeacher, MixedPrecisionTrunk, Stateful, TiedLM, UncertaintyWeighted
+from tests.real_models import (CASES, Case, FrozenTeacher, ListResNet, MixedPrecisionTrunk, Stateful, TiedLM,
+                               UncertaintyWeighted)
 
 
 def _calls(split: fxsplit.SplitModule, target: str) -> int:
@@ -154,7 +156,8 @@ def test_a_trace_that_differs_from_the_model_is_stopped_or_traced_the_other_way(
     unchecked = fxsplit.rewrite(model, ["trunk"])  # without an example nothing is checked, as documented
     assert unchecked.route == "fx" and not torch.equal(unchecked(x)["a"], model(x)["a"])
     split = fxsplit.rewrite(model, ["trunk"], example_inputs=x)  # "auto": the torch.export route runs the real code
-    assert split.route == "export" and split.route_reason.startswith("the graph of IsinstanceCheck traced by the fx route does not")
+    assert split.route == "export" and split.route_reason.startswith(
+        "the graph of IsinstanceCheck traced by the fx route does not")
     assert all(torch.equal(split(x)[t], model(x)[t]) for t in "ab")
     tasks = {task: (lambda task: lambda out, batch: out[task].pow(2).mean())(task) for task in "ab"}
     report = fxsplit.analyze(model, tasks, [torch.randn(3, 4) for _ in range(2)], progress=False)  # the same way
@@ -361,7 +364,7 @@ def test_tuple_outputs_need_outputs_and_dict_inputs_export(tmp_path):
     assert saved.outputs == {"segmentation": [0], "depth": [1]} and saved.top(1).outputs["depth"] == (1,)
     split = fxsplit.rewrite(model, ["body"], outputs=case.outputs, example_inputs=(x,))
     path = fxsplit.export(split, tmp_path / "split.pt2", (x,))
-    bigger = {key: torch.cat([value, value[:1]]) for key, value in x.items()}  # every leaf has a dynamic batch
+    bigger = tree_map(lambda value: torch.cat([value, value[:1]]), x)  # every leaf has a dynamic batch
     loaded = torch.export.load(path).module()(bigger)
     split.eval()
     assert all(torch.allclose(loaded[t], split(bigger)[t], atol=1e-6) for t in split.tasks)
@@ -415,14 +418,12 @@ def _cross_entropy(task: str, classes: int):
 
 
 @pytest.fixture(scope="module")
-def bert():
+def split_bert(bert):
     """BERT with two heads, analyzed on padded batches and split at the report's top 3, with nothing else: analyze
     traces the model on its first batch, and the split is checked on it."""
-    pytest.importorskip("transformers", reason="HuggingFace models are an optional test dependency")
-    from tests.hf_models import BertTwoHeads, token_batch
+    from tests.hf_models import token_batch
 
-    torch.manual_seed(0)
-    model = BertTwoHeads()
+    model, _ = bert
     data = [(token_batch(4, padded=(3, 6)), torch.randint(0, 12, (4, 1))) for _ in range(3)]
     report = fxsplit.analyze(model, {"sentiment": _cross_entropy("sentiment", 3), "topic": _cross_entropy("topic", 4)},
                              data, forward=lambda model, batch: model(*batch[0]), progress=False)
@@ -430,8 +431,8 @@ def bert():
     return model, report, split
 
 
-def test_bert_is_scored_layer_by_layer_and_split_on_the_export_route(bert):
-    model, report, split = bert
+def test_bert_is_scored_layer_by_layer_and_split_on_the_export_route(split_bert):
+    model, report, split = split_bert
     assert report.route == "export" and "torch.fx cannot trace module 'bert' (BertModel)" in report.route_reason
     assert len(report.scores) >= 20
     assert "bert.encoder.layer.1.attention.self.query" in report.scores and "bert" not in report.scores
@@ -441,10 +442,10 @@ def test_bert_is_scored_layer_by_layer_and_split_on_the_export_route(bert):
     assert count(split.parameters()) == count(model.parameters()) + sum(report.cost(layer) for layer in report.top(3))
 
 
-def test_bert_split_follows_the_padding_mask_in_both_modes(bert):
+def test_bert_split_follows_the_padding_mask_in_both_modes(split_bert):
     from tests.hf_models import token_batch
 
-    model, _, split = bert
+    model, _, split = split_bert
     ids, mask = token_batch(5, padded=(2, 7, 4))
     unpadded = torch.ones_like(mask)
     for training in (False, True):  # the model's dropout is 0: train mode is exact too
@@ -455,10 +456,10 @@ def test_bert_split_follows_the_padding_mask_in_both_modes(bert):
         assert not torch.equal(reference(ids, mask)["topic"], reference(ids, unpadded)["topic"])
 
 
-def test_bert_split_round_trips_through_pt2_with_a_dynamic_batch(bert, tmp_path):
+def test_bert_split_round_trips_through_pt2_with_a_dynamic_batch(split_bert, tmp_path):
     from tests.hf_models import token_batch
 
-    _, _, split = bert
+    _, _, split = split_bert
     loaded = torch.export.load(fxsplit.export(split, tmp_path / "bert.pt2", token_batch(4))).module()
     ids, mask = token_batch(7, padded=(1, 8))
     expected = copy.deepcopy(split).eval()(ids, mask)

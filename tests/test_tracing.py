@@ -93,12 +93,19 @@ def test_timm_registry_makes_leaves():
     timm = pytest.importorskip("timm")
     from timm.layers import get_notrace_modules
 
-    model = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=4)
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs", pretrained=False, num_classes=4).eval()
     gm = fxsplit.trace(model)
     leaf_types = tuple(get_notrace_modules())
-    leaves = [n.target for n in gm.graph.nodes
-              if n.op == "call_module" and isinstance(gm.get_submodule(n.target), leaf_types)]
-    assert leaves, "mobilevit's MobileVitBlock is in timm's registry and must stay a leaf"
+    registered = [name for name, m in model.named_modules() if isinstance(m, leaf_types)]
+    outermost = {name for name in registered if not any(name.startswith(f"{other}.") for other in registered)}
+    called = [n.target for n in gm.graph.nodes if n.op in ("call_module", "get_attr")]
+    leaves = {target for target in called if target in outermost}
+    assert leaves == outermost  # every registered module is called as one node
+    assert "MobileVitBlock" in {type(model.get_submodule(leaf)).__name__ for leaf in leaves}
+    assert not [target for target in called if any(target.startswith(f"{leaf}.") for leaf in leaves)]  # not entered
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(gm(x), model(x))
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -129,12 +136,25 @@ def test_not_a_module():
 def test_a_model_holding_tensors_from_an_earlier_forward_traces():
     """timm's EfficientViT caches attention biases (tensors with a history) in eval mode; deepcopy refuses those."""
     timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
     model = timm.create_model("efficientvit_m0", pretrained=False, num_classes=4).eval()
     x = torch.randn(2, 3, 64, 64)
     model(x)
+    def cache() -> list[torch.Tensor]:
+        return [t for m in model.modules() for t in getattr(m, "attention_bias_cache", {}).values()]
+
+    cached = cache()
+    assert cached and all(t.grad_fn is not None for t in cached)
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)
+    assert torch.equal(fxsplit.trace(model)(x), model(x))
     graph = fxsplit.layer_graph(model)
-    split = fxsplit.rewrite(model, [list(graph)[-2]], tasks=["a", "b"], example_inputs=x)
-    assert torch.equal(split(x)["a"], model(x))
+    layer = list(graph)[-2]
+    split = fxsplit.rewrite(model, [layer], tasks=["a", "b"], example_inputs=x)
+    assert split.split_layers == (layer,) and split.tasks == ("a", "b")
+    out, expected = split(x), model(x)
+    assert set(out) == {"a", "b"} and all(torch.equal(out[task], expected) for task in ("a", "b"))
+    assert len(cache()) == len(cached) and all(t is c for t, c in zip(cache(), cached))  # the model keeps its cache
 
 
 # Route choice: method="auto" | "fx" | "export".
@@ -248,7 +268,7 @@ def _assert_read_through_the_wrapper(model: nn.Module, wrapped: nn.Module, x: to
         got = _entry_points(wrapped, x)
     assert len(caught) == 4
     expected = _entry_points(model, x)
-    assert torch.equal(got["trace"](x)["a"], model(x)["a"])
+    assert all(torch.equal(got["trace"](x)[task], model(x)[task]) for task in ("a", "b"))
     assert list(got["layer_graph"].nodes) == list(expected["layer_graph"].nodes)
     assert got["rewrite"].split_layers == ("trunk.2",)
     assert_per_task(model, got["rewrite"], (x,))
@@ -280,7 +300,7 @@ def test_an_optional_input_the_example_gives_must_be_given_to_the_trace_and_the_
     model, x, given = OptionalInput(variadic=name == "gate"), torch.randn(5, 4), {name: torch.ones(5, 8)}
     traced = fxsplit.trace(model, x, example_kwargs=given)
     split = fxsplit.rewrite(model, ["trunk.2"], example_inputs=x, example_kwargs=given)
-    assert torch.equal(traced(x, **given)["a"], model(x, **given)["a"])
+    assert all(torch.equal(traced(x, **given)[task], model(x, **given)[task]) for task in ("a", "b"))
     assert_per_task(model, split, (x,), kwargs=given)
     for module in (traced, split, copy.deepcopy(split)):
         with pytest.raises(fxsplit.TraceError, match=rf"traced with {name} given \(the example gave it\).*give "

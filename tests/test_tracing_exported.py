@@ -12,6 +12,7 @@ from fxsplit.tracing import trace_graph
 from fxsplit.tracing.exported import counted_batch_norm, trace_exported
 from tests.models import MultiHead, SmallCNN, assert_unchanged, snapshot
 from tests.mtan import MTAN
+from tests.real_models import DictBatch, TiedLM, dict_batch
 from tests.test_tracing import Wrapper
 
 
@@ -133,59 +134,31 @@ def test_dropout_nodes_carry_probability_and_mode(training):
     assert [(node.meta["path"], node.args[1:]) for node in dropout] == [("1.dropout", (0.25, training))]
 
 
-class TiedLM(nn.Module):
-    """An embedding, a head tied to it, and the tied matrix read directly by the model's own forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(10, 6)
-        self.mix = nn.Linear(6, 6)
-        self.head = nn.Linear(6, 10, bias=False)
-        self.head.weight = self.embed.weight
-
-    def forward(self, ids):
-        h = self.mix(self.embed(ids))
-        return {"logits": self.head(h), "scores": F.linear(h, self.embed.weight)}
-
-
 def test_tied_weights_are_read_under_the_owning_module_name():
     model = TiedLM()
-    ids = torch.randint(0, 10, (3, 5))
+    ids = torch.randint(0, 24, (3, 5))
     gm = trace_exported(model, ids)
     reads = {node.meta["path"]: [arg.target for arg in node.args if isinstance(arg, torch.fx.Node)
                                  and arg.op == "get_attr"] for node in gm.graph.nodes if node.op == "call_function"}
     assert reads["embed.embedding"] == ["embed.weight"]
-    assert reads["head.linear"] == ["head.weight"]
+    assert reads["decoder.linear"] == ["decoder.weight"]
     assert reads["linear"] == ["embed.weight"]  # no module owns the read: the first name
-    assert gm.get_parameter("head.weight") is gm.get_parameter("embed.weight")
-    assert len(list(gm.parameters())) == len(list(model.parameters())) == 3
+    assert gm.get_parameter("decoder.weight") is gm.get_parameter("embed.weight")
+    assert len(list(gm.parameters())) == len(list(model.parameters())) == 7  # the tied matrix once
     assert_same_outputs(model(ids), gm(ids))
 
 
-class DictBatch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.image = nn.Linear(4, 3)
-        self.text = nn.Embedding(9, 3)
-
-    def forward(self, batch, scale=1.0):
-        h = self.image(batch["image"]) + self.text(batch["text"]["ids"]).mean(1) * batch["text"]["weight"]
-        return h * scale, (h.sum(1), batch["image"].shape[0])
-
-
-def dict_batch(size: int) -> dict:
-    return {"image": torch.randn(size, 4), "text": {"ids": torch.randint(0, 9, (size, 5)),
-                                                    "weight": torch.rand(size, 1)}}
-
-
 def test_dict_and_nested_inputs_keep_their_structure_and_a_dynamic_batch():
-    model = DictBatch()
+    model = DictBatch().eval()
     gm = trace_exported(model, (dict_batch(3),), {"scale": 2.0})
     assert [node.target for node in gm.graph.find_nodes(op="placeholder")] == ["batch", "scale"]
+    sizes = [node.args for node in gm.graph.nodes if node.target is torch.ops.aten.sym_size.int]
+    assert [(pixels.args[1], pixels.args[0].args, dim) for pixels, dim in sizes] == [
+        ("pixels", (gm.graph.find_nodes(op="placeholder")[0], "image"), 0)]  # the batch size, read from the input
     batch = dict_batch(6)
     expected, got = model(batch, scale=2.0), gm(batch, scale=2.0)
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1][0], expected[1][0])
-    assert got[1][1] == 6  # the batch size is read from the input, not frozen at 3
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert got[0].shape[0] == 6  # the batch size is read from the input, not frozen at 3
 
 
 class TaskArgument(nn.Module):
@@ -288,30 +261,25 @@ def test_mtan_graph_refuses_a_size_it_was_not_traced_for(mtan):
 
 
 @pytest.fixture(scope="module")
-def bert():
-    pytest.importorskip("transformers", reason="HuggingFace models are an optional test dependency")
-    from tests.hf_models import BertTwoHeads, token_batch
-
-    torch.manual_seed(0)
-    model = BertTwoHeads()
-    example = token_batch(4)
+def traced_bert(bert):
+    model, example = bert
     return model, example, {mode: trace_exported(model, example, training=mode) for mode in (False, True)}
 
 
 @given(batch=st.integers(1, 6), kept=st.lists(st.integers(1, 8), min_size=1, max_size=6), training=st.booleans())
-def test_bert_follows_padding_masks_and_batch_sizes(bert, batch, kept, training):
+def test_bert_follows_padding_masks_and_batch_sizes(traced_bert, batch, kept, training):
     from tests.hf_models import token_batch
 
-    model, _, graphs = bert
+    model, _, graphs = traced_bert
     ids, mask = token_batch(batch, padded=tuple(kept))
     expected, got, _, _ = run_copies(model, graphs[training], ids, mask, training=training)
     assert_same_outputs(expected, got)
 
 
-def test_bert_padding_changes_the_output_and_an_unpadded_trace_follows_it(bert):
+def test_bert_padding_changes_the_output_and_an_unpadded_trace_follows_it(traced_bert):
     from tests.hf_models import token_batch
 
-    model, (ids, mask), _ = bert
+    model, (ids, mask), _ = traced_bert
     model = copy.deepcopy(model).eval()
     unpadded = torch.ones_like(mask)
     gm = trace_exported(model, (ids, unpadded))
@@ -322,8 +290,8 @@ def test_bert_padding_changes_the_output_and_an_unpadded_trace_follows_it(bert):
         gm(*longer)
 
 
-def test_bert_reads_every_parameter_by_name_inside_its_module(bert):
-    model, _, graphs = bert
+def test_bert_reads_every_parameter_by_name_inside_its_module(traced_bert):
+    model, _, graphs = traced_bert
     gm = graphs[False]
     reads = {node.target: node for node in gm.graph.find_nodes(op="get_attr")}
     assert {name for name, _ in model.named_parameters()} <= set(reads)
@@ -335,8 +303,8 @@ def test_bert_reads_every_parameter_by_name_inside_its_module(bert):
     assert len(linears) == 2 * 6 + 3  # six per layer, the pooler, two heads
 
 
-def test_bert_round_trips_through_pt2(bert, tmp_path):
-    model, example, graphs = bert
+def test_bert_round_trips_through_pt2(traced_bert, tmp_path):
+    model, example, graphs = traced_bert
     from tests.hf_models import token_batch
 
     path = fxsplit.export(graphs[False], tmp_path / "bert.pt2", example)

@@ -1,86 +1,34 @@
-"""How the zoo's models are built: a backbone with ``FEATURES`` outputs (its own classifier, so that the classifier
-is the last shared layer), without randomness, at the smallest input it accepts, under task heads.
+"""How the sweep's models are built: a backbone with ``FEATURES`` outputs (its own classifier, so that the
+classifier is the last shared layer), without randomness, at the smallest input it accepts, under task heads.
 
-Names are ``"timm/<name>"``, ``"torchvision/<name>"`` or ``"transformers/<model type>"`` (small configs: see
-:mod:`benchmarks.zoo.hugging_face`). Models are built with ``pretrained=False`` (no weights are downloaded);
-:func:`parameter_count` builds on the meta device, where only the structure is needed.
+Names are ``"timm/<name>"``, ``"torchvision/<name>"`` (built as the tests' zoo builds them: :mod:`tests.zoo`) or
+``"transformers/<model type>"`` (small configs: see :mod:`benchmarks.zoo.hugging_face`).
 """
 
 from __future__ import annotations
 
-import timm
 import torch
-import torchvision
 from torch import nn
-from torchvision.models import get_model, get_model_weights
 
 from benchmarks.common import CLASSES, MultiHead, make_batch
 from benchmarks.zoo import hugging_face
-
-FEATURES = 10
-BATCH = 4  # with 64 px, BatchNorm in train mode normalises over >= 16 values: 2 at 1x1 would be ill-conditioned
-SIZE = 64
-
-# torchvision: the input size of models that need more than SIZE, and what constructors need.
-TORCHVISION_SIZES = {"inception_v3": 75, "maxvit_t": 224}
-TORCHVISION_KWARGS = {
-    "googlenet": {"aux_logits": False, "init_weights": False},
-    "inception_v3": {"aux_logits": False, "init_weights": False},
-    "maxvit_t": {"input_size": (224, 224)},  # partition size 7 on a 1/32 grid
-    "vit_b_16": {"image_size": SIZE},
-    "vit_b_32": {"image_size": SIZE},
-}
-
-# Float attributes that hold a drop probability (timm heads' drop_rate, DropPath, attention dropout, ...).
-DROP_ATTRIBUTES = ("drop_rate", "drop_prob", "dropout", "attention_dropout", "attn_drop", "proj_drop")
+from tests import zoo
+from tests.zoo import BATCH, FEATURES, SIZE, TORCHVISION_SIZES, calibrate, no_randomness
 
 
 def backbone(name: str, **kwargs) -> nn.Module:
     """``name``'s model with ``FEATURES`` outputs and random weights; ``kwargs`` go to its constructor."""
     library, model = name.split("/")
-    if library == "torchvision":
-        return get_model(model, weights=None, num_classes=FEATURES, **TORCHVISION_KWARGS.get(model, {}), **kwargs)
     if library == "transformers":
         return hugging_face.backbone(model, FEATURES)
-    return timm.create_model(model, pretrained=False, num_classes=FEATURES, **kwargs)
+    return zoo.backbone(name, **kwargs)
 
 
 def parameter_count(name: str) -> int:
-    """The number of parameters of ``name``'s model: timm's built on the meta device, torchvision's as published
-    with its weights (some torchvision constructors cannot run on the meta device)."""
-    library, model = name.split("/")
-    if library == "torchvision":
-        return get_model_weights(model).DEFAULT.meta["num_params"]
-    if library == "transformers":
+    """The number of parameters of ``name``'s model (see :func:`tests.zoo.parameter_count`)."""
+    if name.startswith("transformers/"):
         return sum(p.numel() for p in backbone(name).parameters())
-    with torch.device("meta"):
-        return sum(p.numel() for p in backbone(name).parameters())
-
-
-def no_randomness(model: nn.Module) -> nn.Module:
-    """Set every drop probability of ``model`` to 0 (dropout, drop-path, stochastic depth, attention dropout)."""
-    for module in model.modules():
-        if isinstance(module, (nn.modules.dropout._DropoutNd, torchvision.ops.StochasticDepth)):
-            module.p = 0.0
-        for attribute in DROP_ATTRIBUTES:
-            if isinstance(getattr(module, attribute, None), float):
-                setattr(module, attribute, 0.0)
-    return model
-
-
-def calibrate(model: nn.Module, x: torch.Tensor) -> bool:
-    """Set BatchNorm running statistics to those of batch ``x`` (so that eval mode sees activations of a sensible
-    scale); whether train mode is deterministic (two calls give equal outputs)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in norms]
-    for norm in norms:
-        norm.momentum = 1.0
-    model.train()
-    with torch.no_grad():
-        first, second = model(x), model(x)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    return all(torch.equal(first[task], second[task]) for task in first)
+    return zoo.parameter_count(name)
 
 
 def sized_backbone(name: str) -> tuple[nn.Module, int]:

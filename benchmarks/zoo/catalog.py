@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from benchmarks.zoo import hugging_face
 from benchmarks.zoo.build import parameter_count
+from tests.zoo import torchvision_family
 
 # A fixed sample across families and kinds (CNN, ViT, MLP-mixer, hybrid with timm leaf modules, torchvision, a
 # transformers model that only the torch.export route traces), small enough for CI.
@@ -44,11 +45,6 @@ def names() -> dict[str, str]:
     for name in TRANSFORMERS_SAMPLE:
         families[name] = name.split("/")[1]
     return families
-
-
-def torchvision_family(name: str) -> str:
-    """A torchvision model's family: its name up to the first underscore, without a size ("resnet50" -> "resnet")."""
-    return name.split("_")[0].rstrip("0123456789")
 
 
 def describe(models: Iterable[str]) -> list[Model]:

@@ -25,12 +25,12 @@ from torch.utils._pytree import tree_leaves
 
 import fxsplit
 from benchmarks.common import task_losses
-from tests.reference import reference_cosines, relative_error
 from benchmarks.zoo.build import build
+from tests.reference import reference_cosines, relative_error
+from tests.zoo import CHOICES, choose
 
 STAGES = ("build", "trace", "analyze", "rewrite", "equivalence", "torchscript", "export")
 CORE = STAGES[:5]
-CHOICES = ("first", "middle", "last", "spread")
 TOLERANCE = 1e-4  # relative; a wrong graph is off by O(1), rounding by < 1e-5 (docs/coverage.md has the spread)
 NEAR = 1e-4  # cosines this close to the threshold S = 0 may fall either side by rounding
 
@@ -41,13 +41,6 @@ class Mismatch(Exception):
 
 class ModelLimit(Exception):
     """The unsplit model fails the same stage: a limit of the model (or of torch), not of the rewrite."""
-
-
-def choose(layers: list[str], choice: str) -> list[str]:
-    """The layers to split: the first, a middle one, the last, or three spread across (quartiles)."""
-    n = len(layers)
-    picks = {"first": [0], "middle": [(n - 1) // 2], "last": [n - 1], "spread": [n // 4, n // 2, 3 * n // 4]}[choice]
-    return list(dict.fromkeys(layers[i] for i in picks))
 
 
 def cause(error: BaseException) -> str:

@@ -44,11 +44,20 @@ def test_ci_sample_passes_every_stage_and_resumes(tmp_path):
     assert "] t" not in again.stdout and runner.read(tmp_path / "results.csv") == rows
 
 
-def test_time_limit_fails_the_stage_it_cut():
-    """Killed while it still imports (well over a second), the model fails its first stage, with the limit named."""
-    row = runner.check(Model("timm/resnet10t", "resnet", 1), limit=1, threads=1)
-    assert row["build"] == "fail" and row["causes"] == "build: timeout: over 1 s"
+def test_time_limit_fails_the_stage_it_cut(monkeypatch):
+    """Killed at its limit, the check fails the stage it had started, with the limit named: with a limit of 0 it is
+    killed before it announces a stage (the first fails); killed after announcing two, the second fails."""
+    row = runner.check(Model("timm/resnet10t", "resnet", 1), limit=0, threads=1)
+    assert row["build"] == "fail" and row["causes"] == "build: timeout: over 0 s"
     assert all(row[stage] == "" for stage in STAGES[1:])
+
+    def killed(command, timeout, **kwargs):
+        raise subprocess.TimeoutExpired(command, timeout, output="stage build\nstage trace\n")
+
+    monkeypatch.setattr(runner.subprocess, "run", killed)
+    row = runner.check(Model("timm/resnet10t", "resnet", 1), limit=5, threads=1)
+    assert (row["build"], row["trace"], row["causes"]) == ("ok", "fail", "trace: timeout: over 5 s")
+    assert all(row[stage] == "" for stage in STAGES[2:])
 
 
 def test_equivalence_names_a_wrong_rewrite():
