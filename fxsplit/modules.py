@@ -1,9 +1,11 @@
 """Module trees: what every stage does with a model's modules, parameters and buffers.
 
 Dotted paths name them as ``named_modules()`` and ``named_parameters()`` do (``"layer1.0.conv1.weight"``).
-:func:`attribute` reads one, :func:`owner` names its module, :func:`place` puts one (making the modules on its way); :func:`copy_module` copies a tree, sharing its tensors or
-not; :func:`saved_buffers` and :func:`saved_modes` put a tree's buffers and modes back after a run; :func:`canonical_names` and :func:`torch_layer` say what a tree ties and which of its modules are torch's
-own layers; :func:`check_names` refuses names a wrapper class would shadow.
+:func:`attribute` reads one, :func:`owner` names its module, :func:`place` puts one (making the modules on its
+way); :func:`copy_module` copies a tree, sharing its tensors or not; :func:`saved_buffers` and :func:`saved_modes`
+put a tree's buffers and modes back after a run; :func:`canonical_names` and :func:`torch_layer` say what a tree
+ties and which of its modules are torch's own layers; :func:`check_names` refuses names a wrapper class would
+shadow.
 
 >>> from torch import nn
 >>> root = nn.Module()

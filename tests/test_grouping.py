@@ -75,7 +75,6 @@ def test_the_printout_reads_the_decision(planted):
 
 
 def test_the_plot_draws_the_tree_and_the_heat_maps(planted, tmp_path):
-    pytest.importorskip("matplotlib")
     selection = planted.groups(k=3)
     figure = selection.plot(tmp_path / "groups.png")
     assert (tmp_path / "groups.png").stat().st_size > 1000

@@ -28,8 +28,8 @@ from .symbolic import OPTIONS, PathTracer, check_options
 from .verify import calling, check_trace, example_call, given_arguments, optional_given
 
 __all__ = ["DualGraphModule", "ExportedGraphModule", "METHODS", "OPTIONS", "PARALLEL_WRAPPERS", "PathTracer",
-           "as_example", "check_method", "check_options", "mutated_input", "route_of", "trace", "trace_exported", "trace_graph",
-           "trace_modes", "unwrapped", "viewed", "written_input", "written_tensor", "aliases"]
+           "as_example", "check_method", "check_options", "mutated_input", "route_of", "trace", "trace_exported",
+           "trace_graph", "trace_modes", "unwrapped", "viewed", "written_input", "written_tensor", "aliases"]
 
 
 

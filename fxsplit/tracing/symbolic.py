@@ -169,7 +169,8 @@ def check_options(tracer_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
     if tracer_kwargs is None:
         return {}
     if not isinstance(tracer_kwargs, Mapping):
-        raise TraceError(f"tracer_kwargs must be a dict of tracer options {OPTIONS}, got {type(tracer_kwargs).__name__}.")
+        raise TraceError(f"tracer_kwargs must be a dict of tracer options {OPTIONS}, got "
+                         f"{type(tracer_kwargs).__name__}.")
     unknown = sorted(set(tracer_kwargs) - set(OPTIONS))
     if unknown:
         raise TraceError(f"tracer_kwargs has unknown option(s) {unknown}; fxsplit's tracer takes {list(OPTIONS)}.")
