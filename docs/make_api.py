@@ -15,7 +15,8 @@ SECTIONS = {
     "Surgery": ["trace", "layer_graph", "LayerGraph", "rewrite", "SplitModule", "export", "script"],
     "Conflict scores": ["analyze", "ConflictMonitor", "StepFigures", "ConflictReport", "LayerSelection"],
     "Errors and warnings": ["FxsplitError", "TraceError", "TraceMismatchError", "SplitMismatchError", "LayerError",
-               "UnknownLayerError", "StaleGraphError", "TaskError", "InitError", "ReportError", "ScoringError", "ExportError",
+               "UnknownLayerError", "StaleGraphError", "TaskError", "PartitionError", "UnknownTaskError",
+               "RepeatedTaskError", "MissingTaskError", "InitError", "ReportError", "ScoringError", "ExportError",
                "MissingExtraError",
                "PythonStateWarning"],
 }
