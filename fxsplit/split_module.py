@@ -90,15 +90,17 @@ class SplitModule(DualGraphModule):
 
     @property
     def groups(self) -> dict[str, tuple[tuple[str, ...], ...]]:
-        """Split layer -> its groups: the tasks each of its copies serves (in task order; one task each by
-        default)."""
+        """Split layer -> its groups: the tasks each of its copies serves (in task order).
+
+        A per-task split has groups of one task each."""
         order = self.tasks.index
         return {layer: tuple(tuple(sorted(group, key=order)) for group in groups)
                 for layer, groups in self._surgery.groups.items()}
 
     def holder(self, task: str, layer: str) -> str:
-        """The name under ``copies`` of the module that holds the copy of the split layer ``layer`` serving
-        ``task`` (``"seg"``, or ``"seg_depth"`` for a group)."""
+        """The name under ``copies`` of the module holding the copy of ``layer`` that serves ``task``.
+
+        ``"seg"`` for task ``seg``'s own copy, ``"seg_depth"`` for the copy of the group of ``seg`` and ``depth``."""
         self._check_task(task)
         if layer not in self.split_layers:
             raise unknown_layer(layer, self.split_layers, what="split layer")
@@ -113,13 +115,16 @@ class SplitModule(DualGraphModule):
         return None if group is None else self._surgery.holders[group]
 
     def copy_of(self, task: str, layer: str) -> nn.Module | nn.Parameter:
-        """The copy of the split layer ``layer`` that serves ``task`` (a module, or a parameter): the task's own,
-        or its group's."""
+        """The copy of the split layer ``layer`` that serves ``task``: the task's own, or its group's.
+
+        A module, or a parameter for a layer that is one."""
         return attribute(self, copy_target(self.holder(task, layer), layer))
 
     def tree(self) -> str:
-        """The branch tree: how the tasks' streams split, layer by layer in graph order, each line a copy that a
-        stream passes (the layer, its holder under ``copies``, and the stream's tasks)."""
+        """The branch tree as text: how the tasks' branches split, layer by layer in graph order.
+
+        Each line is a copy that a branch passes: the layer, the copy's holder under ``copies``, the branch's tasks.
+        """
         lines = [", ".join(self.tasks)]
         self._branches(frozenset(self.tasks), 0, "", lines)
         return "\n".join(lines)
@@ -160,8 +165,9 @@ class SplitModule(DualGraphModule):
         return self.group_parameters([task])
 
     def group_parameters(self, group: Iterable[str]) -> Iterator[nn.Parameter]:
-        """Parameters that exactly the tasks of ``group`` depend on: a group's copies (and what only those tasks
-        use). Every parameter is in the group of the tasks that depend on it: ``task_parameters(t)`` is
+        """Parameters that exactly the tasks of ``group`` depend on: a group's copies, and what only they use.
+
+        Every parameter is in the group of the tasks that depend on it: ``task_parameters(t)`` is
         ``group_parameters([t])``, and ``shared_parameters()`` the groups of two or more tasks."""
         group = tuple(group)
         for task in group:
