@@ -12,7 +12,7 @@ from fxsplit.modules import attribute
 from tests.models import MultiHead, SmallCNN, Twice, assert_equivalent, count
 from tests.patterns import NamedTasks
 from tests.real_models import TiedLM, UncertaintyWeighted
-from tests.reference import assert_per_task
+from tests.reference import assert_per_task, reference
 
 CNN = "backbone.block1.conv1", "backbone.block2.conv1"
 
@@ -240,3 +240,29 @@ def test_a_task_that_does_not_use_the_layer_may_be_named_in_its_partition():
         "└── trunk [c]: c",
     ]
     assert_per_task(model, split, (x,))
+
+
+def test_analyze_on_a_grouped_split_scores_what_two_tasks_or_more_still_share_as_the_plain_loop_does():
+    torch.manual_seed(0)
+
+    class ThreeHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8))
+            self.heads = nn.ModuleDict({task: nn.Linear(8, 1) for task in "abc"})
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return {task: head(h) for task, head in self.heads.items()}
+
+    model = ThreeHeads()
+    split = fxsplit.rewrite(model, {"trunk.0": [["a", "b"], ["c"]]}, example_inputs=torch.randn(6, 4))
+    tasks = {task: (lambda task, sign: lambda out, batch: (out[task][:, 0] - sign * batch[0].sum(1)).pow(2).mean())(
+        task, sign) for task, sign in zip("abc", (1, -1, 1))}
+    batches = [(torch.randn(6, 4),) for _ in range(8)]
+    report = fxsplit.analyze(copy.deepcopy(split), tasks, batches, progress=False, threshold=[0.0, 0.5])
+    assert report.layers == ["copies.a_b.trunk.0", "trunk.2"]  # c's own copy and the heads serve one task each
+    assert report.reach["copies.a_b.trunk.0"] == ["a", "b"] and report.reach["copies.c.trunk.0"] == ["c"]
+    expected = reference(split, tasks, batches, report.graph, [0.0, 0.5])
+    assert {S: report.scores_at(S) for S in (0.0, 0.5)} == {S: {layer: expected[S].get(layer, 0)
+                                                                 for layer in report.layers} for S in (0.0, 0.5)}
