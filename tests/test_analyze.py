@@ -94,7 +94,6 @@ def test_json_round_trip_and_selection_feed_rewrite(tmp_path):
 
 
 def test_plot_and_table(tmp_path):
-    pytest.importorskip("matplotlib")
     model, tasks, batches = cases()["vit"]
     report = fxsplit.analyze(model, tasks, batches, progress=False)
     report.plot(tmp_path / "scores.png")
@@ -142,7 +141,6 @@ def test_the_printout_warns_when_the_ranking_is_noise(scores, steps, warnings):
 
 
 def test_the_plot_names_every_layer_and_marks_the_chosen_ones(tmp_path):
-    pytest.importorskip("matplotlib")
     report = report_with([3, 9, 1, 7, 0], steps=50)
     chosen = report.top(2)
     figure = report.plot(tmp_path / "scores.png", chosen=chosen)
