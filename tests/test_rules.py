@@ -111,7 +111,7 @@ def test_a_registered_dropout_is_switched_off_while_a_split_is_checked_in_train_
     assert rules.drop_attribute(nn.Dropout()) == "p" and rules.drop_attribute(nn.Linear(1, 1)) is None
 
 
-def test_a_registered_norm_is_exempt_like_batch_norm():
+def test_a_registered_norm_counts_as_one_with_running_statistics_as_batch_norm_does():
     class Running(nn.Module):
         pass
     assert not rules.has_running_statistics(Running())
